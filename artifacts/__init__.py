@@ -1,0 +1,1 @@
+"""Where builds land (artifacts/NAME/, gitignored) and the index of prebuilt artifacts."""

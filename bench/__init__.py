@@ -1,0 +1,1 @@
+"""Benchmarks and accuracy evaluation (llama-bench)."""

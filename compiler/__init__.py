@@ -1,0 +1,1 @@
+"""llama-compile: checkpoint -> model -> torch.export -> passes -> AOTInductor -> verified artifact."""

@@ -1,0 +1,188 @@
+"""The build, stage by stage: checkpoint -> model -> export -> passes -> AOTInductor -> verify ->
+artifact.
+
+Everything is written into a hidden temporary directory beside the output and renamed into place
+at the end, so a failed or interrupted build leaves nothing behind and never half-replaces a good
+artifact. A hash of the build inputs (checkpoint fingerprint, build config, compiler source, torch,
+target) names a cache entry; an unchanged rebuild links the cached files instead of compiling.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llama_aot.compiler.checkpoint import Checkpoint, fingerprint, load_weights, open_checkpoint
+from llama_aot.compiler.config import BuildConfig, torch_dtype
+from llama_aot.compiler.errors import BuildError
+from llama_aot.compiler.export import export_model
+from llama_aot.compiler.lower import lower, program_constants
+from llama_aot.compiler.model import build_model
+from llama_aot.compiler.package import copy_tokenizer, write_manifest, write_weights
+from llama_aot.compiler.verify import verify
+from llama_aot.passes import run_pipeline
+from llama_aot.runtime.artifact import (PROGRAM_FILE, ArtifactError, check_files, check_target, describe_host,
+                                        open_program, read_manifest)
+
+SOURCE_PACKAGES = ("compiler", "passes", "kernels", "runtime")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLAMA_AOT_CACHE") or Path.home() / ".cache" / "llama-aot")
+
+
+class Progress:
+    """Prints each stage with its wall time, so a user sees where a long build spends it."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        print(f"[llama-compile] {name} ...", file=self.stream, flush=True)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - start
+        print(f"[llama-compile] {name} done in {self.timings[name]:.1f} s", file=self.stream, flush=True)
+
+
+def source_hash() -> str:
+    """Hash of the compiler's own source: a code change must invalidate cached builds."""
+    digest = hashlib.sha256()
+    for pkg in SOURCE_PACKAGES:
+        root = Path(importlib.import_module(f"llama_aot.{pkg}").__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            digest.update(f"{pkg}/{f.relative_to(root)}".encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def input_hash(ckpt: Checkpoint, build: BuildConfig) -> str:
+    key = {"checkpoint": fingerprint(ckpt), "build": build.to_dict(), "source": source_hash(),
+           "torch": torch.__version__, "target": describe_host(build.target)["arch"]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-links when src and dst share a filesystem (free), copies otherwise."""
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+def _prepare_output(out_dir: Path) -> Path:
+    """Refuses an output we must not replace and returns a fresh temporary directory beside it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BuildError(f"{out_dir}: exists and is not a directory; choose another -o")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise BuildError(f"{out_dir}: exists and is not a llama-aot artifact; refusing to replace it, "
+                         "choose another -o")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise BuildError(f"{out_dir}: cannot write the output ({e.strerror}); choose a writable -o") from None
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _cached(entry: Path, target: str) -> bool:
+    try:
+        check_target(entry, read_manifest(entry), target)
+        check_files(entry, read_manifest(entry))
+        return True
+    except ArtifactError:
+        return False
+
+
+def _store_in_cache(tmp: Path, entry: Path, progress: Progress) -> None:
+    """Best effort: a cache we cannot write costs the next build time, never this build."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+        os.rmdir(staging)
+        _link_tree(tmp, staging)
+        shutil.rmtree(entry, ignore_errors=True)
+        os.rename(staging, entry)
+    except OSError as e:
+        print(f"[llama-compile] warning: build cache not written ({e})", file=progress.stream)
+
+
+def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress) -> dict:
+    with progress.stage("load weights"):
+        model = build_model(ckpt.config, load_weights(ckpt, torch_dtype(build.dtype)))
+    with progress.stage("export"):
+        ep = export_model(model, build)
+    with progress.stage("passes"):
+        ep, reports = run_pipeline(ep, build.passes)
+        for r in reports:
+            print(f"[llama-compile]   {r.name}: {r.matches} matches", file=progress.stream)
+    with progress.stage("lower (AOTInductor)"):
+        lower(ep, tmp / PROGRAM_FILE)
+    with progress.stage("write weights"):
+        write_weights(tmp, program_constants(ep))
+        copy_tokenizer(ckpt.tokenizer_files, tmp)
+        del ep
+    with progress.stage("verify"):
+        program, weights = open_program(tmp, build.target)
+        result = verify(model, program, build)
+        del program, weights
+    if not result["passed"]:
+        raise BuildError(
+            f"verification failed: compiled logits differ from the eager model (relative error "
+            f"{result['relative_error']:.2e}, tolerance {result['tolerance']['relative_error']:.0e}; greedy "
+            f"agreement {result['greedy_agreement_tie_aware']:.3f}, required "
+            f"{result['tolerance']['greedy_agreement']}); no artifact was written")
+    print(f"[llama-compile]   verified: relative logit error {result['relative_error']:.2e}, "
+          f"greedy agreement {result['greedy_agreement']:.3f}", file=progress.stream)
+    return write_manifest(tmp, model=ckpt.config.to_dict(), build={**build.to_dict(), "input_hash": key},
+                          passes=[r.to_dict() for r in reports], verification=result, world_size=build.tp)
+
+
+def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,
+                   progress: Progress | None = None, use_cache: bool = True) -> dict:
+    """Builds (or fetches from the cache) the artifact for `checkpoint_dir` into `out_dir` and
+    returns its manifest."""
+    progress = progress or Progress()
+    with progress.stage("open checkpoint"):
+        ckpt = open_checkpoint(checkpoint_dir)
+        build = build.resolved(ckpt.config)
+        key = input_hash(ckpt, build)
+    tmp = _prepare_output(out_dir)
+    entry = cache_root() / "builds" / key
+    try:
+        if use_cache and _cached(entry, build.target):
+            with progress.stage(f"cache hit {key[:12]}"):
+                shutil.rmtree(tmp)
+                _link_tree(entry, tmp)
+        else:
+            _compile_into(tmp, ckpt, build, key, progress)
+            if use_cache:
+                _store_in_cache(tmp, entry, progress)
+        manifest = read_manifest(tmp)
+        _publish(tmp, out_dir)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""`llama-compile`: build a verified artifact from a Hugging Face Llama checkpoint.
+
+Without --model it builds the embedded default, SmolLM2-135M-Instruct. Every user error is one
+line on stderr and exit status 2; flags whose implementation has not landed are refused by name.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llama_aot.compiler.config import SUPPORTED_DTYPES, TARGETS, BuildConfig
+from llama_aot.compiler.errors import BuildError
+from llama_aot.runtime.artifact import ArtifactError
+
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv):
+    p = _Parser(prog="llama-compile", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--target", choices=TARGETS, default="cpu")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--fp8", action="store_true", help="FP8 weights and KV cache")
+    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--max-num-tokens", type=int, default=512, help="largest number of tokens in one step")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="largest number of sequences in one step")
+    p.add_argument("--context-length", type=int, default=0, help="longest sequence (default: the model's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--no-cache", action="store_true", help="rebuild even if an identical build is cached")
+    p.add_argument("-o", "--output", type=Path, help="artifact directory (default: artifacts/<model>-<target>-<dtype>)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        build = BuildConfig(target=args.target, dtype=args.dtype or DEFAULT_DTYPE[args.target],
+                            weight_quant="fp8" if args.fp8 else "none", tp=args.tp,
+                            max_num_tokens=args.max_num_tokens, max_num_seqs=min(args.max_num_seqs, args.max_num_tokens),
+                            context_length=args.context_length, block_size=args.block_size)
+        from llama_aot.compiler.build import build_artifact
+        from llama_aot.compiler.gguf_import import default_checkpoint
+
+        checkpoint = args.model if args.model is not None else default_checkpoint()
+        out = args.output or Path("artifacts") / f"{checkpoint.name.lower()}-{build.target}-{build.dtype}"
+        manifest = build_artifact(checkpoint, build, out, use_cache=not args.no_cache)
+    except (BuildError, ArtifactError) as e:
+        print(f"llama-compile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llama-compile: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    passes = ", ".join(f"{p['name']}={p['matches']}" for p in manifest["passes"])
+    print(f"{out}: {manifest['target']['device_type']} {manifest['target']['arch']}, passes: {passes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

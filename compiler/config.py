@@ -1,0 +1,172 @@
+"""The two configs a build is made of: what the model is, and how it is built.
+
+Both are frozen dataclasses validated on construction, so a bad value fails where it enters (a
+config.json, a CLI flag, a manifest) instead of deep inside export. `from_dict` rejects unknown keys:
+a manifest written by a newer format must not be half-understood.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from llama_aot.compiler.errors import BuildError
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+TARGETS = ("cpu", "cuda")
+
+
+def _from_dict(cls, data: dict[str, Any], what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise BuildError(f"{what}: unknown keys {unknown}; this build of llama-aot knows {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's 'llama3' frequency scaling: long wavelengths are slowed by `factor`, short ones
+    are kept, and the band between is interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self):
+        if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise BuildError(f"rope_scaling: invalid llama3 factors {self}")
+        if self.original_max_position_embeddings <= 0:
+            raise BuildError("rope_scaling: original_max_position_embeddings must be positive")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise BuildError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise BuildError(f"model config: num_heads ({self.num_heads}) is not a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise BuildError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise BuildError("model config: rms_norm_eps and rope_theta must be positive")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _from_dict(RopeScaling, self.rope_scaling, "rope_scaling"))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, "model config")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How one artifact is built. The seams for later targets (cuda, fp8, tp) are here so that a
+    flag is refused by name until its implementation lands, never silently ignored."""
+
+    target: str = "cpu"
+    dtype: str = "float32"
+    weight_quant: str = "none"
+    kv_dtype: str = "auto"
+    tp: int = 1
+    max_num_tokens: int = 512
+    max_num_seqs: int = 64
+    block_size: int = 16
+    context_length: int = 0
+    passes: tuple[str, ...] = ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise BuildError(f"--target {self.target}: unknown target; choose one of {', '.join(TARGETS)}")
+        if self.target == "cuda":
+            raise BuildError("--target cuda is not implemented yet (it lands with the CUDA target issue); "
+                             "build with --target cpu")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise BuildError(f"--dtype {self.dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
+        if self.weight_quant == "fp8":
+            raise BuildError("--fp8 is not implemented yet (it lands with the FP8 quantization issue); "
+                             "build without --fp8")
+        if self.weight_quant != "none":
+            raise BuildError(f"weight quantization {self.weight_quant!r} is unknown")
+        if self.kv_dtype == "auto":
+            object.__setattr__(self, "kv_dtype", self.dtype)
+        if self.kv_dtype not in SUPPORTED_DTYPES:
+            raise BuildError(f"kv dtype {self.kv_dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise BuildError(f"--tp {self.tp}: must be a positive integer")
+        if self.tp > 1:
+            raise BuildError(f"--tp {self.tp} is not implemented yet (tensor parallelism lands with its own "
+                             "issue); build with --tp 1")
+        if self.max_num_tokens < 8:
+            raise BuildError(f"--max-num-tokens {self.max_num_tokens}: must be at least 8")
+        if not 2 <= self.max_num_seqs <= self.max_num_tokens:
+            raise BuildError(f"max_num_seqs {self.max_num_seqs}: must be between 2 and max_num_tokens")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise BuildError(f"block size {self.block_size}: must be a power of two")
+        if self.context_length < 0:
+            raise BuildError(f"--context-length {self.context_length}: must be positive")
+        object.__setattr__(self, "passes", tuple(self.passes))
+
+    def resolved(self, model: ModelConfig) -> "BuildConfig":
+        """Fill the context length from the model when the user gave none, and refuse one the
+        model's positions cannot reach."""
+        ctx = self.context_length or model.max_position_embeddings
+        if ctx < 4 * self.block_size:
+            raise BuildError(f"--context-length {ctx}: must be at least 4 blocks ({4 * self.block_size} tokens)")
+        if ctx > model.max_position_embeddings:
+            raise BuildError(f"--context-length {ctx} exceeds the model's max_position_embeddings "
+                             f"({model.max_position_embeddings})")
+        return dataclasses.replace(self, context_length=ctx)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.context_length // self.block_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passes"] = list(self.passes)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
+        return _from_dict(cls, data, "build config")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+__all__ = ["ModelConfig", "BuildConfig", "RopeScaling", "torch_dtype"]

@@ -1,0 +1,50 @@
+"""torch.export of the model with every batch dimension dynamic.
+
+One program serves any step the runtime can schedule: the token count, the number of sequences,
+the longest query, the block-table width, the number of logit rows and the cache's block count are
+all symbolic, bounded by the build config. The example batch mixes two prefill chunks of different
+lengths and gives every dimension a distinct size above 1, so export neither specializes a
+dimension to 0/1 nor infers two of them to be equal.
+"""
+from __future__ import annotations
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from llama_aot.compiler.config import BuildConfig, torch_dtype
+from llama_aot.compiler.model import Llama, kv_cache_shape
+from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+
+def example_inputs(build: BuildConfig, model: Llama) -> tuple[torch.Tensor, ...]:
+    """7 tokens, 2 sequences, query length 4, 5 logit rows, 3 (or 6) table blocks, 8 (or 14)
+    cache blocks: all distinct and above 1."""
+    bs = build.block_size
+    table = 3 if bs >= 2 else 6
+    chunks = [SequenceChunk(tuple(range(1, 5)), 0, tuple(range(1, 1 + table)), all_logits=True),
+              SequenceChunk(tuple(range(5, 8)), 0, tuple(range(1 + table, 1 + 2 * table)))]
+    step = build_step_inputs(chunks, bs)
+    shape = kv_cache_shape(model.config, 2 * table + 2, bs)
+    kv_cache = torch.zeros(shape, dtype=torch_dtype(build.kv_dtype))
+    return tuple(step[name] for name in INPUT_NAMES) + (kv_cache,)
+
+
+def dynamic_shapes(build: BuildConfig) -> dict[str, dict[int, Dim]]:
+    tokens = Dim("num_tokens", min=1, max=build.max_num_tokens)
+    seqs = Dim("num_seqs", min=1, max=build.max_num_seqs)
+    q_len = Dim("max_query_len", min=1, max=build.max_num_tokens)
+    table = Dim("blocks_per_seq", min=1, max=build.max_blocks_per_seq)
+    logits = Dim("num_logits", min=1, max=build.max_num_tokens)
+    blocks = Dim("num_cache_blocks", min=2, max=1 << 24)
+    return {
+        "tokens": {0: tokens}, "positions": {0: tokens}, "slots": {0: tokens},
+        "block_tables": {0: seqs, 1: table}, "context_lens": {0: seqs},
+        "query_index": {0: seqs, 1: q_len}, "logits_index": {0: logits},
+        "kv_cache": {2: blocks},
+    }
+
+
+def export_model(model: Llama, build: BuildConfig) -> ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(model, example_inputs(build, model),
+                                   dynamic_shapes=dynamic_shapes(build), strict=False)

@@ -1,0 +1,83 @@
+"""Build-time verification: the compiled artifact must compute what the eager model computes.
+
+Both run the same schedule on fixed prompts, with separate KV caches: a first step mixing whole
+prompts with the first half of a longer one, a step mixing that prompt's second half with decode
+tokens of the others, then decode steps fed with the eager model's greedy tokens. Every logit row is
+compared. Prompts are seeded token ids, so verification needs no tokenizer and is reproducible.
+
+A row counts as a greedy disagreement only if the compiled choice is worse than the eager
+choice by more than the tolerance: a near-tie flipping by rounding is not an error, a wrong
+token is.
+"""
+from __future__ import annotations
+
+import torch
+
+from llama_aot.compiler.config import BuildConfig, torch_dtype
+from llama_aot.compiler.model import Llama, kv_cache_shape
+from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+PROMPT_LENGTHS = (5, 37, 18)
+DECODE_STEPS = 8
+# (relative logit error, minimum greedy agreement) by dtype
+TOLERANCES = {"float32": (1e-3, 1.0), "bfloat16": (5e-2, 0.95), "float16": (3e-2, 0.95)}
+
+
+def _prompts(vocab_size: int, context_length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [min(n, context_length - DECODE_STEPS) for n in PROMPT_LENGTHS]
+    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+def verify(eager: Llama, compiled, build: BuildConfig, seed: int = 0) -> dict:
+    cfg, bs = eager.config, build.block_size
+    prompts = _prompts(cfg.vocab_size, build.context_length, seed)[:build.max_num_seqs]
+    per_seq = -(-(max(map(len, prompts)) + DECODE_STEPS) // bs)
+    tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
+    shape = kv_cache_shape(cfg, 1 + len(prompts) * per_seq, bs)
+    caches = [torch.zeros(shape, dtype=torch_dtype(build.kv_dtype)) for _ in range(2)]
+
+    eager_rows, compiled_rows = [], []
+    cached = [0] * len(prompts)
+    decoded = [0] * len(prompts)
+    last: dict[int, torch.Tensor] = {}
+    while min(decoded) < DECODE_STEPS:
+        step, budget = [], build.max_num_tokens
+        for i, prompt in enumerate(prompts):
+            if cached[i] < len(prompt):
+                chunk = -(-len(prompt) // 2) if len(prompt) > 16 else len(prompt)
+                toks = prompt[cached[i]:cached[i] + min(chunk, budget)]
+            elif decoded[i] < DECODE_STEPS and budget > 0:
+                toks = [int(last[i].argmax())]
+                decoded[i] += 1
+            else:
+                continue
+            if toks:
+                step.append((i, cached[i], toks))
+                cached[i] += len(toks)
+                budget -= len(toks)
+        chunks = [SequenceChunk(tuple(t), start, tables[i], all_logits=True) for i, start, t in step]
+        inputs = build_step_inputs(chunks, bs)
+        args = [inputs[n] for n in INPUT_NAMES]
+        with torch.no_grad():
+            eager_rows.append(eager(*args, caches[0]))
+            compiled_rows.append(compiled(*args, caches[1]))
+        for (i, _, t), rows in zip(step, eager_rows[-1].split([len(t) for _, _, t in step])):
+            last[i] = rows[-1]
+
+    eager_all, compiled_all = torch.cat(eager_rows), torch.cat(compiled_rows)
+    scale = eager_all.abs().max().item()
+    max_err = (eager_all - compiled_all).abs().max().item()
+    rel_tol, min_agreement = TOLERANCES[build.dtype]
+    picked = compiled_all.argmax(-1)
+    exact = (picked == eager_all.argmax(-1)).float().mean().item()
+    near = eager_all.gather(1, picked[:, None])[:, 0] >= eager_all.max(-1).values - rel_tol * scale
+    agreement = near.float().mean().item()
+    relative = max_err / max(scale, 1e-12)
+    return {
+        "prompts": len(prompts), "steps": len(eager_rows), "rows": eager_all.shape[0],
+        "max_abs_error": max_err, "logit_scale": scale, "relative_error": relative,
+        "greedy_agreement": exact, "greedy_agreement_tie_aware": agreement,
+        "tolerance": {"relative_error": rel_tol, "greedy_agreement": min_agreement},
+        "passed": relative <= rel_tol and agreement >= min_agreement,
+    }

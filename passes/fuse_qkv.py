@@ -1,0 +1,30 @@
+"""Fuse the query, key and value projections into one matmul.
+
+    q = linear(x, Wq)                      qkv = linear(x, cat([Wq, Wk, Wv]))
+    k = linear(x, Wk)             ->       q, k, v = split(qkv, [nq, nk, nv], -1)
+    v = linear(x, Wv)
+
+x is read once and one GEMM replaces three skinny ones, which matters most at decode, where each
+is bound by reading its weight. Matches three sibling projections of one input that all flow into
+the attention ops; the fused weight is `<attention module>.qkv_proj.weight`.
+"""
+import torch
+
+from llama_aot.passes.matching import common_module, reaches, sibling_linears
+from llama_aot.passes.program import ProgramEditor
+
+_ATTENTION = (torch.ops.llama_aot.write_kv.default, torch.ops.llama_aot.paged_attention.default)
+
+
+def fuse_qkv(ep):
+    editor = ProgramEditor(ep)
+    matches = 0
+    for group in sibling_linears(editor):
+        if len(group) != 3 or not all(reaches(n, _ATTENTION) for n in group):
+            continue
+        module = common_module([editor.weight_name(n.args[1]) for n in group])
+        if module is None:
+            continue
+        editor.fuse_linears(group, f"{module}.qkv_proj.weight")
+        matches += 1
+    return editor.finish(), matches

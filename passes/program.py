@@ -1,0 +1,108 @@
+"""Editing an ExportedProgram's graph and its weights together.
+
+An exported program keeps its parameters in three places that must agree: placeholder nodes in
+the graph, input specs in the graph signature, and tensors in the state dict. Passes that change
+weights (fusing matmuls, quantizing, sharding) go through `ProgramEditor`, which keeps the three
+consistent and drops weights no node uses any more, so that no pass can emit a program whose
+signature names a weight the artifact lacks.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+
+class ProgramEditor:
+    def __init__(self, ep: ExportedProgram):
+        self.ep = ep
+        self.gm = copy.deepcopy(ep.graph_module)
+        self.graph = self.gm.graph
+        self.state_dict = dict(ep.state_dict)
+        sig = ep.graph_signature
+        self._specs = {s.arg.name: s for s in sig.input_specs if isinstance(s.arg, TensorArgument)}
+        self._placeholders = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
+        self._fake_mode = detect_fake_mode([n.meta.get("val") for n in self._placeholders.values()])
+
+    def weight_name(self, node: Node) -> str | None:
+        """The FQN of the parameter `node` stands for, or None if it is not a parameter."""
+        if node.op != "placeholder":
+            return None
+        spec = self._specs.get(node.name)
+        return spec.target if spec is not None and spec.kind == InputKind.PARAMETER else None
+
+    def weight(self, node: Node) -> torch.Tensor:
+        return self.state_dict[self.weight_name(node)]
+
+    def add_weight(self, name: str, value: torch.Tensor) -> Node:
+        """Adds a parameter placeholder (after the existing ones, before user inputs)."""
+        if name in self.state_dict:
+            raise ValueError(f"weight {name} already exists")
+        first_user_input = next(n for n in self.graph.nodes if n.op == "placeholder"
+                                and self._specs[n.name].kind == InputKind.USER_INPUT)
+        with self.graph.inserting_before(first_user_input):
+            node = self.graph.placeholder("p_" + name.replace(".", "_"))
+        node.meta["val"] = self._fake_mode.from_tensor(value, static_shapes=True)
+        self.state_dict[name] = torch.nn.Parameter(value, requires_grad=False)
+        self._specs[node.name] = InputSpec(InputKind.PARAMETER, TensorArgument(node.name), name)
+        return node
+
+    def call(self, target, args: tuple, before: Node) -> Node:
+        """Inserts `target(*args)` before `before`, with its fake value, as export would have."""
+        with self.graph.inserting_before(before):
+            node = self.graph.call_function(target, args)
+        fake_args = torch.fx.node.map_arg(args, lambda n: n.meta["val"])
+        with self._fake_mode:
+            node.meta["val"] = target(*fake_args)
+        return node
+
+    def fuse_linears(self, linears: list[Node], fused_name: str) -> Node:
+        """Replaces sibling `linear(x, W_i)` nodes by one `linear(x, cat(W_i))` and a split.
+
+        The fused weight is built once, row-block by row-block, so peak memory is one extra copy of
+        the fused matrices, never of the model."""
+        x = linears[0].args[0]
+        weights = [self.weight(n.args[1]) for n in linears]
+        sizes = [w.shape[0] for w in weights]
+        fused = self.add_weight(fused_name, torch.cat(weights, dim=0))
+        first = next(n for n in self.graph.nodes if n in linears)
+        out = self.call(aten.linear.default, (x, fused), before=first)
+        parts = self.call(aten.split_with_sizes.default, (out, sizes, -1), before=first)
+        for i, old in enumerate(linears):
+            piece = self.call(operator.getitem, (parts, i), before=first)
+            old.replace_all_uses_with(piece)
+            self.graph.erase_node(old)
+        return out
+
+    def finish(self) -> ExportedProgram:
+        """Drops dead nodes and unused weights, and rebuilds the signature in placeholder order."""
+        self.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        for node in list(self.graph.nodes):
+            if node.op == "placeholder" and not node.users and self._specs[node.name].kind == InputKind.PARAMETER:
+                self.state_dict.pop(self._specs[node.name].target, None)
+                self.graph.erase_node(node)
+        self.graph.lint()
+        self.gm.recompile()
+        specs = [self._specs[n.name] for n in self.graph.nodes if n.op == "placeholder"]
+        signature = ExportGraphSignature(input_specs=specs, output_specs=self.ep.graph_signature.output_specs)
+        return ExportedProgram(
+            root=self.gm, graph=self.graph, graph_signature=signature, state_dict=self.state_dict,
+            range_constraints=copy.deepcopy(self.ep.range_constraints),
+            module_call_graph=copy.deepcopy(self.ep.module_call_graph),
+            example_inputs=self.ep.example_inputs, constants=self.ep.constants,
+            verifiers=self.ep.verifiers)
+
+
+def _is_impure(node: Node) -> bool:
+    """Mutating ops (the KV write) must survive dead-code elimination; metadata asserts on values
+    that a rewrite made dead need not."""
+    if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
+        return False
+    return node.is_impure()

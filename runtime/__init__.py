@@ -1,0 +1,1 @@
+"""The serving runtime: artifact loading, step inputs, and (with llama-serve) the engine loop."""

@@ -1,0 +1,69 @@
+"""Turning a scheduled step (which sequences, which of their tokens, where their cache lives) into
+the program's input tensors.
+
+This is the one place that knows the program's metadata conventions, so the build-time verifier,
+the tests and the serving loop cannot drift apart. See kernels/paged_attention.py for the meaning
+of each tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INPUT_NAMES = ("tokens", "positions", "slots", "block_tables", "context_lens", "query_index",
+               "logits_index")
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """Some new tokens of one sequence: `tokens` sit at positions `start, start+1, ...`, the first
+    `start` tokens are already cached, and `block_table` lists the cache blocks of the whole
+    sequence in order. `all_logits` asks for a logit row per new token instead of the last only."""
+
+    tokens: tuple[int, ...]
+    start: int
+    block_table: tuple[int, ...]
+    all_logits: bool = False
+
+    def __post_init__(self):
+        if not self.tokens:
+            raise ValueError("a chunk needs at least one new token")
+
+
+def build_step_inputs(chunks: list[SequenceChunk], block_size: int,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Returns the step's inputs by name, in `INPUT_NAMES` order; the KV cache is added by the
+    caller. Raises ValueError if a sequence's block table is too short for its new tokens."""
+    tokens, positions, slots, query_rows, logits_index = [], [], [], [], []
+    max_blocks = max(len(c.block_table) for c in chunks)
+    for c in chunks:
+        end = c.start + len(c.tokens)
+        if end > len(c.block_table) * block_size:
+            raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {end} tokens")
+        first = len(tokens)
+        for pos, tok in enumerate(c.tokens, start=c.start):
+            tokens.append(tok)
+            positions.append(pos)
+            slots.append(c.block_table[pos // block_size] * block_size + pos % block_size)
+        rows = list(range(first, len(tokens)))
+        query_rows.append(rows)
+        logits_index.extend(rows if c.all_logits else rows[-1:])
+    num_tokens = len(tokens)
+    q_len = max(len(r) for r in query_rows)
+    query_index = [r + [num_tokens] * (q_len - len(r)) for r in query_rows]
+    block_tables = [list(c.block_table) + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+    context_lens = [c.start + len(c.tokens) for c in chunks]
+
+    def t(data, dtype):
+        return torch.tensor(data, dtype=dtype, device=device)
+
+    return {
+        "tokens": t(tokens, torch.int64),
+        "positions": t(positions, torch.int64),
+        "slots": t(slots, torch.int64),
+        "block_tables": t(block_tables, torch.int32),
+        "context_lens": t(context_lens, torch.int32),
+        "query_index": t(query_index, torch.int64),
+        "logits_index": t(logits_index, torch.int64),
+    }

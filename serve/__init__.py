@@ -1,0 +1,1 @@
+"""llama-serve: the OpenAI-compatible HTTP server in front of the runtime."""
