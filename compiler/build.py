@@ -33,7 +33,10 @@ from llama_aot.passes import run_pipeline
 from llama_aot.runtime.artifact import (PROGRAM_FILE, ArtifactError, check_files, check_target, describe_host,
                                         open_program, read_manifest)
 
-SOURCE_PACKAGES = ("compiler", "passes", "kernels", "runtime")
+# The source that decides what a build produces: the compile path, and the two runtime modules it
+# uses (the artifact format and the step-input conventions). Serving code is not part of the key,
+# so changing the scheduler does not invalidate compiled models.
+BUILD_SOURCES = ("compiler", "passes", "kernels", "runtime/artifact.py", "runtime/step_inputs.py")
 
 
 def cache_root() -> Path:
@@ -59,10 +62,11 @@ class Progress:
 def source_hash() -> str:
     """Hash of the compiler's own source: a code change must invalidate cached builds."""
     digest = hashlib.sha256()
-    for pkg in SOURCE_PACKAGES:
-        root = Path(importlib.import_module(f"llama_aot.{pkg}").__file__).parent
-        for f in sorted(root.rglob("*.py")):
-            digest.update(f"{pkg}/{f.relative_to(root)}".encode())
+    for source in BUILD_SOURCES:
+        package, _, module = source.partition("/")
+        root = Path(importlib.import_module(f"llama_aot.{package}").__file__).parent
+        for f in sorted(root.rglob("*.py")) if not module else [root / module]:
+            digest.update(f"{package}/{f.relative_to(root)}".encode())
             digest.update(f.read_bytes())
     return digest.hexdigest()
 

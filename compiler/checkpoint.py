@@ -105,24 +105,24 @@ def model_config_from_hf(hf: dict, generation_config: dict | None = None) -> Mod
             raise BuildError(f"config.json: missing key {key!r}")
         return hf[key]
 
-    heads = req("num_attention_heads")
-    theta, scaling = _rope(hf)
+    heads, hidden = req("num_attention_heads"), req("hidden_size")
     eos = _ids(hf.get("eos_token_id"))
     gen = generation_config or {}
     eos += [i for i in _ids(gen.get("eos_token_id")) if i not in eos]
     bos = hf.get("bos_token_id") if hf.get("bos_token_id") is not None else gen.get("bos_token_id")
+    fields = dict(
+        vocab_size=req("vocab_size"), hidden_size=hidden, intermediate_size=req("intermediate_size"),
+        num_layers=req("num_hidden_layers"), num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or (hidden // heads if isinstance(heads, int) and heads > 0 else 0),
+        rms_norm_eps=float(req("rms_norm_eps")), max_position_embeddings=req("max_position_embeddings"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=None if bos is None else int(bos), eos_token_ids=tuple(eos))
     try:
-        return ModelConfig(
-            vocab_size=req("vocab_size"), hidden_size=req("hidden_size"),
-            intermediate_size=req("intermediate_size"), num_layers=req("num_hidden_layers"),
-            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or (req("hidden_size") // heads if isinstance(heads, int) and heads > 0 else 0),
-            rms_norm_eps=float(req("rms_norm_eps")), rope_theta=theta,
-            max_position_embeddings=req("max_position_embeddings"),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_scaling=scaling,
-            bos_token_id=None if bos is None else int(bos), eos_token_ids=tuple(eos))
+        theta, scaling = _rope(hf)
+        return ModelConfig(rope_theta=theta, rope_scaling=scaling, **fields)
     except BuildError as e:
-        raise BuildError(f"config.json: {e}") from None
+        raise e if str(e).startswith("config.json") else BuildError(f"config.json: {e}") from None
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -226,10 +226,11 @@ def _weight_files(root: Path) -> list[Path]:
         if others:
             raise BuildError(f"{root}: found {', '.join(others[:3])} but no {INDEX_FILE} naming the "
                              "shards; restore the index file or re-save the checkpoint")
-        found = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pth"))
-        raise BuildError(f"{root}: no safetensors weights{' (found ' + ', '.join(found[:3]) + ')' if found else ''}; "
-                         "llama-aot only reads safetensors. Convert with transformers: "
-                         "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+        found = sorted(p.name for p in [*root.glob("*.bin"), *root.glob("*.pth")])
+        found_msg = f" (found {', '.join(found[:3])})" if found else ""
+        raise BuildError(f"{root}: no safetensors weights{found_msg}; llama-aot only reads safetensors. "
+                         "Convert with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+                         ".save_pretrained(dir, safe_serialization=True)")
     weight_map = _read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise BuildError(f"{INDEX_FILE}: no 'weight_map' object; re-download or re-save the checkpoint")
@@ -322,9 +323,10 @@ def _check_names(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     extra = [t for n, t in ckpt.tensors.items() if n not in shapes and n not in ignorable
              and not n.endswith(IGNORABLE_SUFFIXES)]
     if extra:
-        raise BuildError(f"{extra[0].file.name}: unexpected tensors {', '.join(t.name for t in extra[:5])}"
-                         f"{' ...' if len(extra) > 5 else ''}; not part of LlamaForCausalLM for this "
-                         "config.json (a quantized or different-architecture checkpoint?)")
+        names = ", ".join(t.name for t in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise BuildError(f"{extra[0].file.name}: unexpected tensors {names}; not part of "
+                         "LlamaForCausalLM for this config.json (a quantized or different-architecture "
+                         "checkpoint?)")
     for name, shape in shapes.items():
         info = ckpt.tensors[name]
         if info.shape != shape:
@@ -332,19 +334,18 @@ def _check_names(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
                              f"implies {list(shape)}; the weights and config.json do not match")
         if info.dtype not in FLOAT_WEIGHT_DTYPES:
             raise BuildError(f"{name} in {info.file.name} is stored as {info.dtype}; llama-aot reads "
-                             f"{'/'.join(FLOAT_WEIGHT_DTYPES)} weights (quantized checkpoints are not supported)")
+                             f"{'/'.join(FLOAT_WEIGHT_DTYPES)} weights (quantized checkpoints are not "
+                             "supported)")
     return shapes
 
 
-def _map(path: Path, maps: dict[Path, mmap.mmap], need: int) -> mmap.mmap:
-    if path not in maps:
-        size = path.stat().st_size
-        if size < need:
-            raise BuildError(f"{path.name}: truncated since it was opened ({size} bytes, needs "
-                             f"{need}); re-download the checkpoint")
-        with open(path, "rb") as f:
-            maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    return maps[path]
+def _map(ckpt: Checkpoint, path: Path) -> mmap.mmap:
+    need = max(t.end for t in ckpt.tensors.values() if t.file == path)
+    if path.stat().st_size < need:
+        raise BuildError(f"{path.name}: truncated since it was opened ({path.stat().st_size} bytes, "
+                         f"needs {need}); re-download the checkpoint")
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 def _view(mm: mmap.mmap, info: TensorInfo) -> torch.Tensor:
@@ -383,18 +384,13 @@ def load_weights(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor
     all checked before any tensor data is touched."""
     shapes = _check_names(ckpt)
     maps: dict[Path, mmap.mmap] = {}
-    need = {}
-    for name in shapes:
-        info = ckpt.tensors[name]
-        need[info.file] = max(need.get(info.file, 0), info.end)
     out: dict[str, torch.Tensor] = {}
     for name in shapes:
         info = ckpt.tensors[name]
-        mm = _map(info.file, maps, need[info.file])
-        if DTYPES[info.dtype][0] == dtype:
-            out[name] = _view(mm, info)
-        else:
-            out[name] = _convert(mm, info, dtype)
+        if info.file not in maps:
+            maps[info.file] = _map(ckpt, info.file)
+        mm = maps[info.file]
+        out[name] = _view(mm, info) if DTYPES[info.dtype][0] == dtype else _convert(mm, info, dtype)
     return out
 
 

@@ -1,0 +1,114 @@
+"""The artifact's contract: a complete manifest, refusal of tampered files and foreign targets at
+load, and a build cache that makes an unchanged rebuild nearly free."""
+import dataclasses
+import io
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from llama_aot.compiler.build import Progress, build_artifact, input_hash
+from llama_aot.compiler.checkpoint import open_checkpoint
+from llama_aot.runtime.artifact import MANIFEST_KEYS, ArtifactError, load_artifact, sha256_file
+
+
+def test_manifest_layout(tiny_artifact, tiny_build):
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert list(manifest) == list(MANIFEST_KEYS)
+    assert {"version", "git_sha", "torch", "triton"} <= set(manifest["producer"])
+    assert {"device_type", "arch", "device_name", "world_size"} <= set(manifest["target"])
+    build = manifest["build"]
+    assert (build["dtype"], build["kv_dtype"], build["tp"], build["weight_quant"]) == ("float32", "float32", 1, "none")
+    assert (build["max_num_tokens"], build["block_size"], build["context_length"]) == (64, 4, 256)
+    assert all(set(p) == {"name", "matches"} for p in manifest["passes"])
+    assert manifest["verification"]["passed"]
+    assert set(manifest["files"]) == {"model.pt2", "rank0.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                      "generation_config.json"}
+    for name, digest in manifest["files"].items():
+        assert sha256_file(tiny_artifact / name) == digest
+
+
+def test_weights_are_stored_under_post_pass_names(tiny_artifact):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_artifact / "rank0.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
+    assert not any(n.endswith(".q_proj.weight") for n in names)
+    assert (tiny_artifact / "model.pt2").stat().st_size < 16 << 20  # code only, no weights inside
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact, tmp_path):
+    """A real copy (not hard links), so tampering cannot reach the build cache."""
+    return shutil.copytree(tiny_artifact, tmp_path / "artifact", copy_function=shutil.copyfile)
+
+
+def test_tampered_weights_are_refused(artifact_copy):
+    weights = artifact_copy / "rank0.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="rank0.safetensors does not match the sha256"):
+        load_artifact(artifact_copy)
+
+
+def _edit_manifest(directory, section, **changes):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest[section].update(changes)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("section, changes, needle", [
+    ("target", {"device_type": "cuda", "arch": "sm_90"}, "rebuild with llama-compile --target cpu"),
+    ("target", {"arch": "aarch64-neon"}, "rebuild it on this machine"),
+    ("producer", {"torch": "2.9.0"}, "compiled with torch 2.9.0"),
+])
+def test_foreign_target_or_toolchain_is_refused(artifact_copy, section, changes, needle):
+    _edit_manifest(artifact_copy, section, **changes)
+    with pytest.raises(ArtifactError, match=needle):
+        load_artifact(artifact_copy)
+
+
+def test_missing_file_and_missing_manifest_are_refused(artifact_copy):
+    (artifact_copy / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match="missing files"):
+        load_artifact(artifact_copy)
+    (artifact_copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="not an artifact"):
+        load_artifact(artifact_copy)
+
+
+def test_unchanged_rebuild_is_a_cache_hit(tiny_checkpoint, tiny_build, tiny_artifact, tmp_path):
+    stream = io.StringIO()
+    start = time.perf_counter()
+    manifest = build_artifact(tiny_checkpoint, tiny_build, tmp_path / "again", Progress(stream))
+    elapsed = time.perf_counter() - start
+    assert "cache hit" in stream.getvalue() and "lower" not in stream.getvalue()
+    assert elapsed < 10
+    assert manifest == json.loads((tiny_artifact / "manifest.json").read_text())
+    load_artifact(tmp_path / "again")
+
+
+def test_cache_key_follows_the_inputs(tiny_checkpoint, tiny_build):
+    ckpt = open_checkpoint(tiny_checkpoint)
+    build = tiny_build.resolved(ckpt.config)
+    key = input_hash(ckpt, build)
+    assert input_hash(ckpt, build) == key
+    assert input_hash(ckpt, dataclasses.replace(build, max_num_tokens=128)) != key
+    assert input_hash(ckpt, dataclasses.replace(build, passes=("fuse_qkv",))) != key
+
+
+def test_loaded_artifact_runs_a_step(tiny_artifact):
+    from llama_aot.compiler.model import kv_cache_shape
+    from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+    artifact = load_artifact(tiny_artifact)
+    cfg, build = artifact.model_config, artifact.build_config
+    cache = torch.zeros(kv_cache_shape(cfg, 8, build.block_size))
+    inputs = build_step_inputs([SequenceChunk((1, 2, 3), 0, (1,))], build.block_size)
+    logits = artifact(*[inputs[n] for n in INPUT_NAMES], cache)
+    assert logits.shape == (1, cfg.vocab_size) and torch.isfinite(logits).all()
+    assert cache[:, :, 1, :3].abs().sum() > 0 and cache[:, :, 2:].abs().sum() == 0

@@ -1,0 +1,99 @@
+"""Each pass on the tiny 2-layer model: its match count, the op counts it leaves, exact numerics,
+and weights that stay consistent with the program's signature. A pattern that stops matching
+fails here by its count, not silently in a slower artifact."""
+from collections import Counter
+
+import pytest
+import torch
+from torch.export.graph_signature import InputKind
+
+from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
+from llama_aot.compiler.export import export_model
+from llama_aot.compiler.model import build_model
+from llama_aot.compiler.errors import BuildError
+from llama_aot.passes import PIPELINE, run_pipeline
+from llama_aot.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
+from llama_aot.passes.fuse_gate_up import fuse_gate_up
+from llama_aot.passes.fuse_qkv import fuse_qkv
+from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tiny_build):
+    ckpt = open_checkpoint(tiny_checkpoint)
+    build = tiny_build.resolved(ckpt.config)
+    model = build_model(ckpt.config, load_weights(ckpt, torch.float32))
+    return export_model(model, build), build
+
+
+def op_counts(ep) -> Counter:
+    return Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+
+
+def run(ep, build):
+    """Two steps (mixed prefill chunks, then prefill + decodes) on a fresh cache; logits and cache."""
+    module = ep.module()
+    chunks1 = [SequenceChunk((3, 1, 4, 1, 5), 0, (1, 2), True), SequenceChunk((9, 2, 6), 0, (3, 4), True)]
+    chunks2 = [SequenceChunk((5,), 5, (1, 2), True), SequenceChunk((3, 5, 8), 3, (3, 4), True)]
+    example_cache = ep.example_inputs[0][-1]
+    cache = torch.zeros(example_cache.shape[:2] + (5,) + example_cache.shape[3:])
+    outs = []
+    for chunks in (chunks1, chunks2):
+        inputs = build_step_inputs(chunks, build.block_size)
+        outs.append(module(*[inputs[n] for n in INPUT_NAMES], cache))
+    return torch.cat(outs), cache
+
+
+@pytest.mark.parametrize("fuse, matches, removed, added", [
+    (fuse_qkv, LAYERS, {"aten.linear.default": 2 * LAYERS}, {"aten.split_with_sizes.default": LAYERS}),
+    (fuse_gate_up, LAYERS, {"aten.linear.default": LAYERS}, {"aten.split_with_sizes.default": LAYERS}),
+    (fuse_add_rmsnorm, 2 * LAYERS, {"aten.rsqrt.default": 2 * LAYERS, "aten.add.Tensor": 2 * LAYERS * 2},
+     {"llama_aot.add_rms_norm.default": 2 * LAYERS}),
+])
+def test_pass_matches_counts_and_numerics(exported, fuse, matches, removed, added):
+    ep, build = exported
+    after, found = fuse(ep)
+    assert found == matches
+    before_ops, after_ops = op_counts(ep), op_counts(after)
+    for op, n in removed.items():
+        assert before_ops[op] - after_ops[op] == n, op
+    for op, n in added.items():
+        assert after_ops[op] - before_ops[op] == n, op
+    (logits_a, cache_a), (logits_b, cache_b) = run(ep, build), run(after, build)
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cache_b, cache_a, atol=1e-6, rtol=1e-6)
+
+
+def test_pipeline_keeps_weights_and_signature_consistent(exported):
+    ep, build = exported
+    fused, reports = run_pipeline(ep, build.passes)
+    assert [(r.name, r.matches) for r in reports] == [("fuse_qkv", LAYERS), ("fuse_gate_up", LAYERS),
+                                                       ("fuse_add_rmsnorm", 2 * LAYERS)]
+    params = {s.target for s in fused.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
+    assert params == set(fused.state_dict)
+    assert {f"model.layers.{i}.self_attn.qkv_proj.weight" for i in range(LAYERS)} <= params
+    assert {f"model.layers.{i}.mlp.gate_up_proj.weight" for i in range(LAYERS)} <= params
+    assert not any(n.endswith((".q_proj.weight", ".gate_proj.weight", ".up_proj.weight")) for n in params)
+    q = ep.state_dict["model.layers.1.self_attn.q_proj.weight"]
+    assert torch.equal(fused.state_dict["model.layers.1.self_attn.qkv_proj.weight"][:q.shape[0]], q)
+    assert op_counts(fused)["llama_aot.write_kv.default"] == LAYERS  # the mutating op survives
+    (logits_a, cache_a), (logits_b, cache_b) = run(ep, build), run(fused, build)
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-6)
+
+
+def test_pipeline_runs_only_enabled_passes_in_order(exported):
+    ep, _ = exported
+    _, reports = run_pipeline(ep, ("fuse_add_rmsnorm", "fuse_qkv"))
+    assert [r.name for r in reports] == ["fuse_qkv", "fuse_add_rmsnorm"]
+    assert [name for name, _ in PIPELINE][:2] == ["fuse_qkv", "fuse_gate_up"]
+    with pytest.raises(BuildError, match="unknown passes"):
+        run_pipeline(ep, ("fuse_everything",))
+
+
+def test_passes_are_pure(exported):
+    ep, _ = exported
+    before = op_counts(ep)
+    fuse_qkv(ep)
+    assert op_counts(ep) == before and "model.layers.0.self_attn.q_proj.weight" in ep.state_dict

@@ -1,0 +1,263 @@
+"""The sampler against hand-written references: validation, greedy, penalties, truncation sets,
+the sampled distribution, per-request seeds under batching, and logprobs."""
+import math
+
+import pytest
+import torch
+
+from llama_aot.runtime import sampling
+from llama_aot.runtime.sampling import (Sampler, SamplingParams, SamplingParamsError,
+                                        apply_penalties, make_generator)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=2.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature="hot"), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.01), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(top_k=True), "top_k"),
+    (dict(min_p=-0.01), "min_p"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(seed=1.5), "seed"),
+    (dict(seed=1 << 64), "seed"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(presence_penalty=2.1), "presence_penalty"),
+    (dict(presence_penalty=-2.1), "presence_penalty"),
+    (dict(frequency_penalty=3), "frequency_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=1.0), "max_tokens"),
+    (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(stop=[""]), "stop"),
+    (dict(stop=""), "stop"),
+    (dict(stop=[1]), "stop"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=["7"]), "stop_token_ids"),
+    (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(ignore_eos=1), "ignore_eos"),
+    (dict(logprobs="yes"), "logprobs"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (dict(logprobs=True, top_logprobs=-1), "top_logprobs"),
+    (dict(top_logprobs=3), "top_logprobs"),
+    (dict(n=2), "n"),
+])
+def test_invalid_params_name_the_openai_field(kwargs, param):
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+    assert isinstance(info.value, ValueError)
+    assert param in str(info.value)
+
+
+def test_valid_params_are_normalised():
+    p = SamplingParams(temperature=0, top_k=0, stop="###", stop_token_ids=[3, 4], seed=-5,
+                       max_tokens=1, logprobs=True, top_logprobs=20, repetition_penalty=5)
+    assert p.greedy and p.stop == ("###",) and p.stop_token_ids == (3, 4)
+    assert isinstance(p.temperature, float) and isinstance(p.repetition_penalty, float)
+    assert SamplingParams(stop=None).stop == ()
+    assert SamplingParams(stop=["a", "b", "c", "d"]).stop == ("a", "b", "c", "d")
+    assert not SamplingParams().greedy and not SamplingParams().has_penalties
+    assert SamplingParams(temperature=2, top_p=1, min_p=1, presence_penalty=-2).has_penalties
+
+
+def _sample(logits, params, generators=None, prompts=None, outputs=None):
+    n = logits.shape[0]
+    return Sampler().sample(logits, params, generators or [None] * n, prompts or [[]] * n,
+                            outputs or [[]] * n)
+
+
+def test_greedy_is_argmax_of_each_row_in_a_mixed_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(16, 5000)
+    params = [SamplingParams(temperature=0) if i % 2 == 0 else SamplingParams(top_k=5) for i in range(16)]
+    gens = [make_generator(i) for i in range(16)]
+    out = _sample(logits, params, gens)
+    for i in range(0, 16, 2):
+        assert out.token_ids[i] == logits[i].argmax().item()
+    # Greedy ignores the truncation parameters.
+    alone = _sample(logits[:1], [SamplingParams(temperature=0, top_p=0.01, min_p=0.9)])
+    assert alone.token_ids == [logits[0].argmax().item()]
+
+
+def _penalised_reference(row, p, prompt, output):
+    out = row.clone()
+    counts = {t: output.count(t) for t in set(output)}
+    for t in range(row.numel()):
+        value = out[t]
+        if t in set(prompt) | set(output):
+            value = value / p.repetition_penalty if value > 0 else value * p.repetition_penalty
+        if t in counts:
+            value = value - p.frequency_penalty * counts[t] - p.presence_penalty
+        out[t] = value
+    return out
+
+
+def test_penalties_match_the_formulas_element_by_element():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 12) * 3
+    params = [
+        SamplingParams(repetition_penalty=1.5),
+        SamplingParams(frequency_penalty=0.7),
+        SamplingParams(presence_penalty=-1.2),
+        SamplingParams(),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.3, presence_penalty=1.9),
+    ]
+    prompts = [[0, 1, 1, 2], [3], [4, 5], [6], [7, 8, 11]]
+    outputs = [[2, 3, 3], [5, 5, 5, 9], [9, 10, 10], [1, 2], [8, 8, 0, 1]]
+    got = apply_penalties(logits, params, prompts, outputs)
+    for i, p in enumerate(params):
+        torch.testing.assert_close(got[i], _penalised_reference(logits[i], p, prompts[i], outputs[i]),
+                                   rtol=0, atol=1e-6)
+    assert torch.equal(got[3], logits[3])
+    assert apply_penalties(logits, [SamplingParams()] * 5, prompts, outputs) is logits
+    # Greedy picks the argmax after penalties: token 0 is best raw but its repeats push it down.
+    row = torch.tensor([[5.0, 4.0, 0.0]])
+    out = _sample(row, [SamplingParams(temperature=0, frequency_penalty=1.0)], outputs=[[0, 0]])
+    assert out.token_ids == [1]
+
+
+def _allowed(logits, p):
+    """The admissible set by the definitions, one token at a time: min_p, then top_k, then top_p."""
+    probs = logits.softmax(-1).tolist()
+    keep = [t for t in range(len(probs)) if probs[t] >= p.min_p * max(probs)]
+    if p.top_k > 0:
+        kth = sorted((logits[t].item() for t in keep), reverse=True)[min(p.top_k, len(keep)) - 1]
+        keep = [t for t in keep if logits[t].item() >= kth]
+    mass = sum(probs[t] for t in keep)
+    chosen, total = set(), 0.0
+    for t in sorted(keep, key=lambda t: -probs[t]):
+        if total >= p.top_p * mass:
+            break
+        chosen.add(t)
+        total += probs[t]
+    return chosen
+
+
+@pytest.mark.parametrize("candidates", [1024, 8])  # 8: the top-k head is too short, forcing full sorts
+@pytest.mark.parametrize("params", [
+    SamplingParams(top_k=4),
+    SamplingParams(top_k=12),
+    SamplingParams(top_p=0.6),
+    SamplingParams(top_p=0.95, temperature=1.8),
+    SamplingParams(min_p=0.2),
+    SamplingParams(top_k=6, top_p=0.8, min_p=0.05, temperature=1.3),
+])
+def test_truncation_never_samples_outside_the_allowed_set(params, candidates, monkeypatch):
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", candidates)
+    torch.manual_seed(2)
+    logits = torch.randn(40) * 2
+    allowed = _allowed(logits / params.temperature, params)
+    draws = 3000
+    out = _sample(logits.expand(draws, -1).contiguous(), [params] * draws,
+                  [make_generator(s) for s in range(draws)])
+    seen = set(out.token_ids)
+    assert seen <= allowed
+    assert seen == allowed  # every admissible token shows up in 3000 draws for these logits
+
+
+def _chi_square(tokens, expected_probs):
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(expected_probs)).double()
+    expected = expected_probs.double() * len(tokens)
+    return ((counts - expected) ** 2 / expected).sum().item()
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, -1), (0.6, -1), (1.7, -1), (0.9, 3)])
+def test_sampled_distribution_matches_tempered_softmax(temperature, top_k):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
+    support = top_k if top_k > 0 else len(logits)
+    expected = (logits[:support] / temperature).softmax(-1)  # logits are sorted: top_k is a prefix
+    draws = 20000
+    params = SamplingParams(temperature=temperature, top_k=top_k)
+    out = _sample(logits.expand(draws, -1).contiguous(), [params] * draws,
+                  [make_generator(1000 + s) for s in range(draws)])
+    assert max(out.token_ids) < support
+    assert _chi_square(out.token_ids, expected) < 24.3  # 7 degrees of freedom at most, p = 0.001
+
+
+def test_seeded_request_is_batch_invariant():
+    torch.manual_seed(3)
+    vocab, steps = 2000, 6
+    step_logits = [torch.randn(vocab) for _ in range(steps)]
+    mine = SamplingParams(seed=42, temperature=0.8, top_p=0.9, presence_penalty=0.5)
+
+    def run(batch_size, position):
+        gen = make_generator(mine.seed)
+        others = [make_generator(None) for _ in range(batch_size - 1)]
+        other_params = [SamplingParams(temperature=1.5, top_k=50 * (j + 1), min_p=0.01 * j)
+                        if j % 3 else SamplingParams(temperature=0) for j in range(batch_size - 1)]
+        tokens = []
+        for step in range(steps):
+            rows = torch.randn(batch_size, vocab)
+            rows[position] = step_logits[step]
+            params = other_params[:position] + [mine] + other_params[position:]
+            gens = others[:position] + [gen] + others[position:]
+            outputs = [[] for _ in range(batch_size)]
+            outputs[position] = list(tokens)
+            out = _sample(rows, params, gens, [[1, 2, 3]] * batch_size, outputs)
+            tokens.append(out.token_ids[position])
+        return tokens
+
+    alone = run(1, 0)
+    assert run(1, 0) == alone
+    assert run(9, 4) == alone
+    assert run(33, 32) == alone
+    assert len(set(alone)) > 1
+
+
+def test_different_seeds_give_different_streams():
+    logits = torch.zeros(8, 1000)
+    out = _sample(logits, [SamplingParams()] * 8, [make_generator(s) for s in range(8)])
+    assert len(set(out.token_ids)) > 1
+    again = _sample(logits, [SamplingParams()] * 8, [make_generator(s) for s in range(8)])
+    assert again.token_ids == out.token_ids
+
+
+def test_logprobs_are_processed_log_softmax_and_sorted():
+    torch.manual_seed(4)
+    logits = torch.randn(3, 300)
+    params = [SamplingParams(temperature=0, logprobs=True, top_logprobs=5),
+              SamplingParams(temperature=0.7, top_k=10, logprobs=True, top_logprobs=20, seed=5),
+              SamplingParams(temperature=0.7, top_logprobs=0)]
+    out = _sample(logits, params, [None, make_generator(5), make_generator(6)])
+    for i, temperature in ((0, 1.0), (1, 0.7)):
+        reference = (logits[i] / temperature).log_softmax(-1)
+        token = out.token_ids[i]
+        assert out.logprobs[i] == pytest.approx(reference[token].item(), abs=1e-5)
+        top = out.top_logprobs[i]
+        assert len(top) == params[i].top_logprobs
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True)
+        assert values[0] == pytest.approx(reference.max().item(), abs=1e-5)
+        for token_id, value in top:
+            assert value == pytest.approx(reference[token_id].item(), abs=1e-5)
+    assert out.top_logprobs[0][0][0] == out.token_ids[0]  # greedy picked the most likely
+    assert out.logprobs[2] is None and out.top_logprobs[2] is None
+    just_chosen = _sample(logits[:1], [SamplingParams(logprobs=True)], [make_generator(0)])
+    assert just_chosen.top_logprobs == [[]] and math.isfinite(just_chosen.logprobs[0])
+
+
+def test_logprobs_follow_penalties():
+    logits = torch.tensor([[3.0, 1.0, 0.5]])
+    p = SamplingParams(temperature=0, repetition_penalty=2.0, logprobs=True)
+    out = _sample(logits, [p], prompts=[[0]])
+    expected = torch.tensor([1.5, 1.0, 0.5]).log_softmax(-1)
+    assert out.token_ids == [0]
+    assert out.logprobs[0] == pytest.approx(expected[0].item(), abs=1e-6)
+
+
+def test_mismatched_inputs_are_rejected():
+    with pytest.raises(ValueError, match="2 logit rows but 1 params"):
+        Sampler().sample(torch.zeros(2, 4), [SamplingParams()], [None], [[]], [[]])
+
+
+def test_make_generator_seeds():
+    a, b = make_generator(7), make_generator(7)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+    c, d = make_generator(None), make_generator(None)
+    assert not torch.equal(torch.rand(4, generator=c), torch.rand(4, generator=d))
