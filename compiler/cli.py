@@ -6,7 +6,9 @@ line on stderr and exit status 2; flags whose implementation has not landed are 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from llama_aot.compiler.config import SUPPORTED_DTYPES, TARGETS, BuildConfig
@@ -40,6 +42,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)  # "Triton not available" on CPU
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
     try:
         build = BuildConfig(target=args.target, dtype=args.dtype or DEFAULT_DTYPE[args.target],
                             weight_quant="fp8" if args.fp8 else "none", tp=args.tp,

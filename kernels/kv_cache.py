@@ -11,11 +11,16 @@ from torch.library import triton_op
 
 def write_kv_reference(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
                        slots: torch.Tensor) -> None:
-    """One index_copy_ for keys and values together: rows are addressed in the flattened cache."""
-    num_layers, _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    per_half = num_blocks * block_size
-    rows = torch.cat([slots + (2 * layer) * per_half, slots + (2 * layer + 1) * per_half])
-    kv_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, rows, torch.cat([k, v]).to(kv_cache.dtype))
+    """One `index_put_` on the cache tensor itself, keys and values together.
+
+    Indexing the base tensor (not a reshaped view of it) matters: functionalization turns a write
+    through a view into "copy the whole cache, scatter, copy back", which Inductor cannot undo, and
+    every step would then copy the entire KV cache once per layer."""
+    block_size = kv_cache.shape[3]
+    blocks, offsets = slots // block_size, slots % block_size
+    half = torch.cat([torch.zeros_like(slots), torch.ones_like(slots)])
+    index = (torch.full_like(half, layer), half, torch.cat([blocks, blocks]), torch.cat([offsets, offsets]))
+    kv_cache.index_put_(index, torch.cat([k, v]).to(kv_cache.dtype))
 
 
 @triton_op("llama_aot::write_kv", mutates_args={"kv_cache"})

@@ -78,7 +78,9 @@ class StopChecker:
             raise ValueError("stop strings must not be empty")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
-        self._finishing_ids = frozenset(stop_token_ids) | (frozenset() if ignore_eos else frozenset(eos_token_ids))
+        self._finishing_ids = frozenset(stop_token_ids)
+        if not ignore_eos:
+            self._finishing_ids |= frozenset(eos_token_ids)
         self._max_tokens = max_tokens
         self._longest_hold = max((len(s) for s in self._stop), default=1) - 1
         self._pending = ""

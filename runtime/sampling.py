@@ -3,8 +3,9 @@
 Two properties drive the design:
 - Batch invariance: a request's token depends only on its own logits row, its parameters and its
   own generator, never on which other requests share the batch. Every operation here is row-wise
-  (elementwise maths, per-row sort/softmax/argmax), and randomness comes from the row's own
-  `torch.Generator`, drawing the same amount (one exponential per vocab entry) every step. So a
+  (elementwise maths, per-row topk/sort/softmax/cumsum/argmax; no shape-dependent reductions),
+  every choice between code paths is made per row, and randomness comes from the row's own
+  `torch.Generator`, drawing the same amount (one number per vocab entry) every step. So a
   seeded request replays exactly, alone or batched, and greedy rows are exactly argmax.
 - Sampling is the exponential race, `argmax(probs / E)` with `E ~ Exp(1)` i.i.d. per token, which
   picks token i with probability probs[i] and needs no cumulative sums that could differ by batch.
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 MAX_STOP_STRINGS = 4
@@ -70,7 +73,9 @@ class SamplingParams:
     extensions (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos).
 
     `stop` accepts a string or a list of up to 4 non-empty strings and is stored as a tuple;
-    `stop_token_ids` likewise. `max_tokens=None` means "until the context is full".
+    `stop_token_ids` likewise. `max_tokens=None` means "until the context is full". A temperature
+    below GREEDY_TEMPERATURE (0 included) means greedy decoding, where top_p/top_k/min_p/seed do
+    not apply.
     `repetition_penalty` follows vLLM (divides positive / multiplies negative logits of every token
     seen in prompt or output); presence and frequency penalties follow OpenAI (output tokens only).
     """
@@ -166,11 +171,16 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]] | None]
 
 
-def _token_matrix(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """Rows of ids padded with `vocab`, which indexes a scratch column that callers drop."""
-    width = max((len(r) for r in rows), default=0)
-    return torch.tensor([r + [vocab] * (width - len(r)) for r in rows], dtype=torch.long,
-                        device=device).view(len(rows), width)
+def _flat_positions(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """`row * vocab + token` for every token of every row, to count into a flat [rows * vocab]
+    tensor. Goes through numpy: turning long Python lists into a tensor is ~7x faster that way,
+    and prompts can be thousands of tokens per request, every step."""
+    lengths = [len(r) for r in rows]
+    ids = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=sum(lengths))
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}), got {ids.min()}..{ids.max()}")
+    offsets = np.repeat(np.arange(len(rows), dtype=np.int64) * vocab, lengths)
+    return torch.from_numpy(ids + offsets).to(device)
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
@@ -187,20 +197,20 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     index = torch.tensor(rows, device=dev)
     sub = logits.index_select(0, index)
 
-    out_tokens = _token_matrix([output_ids[i] for i in rows], vocab, dev)
-    counts = torch.zeros(num, vocab + 1, device=dev).scatter_add_(
-        1, out_tokens, torch.ones_like(out_tokens, dtype=torch.float32))[:, :vocab]
+    out_pos = _flat_positions([output_ids[i] for i in rows], vocab, dev)
+    counts = torch.zeros(num * vocab, device=dev).index_add_(
+        0, out_pos, torch.ones(out_pos.numel(), device=dev)).view(num, vocab)
     in_output = counts > 0
 
     def column(attr):
         return torch.tensor([getattr(params[i], attr) for i in rows], device=dev).unsqueeze(1)
 
-    rep_rows = {i for i in rows if params[i].repetition_penalty != 1.0}
-    if rep_rows:
+    if any(params[i].repetition_penalty != 1.0 for i in rows):
         # Prompts can be long: only requests that use the repetition penalty pay to upload theirs.
-        prompt_tokens = _token_matrix([prompt_ids[i] if i in rep_rows else [] for i in rows], vocab, dev)
-        seen = torch.zeros(num, vocab + 1, dtype=torch.bool, device=dev).scatter_(
-            1, prompt_tokens, True)[:, :vocab] | in_output
+        prompt_pos = _flat_positions(
+            [prompt_ids[i] if params[i].repetition_penalty != 1.0 else [] for i in rows], vocab, dev)
+        seen = torch.zeros(num * vocab, dtype=torch.bool, device=dev).index_fill_(
+            0, prompt_pos, True).view(num, vocab) | in_output
         rep = column("repetition_penalty")
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - column("frequency_penalty") * counts - column("presence_penalty") * in_output
@@ -244,7 +254,9 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     kth = torch.where(k_on, kth, -math.inf)
     kept_k = logits.masked_fill(logits < kth, -math.inf)
     values = values.masked_fill(values < kth, -math.inf)
-    probs = (values - kept_k.logsumexp(-1, keepdim=True)).exp()
+    # softmax, not logsumexp: CUDA's generic reductions pick their split by tensor shape, so a
+    # row's sum could round differently in another batch; softmax reduces each row on its own.
+    probs = kept_k.softmax(-1).gather(1, ids)
     mass = probs.cumsum(-1)
     p_on = top_p < 1.0
     kept_p = torch.full_like(logits, -math.inf).scatter_(
@@ -306,7 +318,8 @@ class Sampler:
         top: list[list[tuple[int, float]] | None] = [None] * num
         wanted = [i for i, p in enumerate(params) if p.logprobs]
         if wanted:
-            log_probs = (_rows(logits, wanted) / _temperatures([params[i] for i in wanted], dev)).log_softmax(-1)
+            temperature = _temperatures([params[i] for i in wanted], dev)
+            log_probs = (_rows(logits, wanted) / temperature).log_softmax(-1)
             index = torch.tensor(wanted, device=dev)
             chosen_lp = log_probs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
             best_values, best_ids = log_probs.topk(max(params[i].top_logprobs for i in wanted), dim=-1)

@@ -71,3 +71,21 @@ def smollm2_artifact(smollm2_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts") / "smollm2"
     build_artifact(smollm2_checkpoint, BuildConfig(), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def llama31_checkpoint(tmp_path_factory) -> Path:
+    """Tiny random Llama 3.1 with the real Llama 3 tokenizer and the official chat template."""
+    from llama31_checkpoint import write_llama31_checkpoint
+
+    return write_llama31_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama31")
+
+
+@pytest.fixture(scope="session")
+def llama31_artifact(llama31_checkpoint, tmp_path_factory) -> Path:
+    from llama_aot.compiler.build import build_artifact
+    from llama_aot.compiler.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-llama31"
+    build_artifact(llama31_checkpoint, BuildConfig(max_num_tokens=128, max_num_seqs=8, context_length=512), out)
+    return out

@@ -112,3 +112,27 @@ def test_loaded_artifact_runs_a_step(tiny_artifact):
     logits = artifact(*[inputs[n] for n in INPUT_NAMES], cache)
     assert logits.shape == (1, cfg.vocab_size) and torch.isfinite(logits).all()
     assert cache[:, :, 1, :3].abs().sum() > 0 and cache[:, :, 2:].abs().sum() == 0
+
+
+def test_step_time_does_not_grow_with_the_kv_cache(tiny_artifact):
+    """The KV write must update the cache in place: a program that copies the cache around the
+    write costs time proportional to the cache, which serving sizes to most of memory."""
+    from llama_aot.compiler.model import kv_cache_shape
+    from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+    artifact = load_artifact(tiny_artifact)
+    cfg, bs = artifact.model_config, artifact.build_config.block_size
+    inputs = build_step_inputs([SequenceChunk((5,), 9, (1, 2, 3))], bs)
+    args = [inputs[n] for n in INPUT_NAMES]
+
+    def best_step_time(num_blocks):
+        cache = torch.zeros(kv_cache_shape(cfg, num_blocks, bs))
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            artifact(*args, cache)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    small, large = best_step_time(16), best_step_time(100_000)  # 0.1 MB vs 200 MB of cache
+    assert large < 5 * small + 2e-3, f"step {small * 1e3:.2f} ms with a small cache, {large * 1e3:.2f} ms with a large one"

@@ -6,9 +6,14 @@ for the tiny Llama 3.1 checkpoint and for SmolLM2's ChatML.
 
 How the Meta comparison is made. Meta's ChatFormat encodes messages as given: a header per message,
 the content, <|eot_id|>, and the assistant header at the end. It writes no system preamble and no
-tool instructions; in `llama-models` 0.3.0 those came from prompt generators that are no longer in
-the package. The official Llama 3.1 template writes them itself. So Meta's message list holds the
-same conversation with the template's added text spelled out:
+tool instructions. Meta wrote those with prompt generators (llama-models' source tree,
+models/llama3/prompt_templates/system_prompts.py), which the installed 0.3.0 wheel does not ship
+and whose text differs from the template's: today's date as "%d %B %Y", and custom tools introduced
+by "Answer the user's question by making use of the following functions if needed..." with a
+hand-built JSON of Meta's ToolParamDefinition (properties as a list) rather than OpenAI's JSON
+Schema. No rendering of OpenAI tools can equal that text, so the oracle is the checkpoint's own
+template text, which is what the model ships with and what transformers and vLLM render. Meta's
+message list holds the same conversation with the template's added text spelled out:
 - the system message starts with the template's preamble, "Cutting Knowledge Date: December 2023\\n
   Today Date: 26 Jul 2024\\n\\n" ("Environment: ipython\\n" first when tools are given), and it is
   present even when the conversation has none, because the template always writes one;
@@ -165,11 +170,27 @@ def as_transformers_input(messages):
 
 TEXTS = [
     "Hello world!", "  leading spaces,\ttabs\tand\nnewlines\r\n\r\n  ", "I'm sure they'LL say DON'T, you'd've",
-    "Numbers: 1 12 123 1234 12345678901234567890 3.14159 -42", "Unicode: héllo wörld 你好世界 こんにちは 🙂🚀 Ωμέγα",
+    "Numbers: 1 12 123 1234 12345678901234567890 3.14159 -42",
+    "Unicode: héllo wörld 你好世界 こんにちは 🙂🚀 Ωμέγα",
     "def f(x):\n    return {\"a\": [x ** 2, 'b']}  # comment\n\n\n", "a" * 300 + " " * 40 + "b",
     '{"name": "get_weather", "parameters": {"city": "Paris"}}', "<|eot_id|> written as text",
     "\u00a0non-breaking\u2003em-space\u200bzero-width", "🏳️‍🌈 family: 👨‍👩‍👧‍👦",
 ]
+
+
+def test_llama31_checkpoint_files(llama31):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = json.loads((llama31 / "config.json").read_text())
+    assert config["eos_token_id"] == [128001, 128008, 128009] and config["vocab_size"] == 128256
+    assert json.loads((llama31 / "generation_config.json").read_text())["eos_token_id"] == [128001, 128008, 128009]
+    assert json.loads((llama31 / "tokenizer_config.json").read_text())["chat_template"] == LLAMA31_CHAT_TEMPLATE
+    assert (llama31 / "model.safetensors").stat().st_size < 40 << 20
+    model = LlamaForCausalLM.from_pretrained(str(llama31))
+    assert model.config.rope_parameters["rope_type"] == "llama3" and model.config.num_key_value_heads == 2
+    assert model.dtype == torch.bfloat16
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)  # untied, as in 3.1 8B
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -350,7 +371,8 @@ def test_load_chat_template_sources(llama31, tmp_path):
     d.mkdir()
     shutil.copy(llama31 / "tokenizer.json", d)
     (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True}, "eos_token": "<|eot_id|>",
+        "bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True},
+        "eos_token": "<|eot_id|>",
         "chat_template": [{"name": "default", "template": "D{{ bos_token }}{{ eos_token }}"},
                           {"name": "tool_use", "template": "T{{ tools | length }}"}]}))
     named = load_chat_template(d)

@@ -138,6 +138,8 @@ def test_special_tokens_are_skipped_or_kept(smollm2):
     ids = smollm2.encode("Hi there", add_special_tokens=False).ids + [end]
     assert "".join(_stream(smollm2, [], ids)) == "Hi there"
     assert "".join(_stream(smollm2, [], ids, skip_special_tokens=False)) == "Hi there<|im_end|>"
+    chat_prompt = smollm2.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n").ids
+    assert "".join(_stream(smollm2, chat_prompt, ids)) == "Hi there"
 
 
 def _check_all(checker, steps):

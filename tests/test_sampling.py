@@ -180,34 +180,41 @@ def test_sampled_distribution_matches_tempered_softmax(temperature, top_k):
     assert _chi_square(out.token_ids, expected) < 24.3  # 7 degrees of freedom at most, p = 0.001
 
 
-def test_seeded_request_is_batch_invariant():
+@pytest.mark.parametrize("device, vocab", [("cpu", 2000), pytest.param("cuda", 128256, marks=pytest.mark.gpu)])
+def test_seeded_and_greedy_requests_are_batch_invariant(device, vocab):
+    """The same request gives the same tokens and logprobs, bit for bit, alone or at any position
+    of a batch of other requests (seeded, unseeded, greedy, any truncation)."""
     torch.manual_seed(3)
-    vocab, steps = 2000, 6
-    step_logits = [torch.randn(vocab) for _ in range(steps)]
-    mine = SamplingParams(seed=42, temperature=0.8, top_p=0.9, presence_penalty=0.5)
+    steps = 6
+    step_logits = [torch.randn(vocab, device=device) * 2 for _ in range(steps)]
+    requests = [SamplingParams(seed=42, temperature=0.8, top_p=0.9, presence_penalty=0.5, logprobs=True),
+                SamplingParams(seed=7, top_k=40, min_p=0.02, logprobs=True, top_logprobs=3),
+                SamplingParams(temperature=0, repetition_penalty=1.2, logprobs=True)]
 
-    def run(batch_size, position):
-        gen = make_generator(mine.seed)
-        others = [make_generator(None) for _ in range(batch_size - 1)]
-        other_params = [SamplingParams(temperature=1.5, top_k=50 * (j + 1), min_p=0.01 * j)
+    def run(mine, batch_size, position):
+        gen = make_generator(mine.seed, device)
+        others = [make_generator(None, device) for _ in range(batch_size - 1)]
+        other_params = [SamplingParams(temperature=1.5, top_k=50 * (j + 1), min_p=0.01 * j, top_p=0.5)
                         if j % 3 else SamplingParams(temperature=0) for j in range(batch_size - 1)]
-        tokens = []
+        tokens, logprobs = [], []
         for step in range(steps):
-            rows = torch.randn(batch_size, vocab)
+            rows = torch.randn(batch_size, vocab, device=device) * 3
             rows[position] = step_logits[step]
             params = other_params[:position] + [mine] + other_params[position:]
             gens = others[:position] + [gen] + others[position:]
-            outputs = [[] for _ in range(batch_size)]
+            outputs = [[5, 6] for _ in range(batch_size)]
             outputs[position] = list(tokens)
             out = _sample(rows, params, gens, [[1, 2, 3]] * batch_size, outputs)
             tokens.append(out.token_ids[position])
-        return tokens
+            logprobs.append((out.logprobs[position], out.top_logprobs[position]))
+        return tokens, logprobs
 
-    alone = run(1, 0)
-    assert run(1, 0) == alone
-    assert run(9, 4) == alone
-    assert run(33, 32) == alone
-    assert len(set(alone)) > 1
+    for mine in requests:
+        alone = run(mine, 1, 0)
+        assert run(mine, 1, 0) == alone
+        assert run(mine, 9, 4) == alone
+        assert run(mine, 64, 63) == alone
+        assert mine.greedy or len(set(alone[0])) > 1
 
 
 def test_different_seeds_give_different_streams():
@@ -254,6 +261,8 @@ def test_logprobs_follow_penalties():
 def test_mismatched_inputs_are_rejected():
     with pytest.raises(ValueError, match="2 logit rows but 1 params"):
         Sampler().sample(torch.zeros(2, 4), [SamplingParams()], [None], [[]], [[]])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 4\)"):
+        Sampler().sample(torch.zeros(1, 4), [SamplingParams(presence_penalty=1)], [None], [[]], [[4]])
 
 
 def test_make_generator_seeds():

@@ -1,0 +1,86 @@
+"""How the runtime uses a loaded artifact: batch limits, context, and the KV cache's size.
+
+The artifact fixes upper bounds (its compiled program accepts at most `max_num_tokens` tokens and
+`max_num_seqs` sequences per step, and block tables for its context length); the runtime config
+picks values within them. Limits follow SGLang's flag names where it has them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from llama_aot.compiler.config import BuildConfig, ModelConfig, torch_dtype
+
+
+class RuntimeConfigError(ValueError):
+    """A runtime setting the artifact or the machine cannot honour; worded for a CLI user."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """0 means "the artifact's value" for the limits, and "size from memory" for the cache."""
+
+    max_running_requests: int = 0
+    chunked_prefill_size: int = 0
+    context_length: int = 0
+    mem_fraction_static: float = 0.1
+    kv_cache_blocks: int = 0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        for name in ("max_running_requests", "chunked_prefill_size", "context_length", "kv_cache_blocks"):
+            if getattr(self, name) < 0:
+                raise RuntimeConfigError(f"--{name.replace('_', '-')} must not be negative")
+        if not 0 < self.mem_fraction_static < 1:
+            raise RuntimeConfigError(f"--mem-fraction-static {self.mem_fraction_static}: must be in (0, 1)")
+
+    def resolve(self, model: ModelConfig, build: BuildConfig, weight_bytes: int) -> "ResolvedRuntime":
+        """Checks the settings against the artifact and sizes the KV cache."""
+        def within(name, value, limit):
+            if value > limit:
+                raise RuntimeConfigError(f"--{name} {value} exceeds what the artifact was compiled for "
+                                         f"({limit}); rebuild it with a larger limit or lower the flag")
+            return value or limit
+
+        seqs = within("max-running-requests", self.max_running_requests, build.max_num_seqs)
+        chunk = within("chunked-prefill-size", self.chunked_prefill_size, build.max_num_tokens)
+        context = within("context-length", self.context_length, build.context_length)
+        if chunk < seqs:
+            raise RuntimeConfigError(f"--chunked-prefill-size {chunk} is below --max-running-requests {seqs}: "
+                                     "each running request needs room for a token in every step")
+        block_bytes = (model.num_layers * 2 * build.block_size * model.num_kv_heads * model.head_dim
+                       * torch_dtype(build.kv_dtype).itemsize)
+        needed = 1 + seqs * -(-context // build.block_size)
+        if self.kv_cache_blocks:
+            blocks = self.kv_cache_blocks
+        else:
+            budget = int(_device_memory(build.target) * self.mem_fraction_static) - weight_bytes
+            blocks = min(needed, budget // block_bytes)
+        min_blocks = 1 + -(-context // build.block_size)
+        if blocks < min_blocks:
+            raise RuntimeConfigError(
+                f"the KV cache would hold {max(blocks, 0)} blocks but one {context}-token request needs "
+                f"{min_blocks}; raise --mem-fraction-static (now {self.mem_fraction_static}), set "
+                "--kv-cache-blocks, or lower --context-length")
+        return ResolvedRuntime(max_running_requests=seqs, chunked_prefill_size=chunk, context_length=context,
+                               num_blocks=blocks, block_size=build.block_size, block_bytes=block_bytes,
+                               enable_prefix_caching=self.enable_prefix_caching)
+
+
+@dataclass(frozen=True)
+class ResolvedRuntime:
+    max_running_requests: int
+    chunked_prefill_size: int
+    context_length: int
+    num_blocks: int
+    block_size: int
+    block_bytes: int
+    enable_prefix_caching: bool
+
+
+def _device_memory(target: str) -> int:
+    if target == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,247 @@
+"""The serving loop: continuous batching over a loaded artifact, on a thread of its own.
+
+Callers (the HTTP server's event loop, tests) never touch the scheduler, the cache or the model.
+They `submit` a request with a sink, a callable the engine invokes from its thread with each
+`RequestOutput`, and may `abort` it at any time; both only enqueue a command, so the event loop is
+never blocked by a model step. The loop drains commands, schedules a step, runs the compiled
+program, samples, and turns tokens into text with stop checks, one step at a time.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from llama_aot.compiler.config import torch_dtype
+from llama_aot.compiler.model import kv_cache_shape
+from llama_aot.runtime.artifact import Artifact
+from llama_aot.runtime.block_manager import BlockManager
+from llama_aot.runtime.config import ResolvedRuntime
+from llama_aot.runtime.detokenizer import IncrementalDetokenizer, StopChecker
+from llama_aot.runtime.sampling import Sampler, SamplingParams, make_generator
+from llama_aot.runtime.scheduler import Scheduler, SchedulerConfig
+from llama_aot.runtime.sequence import Sequence
+from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.05
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: a text delta (possibly empty), the new token with
+    its logprobs, and, on the last output, why it finished. `error` is set, with
+    finish_reason "error", when the engine could not run the request."""
+
+    request_id: str
+    text: str
+    token_id: int | None
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    sink: Callable[[RequestOutput], None]
+    generator: torch.Generator
+    detokenizer: IncrementalDetokenizer
+    stop: StopChecker
+
+
+@dataclass
+class EngineStats:
+    """Read by the metrics endpoint from another thread: the engine only replaces plain numbers."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    preemptions: int = 0
+
+
+@dataclass
+class _Commands:
+    queue: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
+class Engine:
+    def __init__(self, artifact: Artifact, runtime: ResolvedRuntime, tokenizer, device: str = "cpu"):
+        self.artifact, self.runtime, self.tokenizer, self.device = artifact, runtime, tokenizer, device
+        cfg, build = artifact.model_config, artifact.build_config
+        self.eos_token_ids = tuple(cfg.eos_token_ids)
+        self.kv_cache = torch.zeros(kv_cache_shape(cfg, runtime.num_blocks, runtime.block_size),
+                                    dtype=torch_dtype(build.kv_dtype), device=device)
+        self.blocks = BlockManager(runtime.num_blocks, runtime.block_size, runtime.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=runtime.max_running_requests,
+                                                   max_num_batched_tokens=runtime.chunked_prefill_size,
+                                                   max_model_len=runtime.context_length), self.blocks)
+        self.sampler = Sampler()
+        self._requests: dict[str, _Request] = {}
+        self._commands = _Commands()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = EngineStats(kv_blocks_total=runtime.num_blocks - 1)
+
+    # ---- called from any thread -------------------------------------------------------------
+    def check_request(self, prompt_len: int, max_tokens: int | None) -> int:
+        """Validates a request's length before it is queued and returns its token limit (prompt +
+        new tokens); raises ValueError with a message fit for an HTTP 400."""
+        context = self.runtime.context_length
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty")
+        if prompt_len >= context:
+            raise ValueError(f"the prompt has {prompt_len} tokens but the context length is {context}; "
+                             "shorten the prompt")
+        if max_tokens is not None and prompt_len + max_tokens > context:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the "
+                             f"context length {context}; lower max_tokens")
+        return context if max_tokens is None else prompt_len + max_tokens
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               sink: Callable[[RequestOutput], None]) -> None:
+        limit = self.check_request(len(prompt_token_ids), params.max_tokens)
+        self._commands.queue.put(("add", request_id, list(prompt_token_ids), params, sink, limit))
+        self._commands.wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._commands.queue.put(("abort", request_id))
+        self._commands.wake.set()
+
+    def warmup(self) -> float:
+        """Runs one step of one token through the program before serving, so that the first
+        request does not pay for lazy initialisation; returns its duration. The token's K/V go to
+        the reserved block 0, which no request reads."""
+        inputs = build_step_inputs([SequenceChunk((0,), 0, (0,))], self.runtime.block_size, self.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.artifact(*[inputs[n] for n in INPUT_NAMES], self.kv_cache)
+        return time.perf_counter() - start
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="llama-aot-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops after the step in flight; requests still running get finish_reason "abort"."""
+        self._stop.set()
+        self._commands.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands()
+            if not self.scheduler.has_work():
+                self._update_stats()
+                self._commands.wake.wait(IDLE_WAIT_S)
+                self._commands.wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # a bug or a device fault: fail the batch, keep serving
+                log.exception("engine step failed")
+                for request_id in list(self._requests):
+                    self._fail(request_id, f"internal error: {type(e).__name__}: {e}")
+            self._update_stats()
+        for request_id in list(self._requests):
+            self._finish_request(self._requests[request_id], "", "abort")
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.queue.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                self._add(*command[1:])
+            elif command[1] in self._requests:
+                self.scheduler.abort(command[1])
+                del self._requests[command[1]]
+
+    def _add(self, request_id, prompt, params: SamplingParams, sink, limit) -> None:
+        seq = Sequence(request_id, prompt, limit)
+        state = _Request(seq=seq, params=params, sink=sink, generator=make_generator(params.seed, self.device),
+                         detokenizer=IncrementalDetokenizer(self.tokenizer, prompt),
+                         stop=StopChecker(params.stop, params.stop_token_ids, self.eos_token_ids,
+                                          params.ignore_eos, params.max_tokens))
+        try:
+            self.scheduler.add(seq)
+        except ValueError as e:
+            sink(self._output(state, "", None, None, None, "error", error=str(e)))
+            return
+        self._requests[request_id] = state
+
+    def _step(self) -> None:
+        step = self.scheduler.schedule()
+        if not step.items:
+            return
+        inputs = build_step_inputs(step.chunks(), self.runtime.block_size, self.device)
+        if step.sample_rows:
+            inputs["logits_index"] = inputs["logits_index"][list(step.sample_rows)]
+        with torch.inference_mode():
+            logits = self.artifact(*[inputs[n] for n in INPUT_NAMES], self.kv_cache)
+        items = step.sampled_items()
+        states = [self._requests[item.seq.request_id] for item in items]
+        sampled = self.sampler.sample(logits[:len(items)], [s.params for s in states], [s.generator for s in states],
+                                      [s.seq.prompt_token_ids for s in states],
+                                      [s.seq.output_token_ids for s in states]) if items else None
+        tokens = {item.seq.seq_id: tok for item, tok in zip(items, sampled.token_ids)} if items else {}
+        by_seq = {item.seq.seq_id: i for i, item in enumerate(items)}
+        for seq in self.scheduler.commit(step, tokens):
+            i = by_seq[seq.seq_id]
+            self._emit(states[i], tokens[seq.seq_id], sampled.logprobs[i], sampled.top_logprobs[i])
+
+    def _emit(self, state: _Request, token: int, logprob, top) -> None:
+        delta = state.detokenizer.add(token)
+        text, reason = state.stop.check(token, delta)
+        if reason is None and state.seq.reached_max_tokens:
+            flushed, reason = state.stop.finish("length")
+            text += flushed
+        if reason is None:
+            state.sink(self._output(state, text, token, logprob, top, None))
+        else:
+            self._finish_request(state, text, reason, token, logprob, top)
+
+    def _finish_request(self, state: _Request, text: str, reason: str, token=None, logprob=None, top=None):
+        self.scheduler.finish(state.seq)
+        self._requests.pop(state.seq.request_id, None)
+        state.sink(self._output(state, text, token, logprob, top, reason))
+
+    def _fail(self, request_id: str, message: str) -> None:
+        state = self._requests.pop(request_id)
+        self.scheduler.abort(request_id)
+        state.sink(self._output(state, "", None, None, None, "error", error=message))
+
+    def _output(self, state: _Request, text, token, logprob, top, reason, error=None) -> RequestOutput:
+        seq = state.seq
+        return RequestOutput(request_id=seq.request_id, text=text, token_id=token, logprob=logprob,
+                             top_logprobs=top, finish_reason=reason, prompt_tokens=len(seq.prompt_token_ids),
+                             completion_tokens=len(seq.output_token_ids), cached_tokens=seq.num_cached_tokens,
+                             error=error)
+
+    def _update_stats(self) -> None:
+        s, b = self.stats, self.blocks
+        s.running, s.waiting = self.scheduler.num_running, self.scheduler.num_waiting
+        s.kv_blocks_used, s.kv_usage = b.num_used_blocks, b.usage
+        s.prefix_cache_hit_rate, s.prefix_cache_queries, s.prefix_cache_hits = (
+            b.prefix_hit_rate, b.prefix_queries, b.prefix_hits)
+        s.preemptions = self.scheduler.num_preemptions

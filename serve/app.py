@@ -1,0 +1,196 @@
+"""The OpenAI-compatible routes over one engine.
+
+/v1/chat/completions and /v1/completions, streamed as server-sent events or whole; /v1/models;
+/health; /metrics. With an API key, /v1/* requires `Authorization: Bearer KEY`. Tool calls use
+the llama3 JSON format when the server runs with --tool-call-parser llama3.
+"""
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from llama_aot.runtime.engine import Engine, RequestOutput
+from llama_aot.serve.chat_template import ChatTemplate
+from llama_aot.serve.errors import APIError, error_response, install_error_handlers
+from llama_aot.serve.generation import Generation
+from llama_aot.serve.metrics import Metrics
+from llama_aot.serve.protocol import ChatCompletionRequest, CompletionRequest
+from llama_aot.serve import responses as R
+from llama_aot.serve.tool_parser import StreamingToolParser, parse, tools_for_choice
+
+TOOL_CALL_PARSERS = ("llama3",)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str = "default"
+    tool_call_parser: str | None = None
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port}: must be between 1 and 65535")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"--tool-call-parser {self.tool_call_parser}: choose one of {', '.join(TOOL_CALL_PARSERS)}")
+        if self.api_key == "":
+            raise ValueError("--api-key must not be empty")
+
+
+def forced_call_prefix(tool_choice, forced_name: str | None) -> str:
+    """Llama 3.1's JSON tool-call opening, fed to the model after the generation prompt, so that
+    tool_choice "required" (or a named function) yields a call rather than prose."""
+    if forced_name is not None:
+        return '{"name": "%s", "parameters": ' % forced_name
+    return '{"name": "' if tool_choice == "required" else ""
+
+
+def create_app(engine: Engine, template: ChatTemplate, config: ServeConfig) -> FastAPI:
+    app = FastAPI(title="llama-aot")
+    install_error_handlers(app)
+    metrics = Metrics()
+    token_text = R.TokenText(engine.tokenizer)
+    model_name = config.served_model_name
+    vocab_size = engine.artifact.model_config.vocab_size
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), config.api_key.encode()):
+                return error_response(401, "missing or invalid API key: send Authorization: Bearer <key>",
+                                      None, "invalid_api_key")
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           "model", "model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "llama-aot",
+                                            "max_model_len": engine.runtime.context_length}]}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return PlainTextResponse(metrics.render(engine.stats), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        params = body.sampling_params()
+        tools, forced_name = tools_for_choice(body.tools, body.tool_choice)
+        if tools is not None and config.tool_call_parser is None:
+            raise APIError(400, "tool calling needs the server to run with --tool-call-parser llama3", "tools")
+        prompt = template.encode(body.messages, tools, **body.template_kwargs())
+        prefix = forced_call_prefix(body.tool_choice, forced_name) if tools is not None else ""
+        if prefix:
+            prompt += engine.tokenizer.encode(prefix, add_special_tokens=False).ids
+        gen = Generation(engine, metrics, prompt, params, "chatcmpl")
+        parser = StreamingToolParser() if tools is not None else None
+        if body.stream:
+            return _event_stream(_chat_events(gen, body, parser, prefix))
+        outputs = await gen.collect(request)
+        last = _last(outputs)
+        text = "".join(o.text for o in outputs)
+        message: dict = {"role": "assistant", "content": text}
+        reason = last.finish_reason
+        if parser is not None:
+            content, calls = parse(prefix + text)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                reason = "tool_calls" if reason == "stop" else reason
+        logprobs = token_text.chat_logprobs(outputs) if body.logprobs else None
+        return R.chat_completion(gen.request_id, gen.created, model_name, message, reason, logprobs, last)
+
+    async def _chat_events(gen: Generation, body: ChatCompletionRequest, parser, prefix: str):
+        def chunk(delta, reason=None, logprobs=None):
+            return R.sse(R.chat_chunk(gen.request_id, gen.created, model_name, delta, reason, logprobs))
+
+        yield chunk({"role": "assistant", "content": ""})
+        called = False
+        if parser is not None and prefix:
+            for event in parser.feed(prefix):
+                called |= "tool_calls" in event
+                yield chunk(event)
+        async for out in gen.outputs():
+            if out.error is not None:
+                yield R.sse({"error": {"message": out.error, "type": "server_error", "param": None, "code": None}})
+                return
+            if parser is None:
+                if out.text or (body.logprobs and out.token_id is not None):
+                    logprobs = token_text.chat_logprobs([out]) if body.logprobs else None
+                    yield chunk({"content": out.text}, logprobs=logprobs)
+            else:
+                events = parser.feed(out.text) + (parser.finish() if out.finish_reason else [])
+                for event in events:
+                    called |= "tool_calls" in event
+                    yield chunk(event)
+            if out.finish_reason is not None:
+                reason = "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
+                yield chunk({}, reason)
+                if body.include_usage:
+                    yield R.sse(R.usage_chunk(gen.request_id, gen.created, model_name, "chat.completion.chunk", out))
+        yield R.SSE_DONE
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        params = body.sampling_params()
+        prompt = body.single_prompt()
+        if isinstance(prompt, str):
+            ids = engine.tokenizer.encode(prompt, add_special_tokens=True).ids
+        else:
+            bad = [t for t in prompt if not 0 <= t < vocab_size]
+            if bad:
+                raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
+                               "prompt")
+            ids = list(prompt)
+        gen = Generation(engine, metrics, ids, params, "cmpl")
+        if body.stream:
+            return _event_stream(_completion_events(gen, body))
+        outputs = await gen.collect(request)
+        last = _last(outputs)
+        logprobs = token_text.completion_logprobs(outputs) if body.logprobs is not None else None
+        return R.text_completion(gen.request_id, gen.created, model_name, "".join(o.text for o in outputs),
+                                 last.finish_reason, logprobs, last)
+
+    async def _completion_events(gen: Generation, body: CompletionRequest):
+        offset = 0
+        async for out in gen.outputs():
+            if out.error is not None:
+                yield R.sse({"error": {"message": out.error, "type": "server_error", "param": None, "code": None}})
+                return
+            logprobs = token_text.completion_logprobs([out], offset) if body.logprobs is not None else None
+            offset += len(out.text)
+            if out.text or out.finish_reason or logprobs:
+                yield R.sse(R.text_completion(gen.request_id, gen.created, model_name, out.text,
+                                              out.finish_reason, logprobs))
+            if out.finish_reason is not None and body.include_usage:
+                yield R.sse(R.usage_chunk(gen.request_id, gen.created, model_name, "text_completion", out))
+        yield R.SSE_DONE
+
+    return app
+
+
+def _last(outputs: list[RequestOutput]) -> RequestOutput:
+    last = outputs[-1]
+    if last.error is not None:
+        raise APIError(503, last.error)
+    return last
+
+
+def _event_stream(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,108 @@
+"""`llama-serve ARTIFACT`: load a compiled artifact and serve the OpenAI API over HTTP.
+
+Flags follow SGLang's names where it has them. Start-up problems (a refused artifact, a bad flag,
+a busy port) are one line on stderr and exit status 2. SIGTERM and Ctrl-C stop accepting new
+connections, let requests in flight finish (up to --graceful-timeout seconds), then stop the engine.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+import time
+from pathlib import Path
+
+from llama_aot.runtime.artifact import ArtifactError
+from llama_aot.runtime.config import RuntimeConfig, RuntimeConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv):
+    p = _Parser(prog="llama-serve", description=__doc__.splitlines()[0])
+    p.add_argument("artifact", type=Path, help="artifact directory built by llama-compile")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
+    p.add_argument("--served-model-name", help="model id clients send (default: the artifact's directory name)")
+    p.add_argument("--context-length", type=int, default=0, help="longest request (default: the artifact's)")
+    p.add_argument("--max-running-requests", type=int, default=0, help="sequences per step (default: the artifact's)")
+    p.add_argument("--chunked-prefill-size", type=int, default=0, help="token budget per step (default: the artifact's)")
+    p.add_argument("--mem-fraction-static", type=float, default=0.1,
+                   help="fraction of device memory for weights and KV cache (default 0.1)")
+    p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV cache size in blocks (overrides --mem-fraction-static)")
+    p.add_argument("--disable-prefix-caching", action="store_true")
+    p.add_argument("--tool-call-parser", choices=("llama3",), help="parse tool calls in this format")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv)
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RuntimeConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+
+
+def build_server(args):
+    """Loads everything and returns (uvicorn server, engine); raises the user-facing errors."""
+    import uvicorn
+
+    from llama_aot.runtime.artifact import load_artifact
+    from llama_aot.runtime.engine import Engine
+    from llama_aot.serve.app import ServeConfig, create_app
+    from llama_aot.serve.chat_template import load_chat_template
+
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
+                         served_model_name=args.served_model_name or args.artifact.resolve().name,
+                         tool_call_parser=args.tool_call_parser)
+    runtime = RuntimeConfig(max_running_requests=args.max_running_requests,
+                            chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
+                            mem_fraction_static=args.mem_fraction_static, kv_cache_blocks=args.kv_cache_blocks,
+                            enable_prefix_caching=not args.disable_prefix_caching)
+    _check_port(config.host, config.port)
+    start = time.perf_counter()
+    artifact = load_artifact(args.artifact)
+    template = load_chat_template(args.artifact)
+    weight_bytes = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in artifact.weights.values()}.values())
+    resolved = runtime.resolve(artifact.model_config, artifact.build_config, weight_bytes)
+    engine = Engine(artifact, resolved, template.tokenizer)
+    warmup = engine.warmup()
+    engine.start()
+    print(f"llama-serve: loaded {args.artifact} in {time.perf_counter() - start:.1f} s (first step "
+          f"{warmup * 1e3:.0f} ms); KV cache {resolved.num_blocks} blocks x {resolved.block_size} tokens "
+          f"({resolved.num_blocks * resolved.block_bytes / 2**30:.2f} GiB); serving '{config.served_model_name}' "
+          f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
+
+    app = create_app(engine, template, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.graceful_timeout))
+    return server, engine
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+    try:
+        server, engine = build_server(args)
+    except (ArtifactError, RuntimeConfigError, ValueError) as e:
+        print(f"llama-serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""OpenAI response objects: chat completions and text completions, whole or as stream chunks,
+with usage and logprobs in the shapes the stock `openai` client parses."""
+from __future__ import annotations
+
+import json
+
+from llama_aot.runtime.engine import RequestOutput
+
+
+def usage(last: RequestOutput) -> dict:
+    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+            "total_tokens": last.prompt_tokens + last.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class TokenText:
+    """A token's own text for logprobs: decoded alone, special tokens kept, bytes listed so a
+    client can rebuild characters split across tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chat_entry(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> dict:
+        text = self(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode()),
+                "top_logprobs": [{"token": self(t), "logprob": lp, "bytes": list(self(t).encode())}
+                                 for t, lp in (top or [])]}
+
+    def chat_logprobs(self, outputs: list[RequestOutput]) -> dict | None:
+        entries = [self.chat_entry(o.token_id, o.logprob, o.top_logprobs) for o in outputs
+                   if o.token_id is not None and o.logprob is not None]
+        return {"content": entries} if entries else None
+
+    def completion_logprobs(self, outputs: list[RequestOutput], offset: int = 0) -> dict | None:
+        tokens, token_logprobs, tops, offsets = [], [], [], []
+        for o in outputs:
+            if o.token_id is None or o.logprob is None:
+                continue
+            text = self(o.token_id)
+            tokens.append(text)
+            token_logprobs.append(o.logprob)
+            tops.append({self(t): lp for t, lp in (o.top_logprobs or [])})
+            offsets.append(offset)
+            offset += len(text)
+        if not tokens:
+            return None
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_completion(request_id: str, created: int, model: str, message: dict, finish_reason: str,
+                    logprobs: dict | None, last: RequestOutput) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
+            "usage": usage(last)}
+
+
+def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+               logprobs: dict | None = None) -> dict:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def text_completion(request_id: str, created: int, model: str, text: str, finish_reason: str | None,
+                    logprobs: dict | None, last: RequestOutput | None = None, obj: str = "text_completion") -> dict:
+    body = {"id": request_id, "object": obj, "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if last is not None:
+        body["usage"] = usage(last)
+    return body
+
+
+def usage_chunk(request_id: str, created: int, model: str, obj: str, last: RequestOutput) -> dict:
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(last)}
