@@ -84,8 +84,17 @@ def build_server(args):
           f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
 
     app = create_app(engine, template, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.graceful_timeout))
+
+    class Server(uvicorn.Server):
+        """Stops the engine once uvicorn has drained its connections. uvicorn then re-raises the
+        signal, so a SIGTERM'd server exits as terminated by SIGTERM, as supervisors expect."""
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)
+            engine.shutdown()
+
+    server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.graceful_timeout))
     return server, engine
 
 
