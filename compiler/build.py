@@ -136,7 +136,7 @@ def _store_in_cache(tmp: Path, entry: Path, progress: Progress) -> None:
 
 def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress) -> dict:
     with progress.stage("load weights"):
-        model = build_model(ckpt.config, load_weights(ckpt, torch_dtype(build.dtype)))
+        model = build_model(ckpt.config, load_weights(ckpt, torch_dtype(build.dtype))).to(build.target)
     with progress.stage("export"):
         ep = export_model(model, build)
     with progress.stage("passes"):

@@ -109,9 +109,9 @@ class BuildConfig:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise BuildError(f"--target {self.target}: unknown target; choose one of {', '.join(TARGETS)}")
-        if self.target == "cuda":
-            raise BuildError("--target cuda is not implemented yet (it lands with the CUDA target issue); "
-                             "build with --target cpu")
+        if self.target == "cuda" and not _cuda_available():
+            raise BuildError("--target cuda needs a CUDA GPU on the build machine: AOTInductor compiles for "
+                             "the GPU it runs on, so build on the machine that will serve")
         if self.dtype not in SUPPORTED_DTYPES:
             raise BuildError(f"--dtype {self.dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
         if self.weight_quant == "fp8":
@@ -161,6 +161,12 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
         return _from_dict(cls, data, "build config")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def torch_dtype(name: str):

@@ -23,9 +23,9 @@ def example_inputs(build: BuildConfig, model: Llama) -> tuple[torch.Tensor, ...]
     table = 3 if bs >= 2 else 6
     chunks = [SequenceChunk(tuple(range(1, 5)), 0, tuple(range(1, 1 + table)), all_logits=True),
               SequenceChunk(tuple(range(5, 8)), 0, tuple(range(1 + table, 1 + 2 * table)))]
-    step = build_step_inputs(chunks, bs)
+    step = build_step_inputs(chunks, bs, build.target)
     shape = kv_cache_shape(model.config, 2 * table + 2, bs)
-    kv_cache = torch.zeros(shape, dtype=torch_dtype(build.kv_dtype))
+    kv_cache = torch.zeros(shape, dtype=torch_dtype(build.kv_dtype), device=build.target)
     return tuple(step[name] for name in INPUT_NAMES) + (kv_cache,)
 
 

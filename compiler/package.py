@@ -28,7 +28,7 @@ def write_weights(out_dir: Path, constants: dict[str, torch.Tensor], rank: int =
             tied[name] = seen[key]
         else:
             seen[key] = name
-            unique[name] = t.contiguous()
+            unique[name] = t.contiguous().cpu()
     name = weights_file(rank)
     save_file(unique, str(out_dir / name), metadata={TIED_WEIGHTS_KEY: json.dumps(tied)})
     return name

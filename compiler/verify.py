@@ -35,7 +35,7 @@ def verify(eager: Llama, compiled, build: BuildConfig, seed: int = 0) -> dict:
     per_seq = -(-(max(map(len, prompts)) + DECODE_STEPS) // bs)
     tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
     shape = kv_cache_shape(cfg, 1 + len(prompts) * per_seq, bs)
-    caches = [torch.zeros(shape, dtype=torch_dtype(build.kv_dtype)) for _ in range(2)]
+    caches = [torch.zeros(shape, dtype=torch_dtype(build.kv_dtype), device=build.target) for _ in range(2)]
 
     eager_rows, compiled_rows = [], []
     cached = [0] * len(prompts)
@@ -57,11 +57,11 @@ def verify(eager: Llama, compiled, build: BuildConfig, seed: int = 0) -> dict:
                 cached[i] += len(toks)
                 budget -= len(toks)
         chunks = [SequenceChunk(tuple(t), start, tables[i], all_logits=True) for i, start, t in step]
-        inputs = build_step_inputs(chunks, bs)
+        inputs = build_step_inputs(chunks, bs, build.target)
         args = [inputs[n] for n in INPUT_NAMES]
         with torch.no_grad():
-            eager_rows.append(eager(*args, caches[0]))
-            compiled_rows.append(compiled(*args, caches[1]))
+            eager_rows.append(eager(*args, caches[0]).cpu())
+            compiled_rows.append(compiled(*args, caches[1]).cpu())
         for (i, _, t), rows in zip(step, eager_rows[-1].split([len(t) for _, _, t in step])):
             last[i] = rows[-1]
 

@@ -9,8 +9,15 @@ The batch is described by explicit tensors, never by Python state:
   it is after this step.
 A decode-only batch has Q == 1, so the reference pays for padding only when prefills share a step.
 """
+import importlib.util
+
 import torch
 from torch.library import triton_op
+
+if importlib.util.find_spec("triton") is not None:
+    from llama_aot.kernels.triton_paged_attention import paged_attention_triton
+else:  # CPU-only installs: the reference is the CPU path
+    paged_attention_triton = None
 
 
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
@@ -50,5 +57,5 @@ def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, layer: in
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
                     scale: float) -> torch.Tensor:
-    return paged_attention_reference(q, kv_cache, layer, block_tables, context_lens, query_index,
-                                     positions, scale)
+    impl = paged_attention_triton if q.is_cuda else paged_attention_reference
+    return impl(q, kv_cache, layer, block_tables, context_lens, query_index, positions, scale)

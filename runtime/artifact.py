@@ -164,14 +164,15 @@ class Artifact:
         return self.program(*args)
 
 
-def open_program(path: Path, device: str = "cpu", rank: int = 0):
+def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded: bool = False):
     """Loads the compiled program and hands it the rank's weights; no manifest checks. The build's
     verifier uses this before the manifest exists; everything else goes through `load_artifact`.
-    Returns (program, weights): the caller must keep the weights alive as long as the program."""
+    Returns (program, weights): the caller must keep the weights alive as long as the program.
+    `single_threaded` loads the program for capture in a CUDA graph."""
     import llama_aot.kernels  # noqa: F401  (the program calls torch.ops.llama_aot)
 
     try:
-        program = torch._inductor.aoti_load_package(str(path / PROGRAM_FILE))
+        program = torch._inductor.aoti_load_package(str(path / PROGRAM_FILE), run_single_threaded=single_threaded)
     except Exception as e:  # the loader raises RuntimeError subclasses with C++ detail
         raise ArtifactError(f"{path / PROGRAM_FILE}: cannot be loaded ({str(e).splitlines()[0]}); "
                             "rebuild the artifact on this machine") from None
@@ -184,12 +185,15 @@ def open_program(path: Path, device: str = "cpu", rank: int = 0):
     return program, weights
 
 
-def load_artifact(path: str | Path, device: str = "cpu", rank: int = 0) -> Artifact:
+def load_artifact(path: str | Path, device: str | None = None, rank: int = 0,
+                  single_threaded: bool = False) -> Artifact:
+    """Checks and loads an artifact onto `device` (default: the device type it was built for)."""
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path}: no such artifact directory")
     manifest = read_manifest(path)
+    device = device or manifest["target"]["device_type"]
     check_target(path, manifest, device)
     check_files(path, manifest)
-    program, weights = open_program(path, device, rank)
+    program, weights = open_program(path, device, rank, single_threaded)
     return Artifact(path=path, manifest=manifest, program=program, weights=weights)

@@ -12,18 +12,22 @@ from dataclasses import dataclass
 from llama_aot.compiler.config import BuildConfig, ModelConfig, torch_dtype
 
 
+DEFAULT_MEM_FRACTION = {"cuda": 0.85, "cpu": 0.1}
+
+
 class RuntimeConfigError(ValueError):
     """A runtime setting the artifact or the machine cannot honour; worded for a CLI user."""
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """0 means "the artifact's value" for the limits, and "size from memory" for the cache."""
+    """0 means "the artifact's value" for the limits, and "size from memory" for the cache;
+    `mem_fraction_static` None means 0.85 of a GPU, 0.1 of a CPU machine's RAM."""
 
     max_running_requests: int = 0
     chunked_prefill_size: int = 0
     context_length: int = 0
-    mem_fraction_static: float = 0.1
+    mem_fraction_static: float | None = None
     kv_cache_blocks: int = 0
     enable_prefix_caching: bool = True
 
@@ -31,7 +35,7 @@ class RuntimeConfig:
         for name in ("max_running_requests", "chunked_prefill_size", "context_length", "kv_cache_blocks"):
             if getattr(self, name) < 0:
                 raise RuntimeConfigError(f"--{name.replace('_', '-')} must not be negative")
-        if not 0 < self.mem_fraction_static < 1:
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise RuntimeConfigError(f"--mem-fraction-static {self.mem_fraction_static}: must be in (0, 1)")
 
     def resolve(self, model: ModelConfig, build: BuildConfig, weight_bytes: int) -> "ResolvedRuntime":
@@ -54,13 +58,14 @@ class RuntimeConfig:
         if self.kv_cache_blocks:
             blocks = self.kv_cache_blocks
         else:
-            budget = int(_device_memory(build.target) * self.mem_fraction_static) - weight_bytes
+            fraction = self.mem_fraction_static or DEFAULT_MEM_FRACTION[build.target]
+            budget = int(_device_memory(build.target) * fraction) - weight_bytes
             blocks = min(needed, budget // block_bytes)
         min_blocks = 1 + -(-context // build.block_size)
         if blocks < min_blocks:
             raise RuntimeConfigError(
                 f"the KV cache would hold {max(blocks, 0)} blocks but one {context}-token request needs "
-                f"{min_blocks}; raise --mem-fraction-static (now {self.mem_fraction_static}), set "
+                f"{min_blocks}; raise --mem-fraction-static, set "
                 "--kv-cache-blocks, or lower --context-length")
         return ResolvedRuntime(max_running_requests=seqs, chunked_prefill_size=chunk, context_length=context,
                                num_blocks=blocks, block_size=build.block_size, block_bytes=block_bytes,

@@ -33,8 +33,8 @@ def parse_args(argv):
     p.add_argument("--context-length", type=int, default=0, help="longest request (default: the artifact's)")
     p.add_argument("--max-running-requests", type=int, default=0, help="sequences per step (default: the artifact's)")
     p.add_argument("--chunked-prefill-size", type=int, default=0, help="token budget per step (default: the artifact's)")
-    p.add_argument("--mem-fraction-static", type=float, default=0.1,
-                   help="fraction of device memory for weights and KV cache (default 0.1)")
+    p.add_argument("--mem-fraction-static", type=float,
+                   help="fraction of device memory for weights and KV cache (default: 0.85 on GPU, 0.1 of RAM on CPU)")
     p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV cache size in blocks (overrides --mem-fraction-static)")
     p.add_argument("--disable-prefix-caching", action="store_true")
     p.add_argument("--tool-call-parser", choices=("llama3",), help="parse tool calls in this format")
@@ -75,7 +75,7 @@ def build_server(args):
     template = load_chat_template(args.artifact)
     weight_bytes = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in artifact.weights.values()}.values())
     resolved = runtime.resolve(artifact.model_config, artifact.build_config, weight_bytes)
-    engine = Engine(artifact, resolved, template.tokenizer)
+    engine = Engine(artifact, resolved, template.tokenizer, device=artifact.manifest["target"]["device_type"])
     warmup = engine.warmup()
     engine.start()
     print(f"llama-serve: loaded {args.artifact} in {time.perf_counter() - start:.1f} s (first step "

@@ -16,6 +16,8 @@ TINY_BUILD = dict(max_num_tokens=64, max_num_seqs=8, context_length=256, block_s
 
 
 def pytest_configure(config):
+    if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU-only machines
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if not os.environ.get("LLAMA_AOT_CACHE"):
         import tempfile
 

@@ -1,0 +1,155 @@
+"""`llama-bench decode`: decode speed of an artifact against HF transformers, in one process.
+
+For each (batch, context) it prefills `batch` random prompts of `context` tokens (not timed), then
+times `new_tokens` greedy decode steps, each fed the previous step's argmax. The step's inputs are
+advanced on the device from precomputed tables, as the runtime's decode runner does, so the loop
+measures the program, not Python; with --cuda-graph the step is one graph replay.
+
+The peer baseline is HF transformers' LlamaForCausalLM on the same checkpoint with a static KV
+cache and torch.compile, timed in the same process. Bandwidth is reported as a fraction of this
+device's measured copy bandwidth (bytes read + written by a large device-to-device copy).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llama_aot.compiler.model import kv_cache_shape
+from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    batch: int
+    context: int
+    ms_per_token: float
+    tok_per_s: float
+    bytes_per_step: int
+    bandwidth_fraction: float
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * nbytes * 10 / (time.perf_counter() - start)
+
+
+def _prefill(artifact, cache, prompts, tables, block_size, budget, device):
+    """Prefills all prompts in chunks that fit the program's token budget; returns last logits."""
+    done, last = [0] * len(prompts), [None] * len(prompts)
+    while min(d - len(p) for d, p in zip(done, prompts)) < 0:
+        chunks, owners, left = [], [], budget
+        for i, p in enumerate(prompts):
+            n = min(len(p) - done[i], left)
+            if n > 0:
+                chunks.append(SequenceChunk(tuple(p[done[i]:done[i] + n]), done[i], tables[i]))
+                owners.append(i)
+                done[i] += n
+                left -= n
+        inputs = build_step_inputs(chunks, block_size, device)
+        logits = artifact(*[inputs[n] for n in INPUT_NAMES], cache)
+        for row, i in enumerate(owners):
+            last[i] = logits[row]
+    return torch.stack(last)
+
+
+def measure_decode(artifact, batch: int, context: int, new_tokens: int, cuda_graph: bool,
+                   bandwidth: float, seed: int = 0) -> DecodeResult:
+    cfg, build = artifact.model_config, artifact.build_config
+    device, bs = "cuda", build.block_size
+    per_seq = -(-(context + new_tokens) // bs)
+    tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+    cache = torch.zeros(kv_cache_shape(cfg, 1 + batch * per_seq, bs), dtype=getattr(torch, build.kv_dtype),
+                        device=device)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, cfg.vocab_size, (context,), generator=gen).tolist() for _ in range(batch)]
+    with torch.inference_mode():
+        first = _prefill(artifact, cache, prompts, tables, bs, build.max_num_tokens, device).argmax(-1)
+
+        # Static step inputs, advanced on the device: step i writes position context + i.
+        step = build_step_inputs([SequenceChunk((0,), context, t) for t in tables], bs, device)
+        table_t = step["block_tables"].long()
+        pos_all = context + torch.arange(new_tokens, device=device)[:, None].expand(new_tokens, batch)
+        slot_all = table_t.gather(1, (pos_all // bs).T).T * bs + pos_all % bs
+        args = [step[n] for n in INPUT_NAMES] + [cache]
+
+        def set_step(i, tokens):
+            step["tokens"].copy_(tokens)
+            step["positions"].copy_(pos_all[i])
+            step["slots"].copy_(slot_all[i])
+            step["context_lens"].fill_(context + i + 1)
+
+        run = lambda: artifact(*args)  # noqa: E731
+        if cuda_graph:
+            run = _capture(run)
+        set_step(0, first)
+        for i in range(3):  # warm-up steps write positions the timed steps overwrite
+            set_step(i + 1, run().argmax(-1))
+        set_step(0, first)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(new_tokens):
+            logits = run()
+            if i + 1 < new_tokens:
+                set_step(i + 1, logits.argmax(-1))
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / new_tokens
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in artifact.weights.values()}.values())
+    embed = cfg.vocab_size * cfg.hidden_size * cache.element_size()
+    kv_read = batch * (context + new_tokens // 2) * 2 * cfg.num_layers * cfg.kv_size * cache.element_size()
+    bytes_per_step = weights - embed + kv_read
+    return DecodeResult(batch, context, step_s * 1e3, batch / step_s, bytes_per_step,
+                        bytes_per_step / step_s / bandwidth)
+
+
+def _capture(fn):
+    """Captures `fn` (reading and writing static tensors) in a CUDA graph; returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def hf_decode_ms(checkpoint, batch: int, context: int, new_tokens: int, seed: int = 0) -> float:
+    """HF transformers with a static cache and torch.compile: ms per decode step."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.bfloat16).to("cuda").eval()
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).cuda()
+
+    def generate(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    generate(new_tokens)  # compile and capture
+    prefill = min(generate(1) for _ in range(2))
+    total = generate(new_tokens)
+    del model
+    torch.cuda.empty_cache()
+    return (total - prefill) / (new_tokens - 1) * 1e3

@@ -1,0 +1,112 @@
+"""Paged attention in Triton for CUDA: one kernel for any mix of prefill chunks and decode tokens.
+
+Each program owns one tile of queries of one sequence for one KV head, and one split of that
+sequence's context (flash-decoding):
+- the query heads that share the KV head are stacked into the tile's rows (GQA packing), so each
+  KV page is read once per KV head, not once per query head;
+- the context is cut into SPLITS ranges processed by separate programs, so a single long decode
+  still fills the GPU; each split keeps an online softmax (running max, sum, accumulator) and the
+  splits are merged afterwards by log-sum-exp weights, in torch (Inductor fuses that merge);
+- keys are gathered through the block table page by page, so the cache is never copied.
+Masked rows (padding queries, padded group heads) are computed but never stored.
+
+Imported only where Triton is; `paged_attention` dispatches here for CUDA tensors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+SPLITS = 16
+BLOCK_N = 64
+ROWS = 64  # query rows per tile: query tokens x (padded) group heads
+
+
+@triton.jit
+def _paged_attention_kernel(
+        Q, KV, BlockTables, ContextLens, QueryIndex, Positions, Acc, Max, Sum,
+        layer, scale, num_tokens, q_len,
+        stride_qt, stride_qh, stride_kl, stride_kkv, stride_kb, stride_ks, stride_kh,
+        stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt,
+        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+    tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles_per_seq = tl.cdiv(q_len, BLOCK_Q)
+    seq, q_tile = tile // tiles_per_seq, tile % tiles_per_seq
+
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    q_slot = q_tile * BLOCK_Q + rows // GROUP_PAD
+    group = rows % GROUP_PAD
+    live = (q_slot < q_len) & (group < GROUP)
+    token = tl.load(QueryIndex + seq * q_len + q_slot, mask=live, other=num_tokens)
+    live = live & (token < num_tokens)
+    pos = tl.load(Positions + token, mask=live, other=-1)
+    head = kv_head * GROUP + group
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                mask=live[:, None], other=0.0)
+
+    context = tl.load(ContextLens + seq)
+    visible_end = tl.minimum(context, tl.max(pos, 0) + 1)
+    chunk = tl.cdiv(tl.cdiv(context, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, visible_end)
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
+    k_base = KV + layer * stride_kl + kv_head * stride_kh
+    v_base = k_base + stride_kkv
+    n0 = start
+    while n0 < end:  # a `for` over a runtime bound breaks Triton 3.6's interpreter, which CPU CI uses
+        keys = n0 + tl.arange(0, BLOCK_N)
+        in_range = keys < end
+        page = tl.load(BlockTables + seq * stride_bt + keys // BLOCK_SIZE, mask=in_range, other=0)
+        offset = page.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_ks
+        k = tl.load(k_base + offset[None, :] + dims[:, None], mask=in_range[None, :], other=0.0)
+        scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * scale
+        scores = tl.where((keys[None, :] <= pos[:, None]) & in_range[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offset[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+        n0 += BLOCK_N
+
+    out_rows = split * stride_ms + token * stride_mt + head
+    tl.store(Max + out_rows, m_i, mask=live)
+    tl.store(Sum + out_rows, l_i, mask=live)
+    acc_rows = split * stride_as + token * stride_at + head * stride_ah
+    tl.store(Acc + acc_rows[:, None] + dims[None, :], acc, mask=live[:, None])
+
+
+def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[4], kv_cache.shape[3]
+    batch, q_len = query_index.shape
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(1, ROWS // group_pad)
+    acc = torch.empty(SPLITS, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    maxes = torch.empty(SPLITS, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    sums = torch.empty(SPLITS, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    q, query_index = q.contiguous(), query_index.contiguous()
+    grid = (batch * triton.cdiv(q_len, block_q), num_kv_heads, SPLITS)
+    wrap_triton(_paged_attention_kernel)[grid](
+        q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums,
+        layer, scale, num_tokens, q_len,
+        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
+        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
+        BLOCK_N=BLOCK_N, SPLITS=SPLITS)
+    weights = torch.exp(maxes - maxes.max(0).values)
+    out = (acc * weights[..., None]).sum(0) / (sums * weights).sum(0)[..., None]
+    return out.to(q.dtype)
