@@ -46,8 +46,8 @@ def cache_root() -> Path:
 class Progress:
     """Prints each stage with its wall time, so a user sees where a long build spends it."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
