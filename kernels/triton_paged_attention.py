@@ -27,11 +27,11 @@ ROWS = 64  # query rows per tile: query tokens x (padded) group heads
 @triton.jit
 def _paged_attention_kernel(
         Q, KV, BlockTables, ContextLens, QueryIndex, Positions, Acc, Max, Sum,
-        layer, scale, num_tokens, q_len,
+        layer, num_tokens, q_len,
         stride_qt, stride_qh, stride_kl, stride_kkv, stride_kb, stride_ks, stride_kh,
         stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SCALE: tl.constexpr):
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tiles_per_seq = tl.cdiv(q_len, BLOCK_Q)
     seq, q_tile = tile // tiles_per_seq, tile % tiles_per_seq
@@ -66,7 +66,7 @@ def _paged_attention_kernel(
         page = tl.load(BlockTables + seq * stride_bt + keys // BLOCK_SIZE, mask=in_range, other=0)
         offset = page.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_ks
         k = tl.load(k_base + offset[None, :] + dims[:, None], mask=in_range[None, :], other=0.0)
-        scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * scale
+        scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * SCALE
         scores = tl.where((keys[None, :] <= pos[:, None]) & in_range[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -101,12 +101,12 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
     grid = (batch * triton.cdiv(q_len, block_q), num_kv_heads, SPLITS)
     wrap_triton(_paged_attention_kernel)[grid](
         q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums,
-        layer, scale, num_tokens, q_len,
+        layer, num_tokens, q_len,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, SPLITS=SPLITS)
+        BLOCK_N=BLOCK_N, SPLITS=SPLITS, SCALE=scale)  # a constexpr: AOTInductor passes float args as fp64
     weights = torch.exp(maxes - maxes.max(0).values)
     out = (acc * weights[..., None]).sum(0) / (sums * weights).sum(0)[..., None]
     return out.to(q.dtype)
