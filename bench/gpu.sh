@@ -2,6 +2,7 @@
 # The whole GPU run in one go, on the GPU machine: install, build a random-weight Llama-3.1-8B
 # checkpoint, compile it for CUDA, test the kernels, benchmark decode against HF, write results.
 #   LAYERS=4 bash bench/gpu.sh        # quick iteration on fewer layers
+#   BENCH=0 bash bench/gpu.sh         # build and test only
 # Results land in $RESULTS (default bench/results); work files in $WORK, reused while they exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,7 @@ start=$(date +%s)
 llama-compile --model "$CKPT" --target cuda --dtype bfloat16 -o "$ART"
 echo "compile wall time: $(( $(date +%s) - start )) s"
 
+[[ ${BENCH:-1} == 0 ]] && { stage done; exit 0; }
 stage "llama-bench decode"
 llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch "$BATCH" --context "$CONTEXT" \
   --model-name "llama-3.1-8b$([[ $LAYERS != 32 ]] && echo "-${LAYERS}layers")" --out-dir "$RESULTS"
