@@ -6,6 +6,7 @@ manifest is complete by construction and the loader can prove nothing changed si
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from importlib import metadata
@@ -51,7 +52,10 @@ def producer() -> dict:
 
 def git_sha() -> str:
     """The source tree's commit, marked `-dirty` when it has uncommitted changes; `unknown`
-    outside a git checkout (an installed wheel)."""
+    outside a git checkout (an installed wheel). LLAMA_AOT_GIT_SHA overrides it, for copies of a
+    checkout without its .git (the GPU machine gets the working tree only)."""
+    if os.environ.get("LLAMA_AOT_GIT_SHA"):
+        return os.environ["LLAMA_AOT_GIT_SHA"]
     src = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
