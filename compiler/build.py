@@ -144,7 +144,7 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
         for r in reports:
             print(f"[llama-compile]   {r.name}: {r.matches} matches", file=progress.stream)
     with progress.stage("lower (AOTInductor)"):
-        lower(ep, tmp / PROGRAM_FILE)
+        lower(ep, tmp / PROGRAM_FILE, build.max_autotune)
     with progress.stage("write weights"):
         write_weights(tmp, program_constants(ep))
         copy_tokenizer(ckpt.tokenizer_files, tmp)

@@ -35,6 +35,7 @@ def parse_args(argv):
     p.add_argument("--max-num-seqs", type=int, default=64, help="largest number of sequences in one step")
     p.add_argument("--context-length", type=int, default=0, help="longest sequence (default: the model's)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--max-autotune", action="store_true", help="autotune GEMMs at build time (cuda)")
     p.add_argument("--no-cache", action="store_true", help="rebuild even if an identical build is cached")
     p.add_argument("-o", "--output", type=Path, help="artifact directory (default: artifacts/<model>-<target>-<dtype>)")
     return p.parse_args(argv)
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
         build = BuildConfig(target=args.target, dtype=args.dtype or DEFAULT_DTYPE[args.target],
                             weight_quant="fp8" if args.fp8 else "none", tp=args.tp,
                             max_num_tokens=args.max_num_tokens, max_num_seqs=min(args.max_num_seqs, args.max_num_tokens),
-                            context_length=args.context_length, block_size=args.block_size)
+                            context_length=args.context_length, block_size=args.block_size,
+                            max_autotune=args.max_autotune)
         from llama_aot.compiler.build import build_artifact
         from llama_aot.compiler.gguf_import import default_checkpoint
 

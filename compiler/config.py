@@ -104,6 +104,7 @@ class BuildConfig:
     max_num_seqs: int = 64
     block_size: int = 16
     context_length: int = 0
+    max_autotune: bool = False
     passes: tuple[str, ...] = ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")
 
     def __post_init__(self):
@@ -134,6 +135,8 @@ class BuildConfig:
             raise BuildError(f"max_num_seqs {self.max_num_seqs}: must be between 2 and max_num_tokens")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise BuildError(f"block size {self.block_size}: must be a power of two")
+        if self.max_autotune and self.target != "cuda":
+            raise BuildError("--max-autotune tunes GPU kernels; it needs --target cuda")
         if self.context_length < 0:
             raise BuildError(f"--context-length {self.context_length}: must be positive")
         object.__setattr__(self, "passes", tuple(self.passes))

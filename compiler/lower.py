@@ -13,11 +13,13 @@ import torch
 from torch.export import ExportedProgram
 
 INDUCTOR_OPTIONS = {"aot_inductor.package_constants_in_so": False}
+# Benchmarks cuBLAS against Inductor's Triton GEMM templates for each matmul shape at build time.
+AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
 
 
-def lower(ep: ExportedProgram, package_path: Path) -> Path:
-    out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
-                                                   inductor_configs=dict(INDUCTOR_OPTIONS))
+def lower(ep: ExportedProgram, package_path: Path, max_autotune: bool = False) -> Path:
+    options = {**INDUCTOR_OPTIONS, **(AUTOTUNE_OPTIONS if max_autotune else {})}
+    out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=options)
     return Path(out)
 
 
