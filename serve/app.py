@@ -49,7 +49,8 @@ def forced_call_prefix(tool_choice, forced_name: str | None) -> str:
     return '{"name": "' if tool_choice == "required" else ""
 
 
-def create_app(engine: Engine, template: ChatTemplate, config: ServeConfig) -> FastAPI:
+def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfig) -> FastAPI:
+    """`template` is None for a base model without a chat template: chat requests are then a 400."""
     app = FastAPI(title="llama-aot")
     install_error_handlers(app)
     metrics = Metrics()
@@ -89,6 +90,8 @@ def create_app(engine: Engine, template: ChatTemplate, config: ServeConfig) -> F
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
+        if template is None:
+            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
         params = body.sampling_params()
         tools, forced_name = tools_for_choice(body.tools, body.tool_choice)
         if tools is not None and config.tool_call_parser is None:

@@ -236,7 +236,7 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def load_chat_template(artifact_dir: str | os.PathLike) -> ChatTemplate:
+def load_chat_template(artifact_dir: str | os.PathLike) -> ChatTemplate | None:
     """The chat template of an artifact (or HF checkpoint) directory, from the files transformers
     reads: chat_template.jinja first, then tokenizer_config.json's "chat_template" (a string or a
     list of {"name", "template"}); special tokens from tokenizer_config.json, then
@@ -257,9 +257,8 @@ def load_chat_template(artifact_dir: str | os.PathLike) -> ChatTemplate:
         template = config.get("chat_template")
         if isinstance(template, list):
             template = {t["name"]: t["template"] for t in template if isinstance(t, Mapping)}
-    if not template:
-        raise ValueError(f"{root}: the checkpoint has no chat template (no chat_template.jinja and no "
-                         "chat_template in tokenizer_config.json); add one, or use /v1/completions")
+    if not template:  # a base model: it serves /v1/completions only
+        return None
     tokens = {name: _token_text(config.get(name, special_map.get(name))) for name in SPECIAL_TOKEN_NAMES}
     return ChatTemplate(template, Tokenizer.from_file(str(root / "tokenizer.json")),
                         **{k: v for k, v in tokens.items() if v is not None})

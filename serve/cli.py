@@ -56,6 +56,7 @@ def _check_port(host: str, port: int) -> None:
 def build_server(args):
     """Loads everything and returns (uvicorn server, engine); raises the user-facing errors."""
     import uvicorn
+    from tokenizers import Tokenizer
 
     from llama_aot.runtime.artifact import load_artifact
     from llama_aot.runtime.engine import Engine
@@ -73,9 +74,10 @@ def build_server(args):
     start = time.perf_counter()
     artifact = load_artifact(args.artifact)
     template = load_chat_template(args.artifact)
+    tokenizer = template.tokenizer if template else Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
     weight_bytes = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in artifact.weights.values()}.values())
     resolved = runtime.resolve(artifact.model_config, artifact.build_config, weight_bytes)
-    engine = Engine(artifact, resolved, template.tokenizer, device=artifact.manifest["target"]["device_type"])
+    engine = Engine(artifact, resolved, tokenizer, device=artifact.manifest["target"]["device_type"])
     warmup = engine.warmup()
     engine.start()
     print(f"llama-serve: loaded {args.artifact} in {time.perf_counter() - start:.1f} s (first step "

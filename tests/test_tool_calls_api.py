@@ -73,7 +73,7 @@ def prompt_text(template, engine) -> str:
 
 def chat(client, engine, script, **kw):
     engine.script = script
-    return client.chat.completions.create(model="llama", messages=kw.pop("messages", USER), **kw)
+    return client.chat.completions.create(model=kw.pop("model", "llama"), messages=kw.pop("messages", USER), **kw)
 
 
 def streamed_calls(chunks):
@@ -184,3 +184,12 @@ def test_tools_without_a_parser_are_refused(engine, template):
 def test_eom_is_a_stop_token(llama31_checkpoint, template):
     eom = template.tokenizer.token_to_id("<|eom_id|>")
     assert eom == 128008 and eom in open_checkpoint(llama31_checkpoint).config.eos_token_ids
+
+
+def test_base_model_without_a_chat_template_serves_completions_only(engine):
+    app = create_app(engine, None, ServeConfig(served_model_name="base"))
+    base = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=TestClient(app), max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        chat(base, engine, "x", model="base")
+    engine.script = " Paris."
+    assert base.completions.create(model="base", prompt="The capital of France is", max_tokens=4).choices[0].text == " Paris."
