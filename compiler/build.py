@@ -91,6 +91,9 @@ def _prepare_output(out_dir: Path) -> Path:
     """Refuses an output we must not replace and returns a fresh temporary directory beside it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise BuildError(f"{out_dir}: exists and is not a directory; choose another -o")
+    blocker = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise BuildError(f"{out_dir}: cannot write the output, {blocker} is a file; choose a writable -o")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
         raise BuildError(f"{out_dir}: exists and is not a llama-aot artifact; refusing to replace it, "
                          "choose another -o")

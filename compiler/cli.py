@@ -5,27 +5,21 @@ line on stderr and exit status 2; flags whose implementation has not landed are 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import warnings
 from pathlib import Path
 
 from llama_aot.compiler.config import SUPPORTED_DTYPES, TARGETS, BuildConfig
-from llama_aot.compiler.errors import BuildError
+from llama_aot.compiler.errors import BuildError, CLIParser
 from llama_aot.runtime.artifact import ArtifactError
 
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
 
 def parse_args(argv):
-    p = _Parser(prog="llama-compile", description=__doc__.splitlines()[0])
+    p = CLIParser(prog="llama-compile", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--target", choices=TARGETS, default="cpu")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")

@@ -6,25 +6,21 @@ connections, let requests in flight finish (up to --graceful-timeout seconds), t
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import socket
 import sys
 import time
 from pathlib import Path
 
+from llama_aot.compiler.errors import CLIParser
+
 from llama_aot.runtime.artifact import ArtifactError
 from llama_aot.runtime.config import RuntimeConfig, RuntimeConfigError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
 
 def parse_args(argv):
-    p = _Parser(prog="llama-serve", description=__doc__.splitlines()[0])
+    p = CLIParser(prog="llama-serve", description=__doc__.splitlines()[0])
     p.add_argument("artifact", type=Path, help="artifact directory built by llama-compile")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -104,7 +104,8 @@ def test_missing_checkpoint(capsys, tmp_path):
 def test_unwritable_output(capsys, tiny_checkpoint, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    assert_refused(capsys, ["--model", str(tiny_checkpoint), "-o", str(blocker / "out")], "cannot write")
+    assert_refused(capsys, ["--model", str(tiny_checkpoint), "-o", str(blocker / "out")], "cannot write",
+                   f"{blocker} is a file")
 
 
 def test_output_that_is_not_an_artifact_is_not_replaced(capsys, tiny_checkpoint, tmp_path):
