@@ -98,7 +98,7 @@ def first_content_latency(client, messages):
     return ttft, usage
 
 
-def test_prefix_cache_reuses_a_shared_system_prompt(client):
+def test_prefix_cache_reuses_a_shared_system_prompt(client, capsys):
     system = f"Session {time.time_ns()}. " + " ".join(f"Rule {i}: answer politely and briefly." for i in range(30))
     cold_ttft, cold = first_content_latency(client, [{"role": "system", "content": system},
                                                      {"role": "user", "content": "Hi!"}])
@@ -108,6 +108,9 @@ def test_prefix_cache_reuses_a_shared_system_prompt(client):
     assert cold.prompt_tokens_details.cached_tokens == 0
     assert warm.prompt_tokens_details.cached_tokens >= 192
     assert warm_ttft < cold_ttft
+    with capsys.disabled():
+        print(f"\nprefix cache: {cold.prompt_tokens}-token prompt, TTFT {cold_ttft * 1e3:.0f} ms cold; second request "
+              f"{warm.prompt_tokens_details.cached_tokens} cached tokens, TTFT {warm_ttft * 1e3:.0f} ms")
 
 
 def test_disconnect_returns_kv_blocks(server):
