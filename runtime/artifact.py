@@ -96,6 +96,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def check_target(path: Path, manifest: dict[str, Any], device_type: str) -> None:
     target, producer = manifest["target"], manifest["producer"]
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"{path} was built for {target['device_type']} but this machine has no CUDA GPU; "
+                            "rebuild with llama-compile --target cpu")
     if target["device_type"] != device_type:
         raise ArtifactError(f"{path} was built for {target['device_type']}, not {device_type}; "
                             f"rebuild with llama-compile --target {device_type}")
