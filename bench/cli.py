@@ -3,7 +3,8 @@
     llama-bench decode --artifact DIR [--checkpoint HF_DIR] --batch 1,8,32 --context 128,2048,8192
     llama-bench serve --base-url URL --tokenizer DIR [--dataset random|sharegpt] [--num-prompts N]
         [--max-concurrency C] [--request-rate R] [--chat] [--output-file F.jsonl] [--plot]
-    llama-bench sweep --base-url URL --tokenizer DIR [--scale F]
+    llama-bench sweep --base-url URL --tokenizer DIR [--scale F] [--context-len N] [--plot]
+    llama-bench accuracy --artifact DIR --checkpoint HF_DIR
 """
 from __future__ import annotations
 
@@ -224,7 +225,7 @@ def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool
     if output_file is not None:
         print(f"appended to {append_jsonl(output_file, record)}")
     if plot:
-        base = Path(output_file).with_suffix("") if output_file is not None else Path(f"llama-bench-{label}")
+        base = Path(output_file).with_suffix("") if output_file is not None else Path("llama-bench")
         print(f"wrote {plot_latency_cdfs(outcome.results, Path(f'{base}-{label}-latency.png'), label)}")
     return metrics
 

@@ -1,0 +1,122 @@
+"""`llama-bench accuracy`: does the compiled artifact compute what HF transformers computes on the
+same weights, on real text rather than the build verifier's random token ids?
+
+Two figures. Greedy-token agreement is teacher-forced: HF generates each prompt's greedy
+continuation, the artifact scores prompt + continuation in one pass, and we count the positions
+where its argmax is HF's token; forcing keeps one early near-tie from failing every later token.
+Perplexity is measured on held-out ShareGPT replies (conversations not used as prompts) by both.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from llama_aot.bench.datasets import BenchInputError, load_conversations, load_tokenizer
+from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+PROMPT_TOKENS = 64
+
+
+def artifact_logits(artifact, tokens: list[int]) -> torch.Tensor:
+    """Logits for every position of one sequence, prefilled in chunks of the build's token budget."""
+    from llama_aot.compiler.config import torch_dtype
+    from llama_aot.compiler.model import kv_cache_shape
+
+    build, cfg = artifact.build_config, artifact.model_config
+    blocks = -(-len(tokens) // build.block_size)
+    table = tuple(range(1, 1 + blocks))  # block 0 stays free, as the runtime keeps it
+    device = artifact.manifest["target"]["device_type"]
+    cache = torch.zeros(kv_cache_shape(cfg, 1 + blocks, build.block_size), dtype=torch_dtype(build.kv_dtype),
+                        device=device)
+    rows = []
+    for start in range(0, len(tokens), build.max_num_tokens):
+        chunk = SequenceChunk(tuple(tokens[start:start + build.max_num_tokens]), start, table, all_logits=True)
+        inputs = build_step_inputs([chunk], build.block_size, device)
+        with torch.no_grad():
+            rows.append(artifact(*[inputs[n] for n in INPUT_NAMES], cache).float().cpu())
+    return torch.cat(rows)
+
+
+def hf_greedy(model, tokens: list[int], new_tokens: int) -> list[int]:
+    """Plain argmax decoding. Not `generate`: its generation_config processors (EOS suppression
+    for min_new_tokens, repetition penalties) would pick tokens the logits do not."""
+    out, ids, past = [], torch.tensor([tokens]), None
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            step = model(ids, past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            out.append(int(step.logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
+
+
+def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
+    """exp of the mean next-token negative log-likelihood."""
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(tokens[1:]))
+    return math.exp(nll.item())
+
+
+def evaluate(args) -> dict:
+    from transformers import LlamaForCausalLM
+
+    from llama_aot.bench.results import save_results
+    from llama_aot.compiler.package import git_sha
+    from llama_aot.runtime.artifact import ArtifactError, load_artifact
+
+    try:
+        artifact = load_artifact(args.artifact)
+    except ArtifactError as e:
+        raise BenchInputError(str(e)) from None
+    if not (args.checkpoint / "config.json").is_file():
+        raise BenchInputError(f"{args.checkpoint}: not an HF checkpoint (no config.json)")
+    hf = LlamaForCausalLM.from_pretrained(args.checkpoint, torch_dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(args.artifact)
+    context = artifact.build_config.context_length
+    new_tokens = min(args.new_tokens, context - PROMPT_TOKENS - 1)
+    max_len = min(args.max_len, context)
+
+    pairs = load_conversations(args.dataset_path)
+    order = list(range(len(pairs)))
+    random.Random(args.seed).shuffle(order)
+    prompts, texts = [], []
+    for index in order:
+        prompt, reply = pairs[index]
+        if len(prompts) < args.prompts:
+            ids = tokenizer.encode(prompt, add_special_tokens=True).ids[:PROMPT_TOKENS]
+            if len(ids) >= 4:
+                prompts.append(ids)
+        elif len(texts) < args.ppl_texts:
+            ids = tokenizer.encode(reply, add_special_tokens=True).ids[:max_len]
+            if len(ids) >= 16:
+                texts.append(ids)
+        else:
+            break
+    if len(prompts) < args.prompts or len(texts) < args.ppl_texts:
+        raise BenchInputError("not enough ShareGPT conversations for the requested --prompts and --ppl-texts")
+
+    agree = total = 0
+    for ids in prompts:
+        forced = hf_greedy(hf, ids, new_tokens)
+        picked = artifact_logits(artifact, ids + forced)[len(ids) - 1:-1].argmax(-1).tolist()
+        agree += sum(a == b for a, b in zip(picked, forced))
+        total += len(forced)
+    ppl_artifact, ppl_hf = [], []
+    for ids in texts:
+        ppl_artifact.append(perplexity(artifact_logits(artifact, ids), ids))
+        with torch.no_grad():
+            ppl_hf.append(perplexity(hf(torch.tensor([ids])).logits[0], ids))
+    mean_a, mean_h = sum(ppl_artifact) / len(texts), sum(ppl_hf) / len(texts)
+    record = {"device": artifact.manifest["target"].get("device_name") or artifact.manifest["target"]["device_type"],
+              "git_sha": git_sha(), "artifact": str(args.artifact), "checkpoint": str(args.checkpoint),
+              "dtype": artifact.build_config.dtype, "prompts": len(prompts), "new_tokens": new_tokens,
+              "greedy_agreement": agree / total, "ppl_texts": len(texts), "max_len": max_len,
+              "perplexity_artifact": mean_a, "perplexity_hf": mean_h,
+              "perplexity_relative_difference": abs(mean_a - mean_h) / mean_h}
+    print(f"greedy-token agreement (teacher-forced, {len(prompts)} prompts x {new_tokens} tokens): "
+          f"{record['greedy_agreement']:.4f}")
+    print(f"perplexity on {len(texts)} held-out ShareGPT replies: artifact {mean_a:.4f}, HF {mean_h:.4f} "
+          f"(relative difference {record['perplexity_relative_difference']:.2e})")
+    print(save_results("accuracy", [record], args.out_dir))
+    return record
