@@ -25,34 +25,23 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number (or inf)")
-    return value
+def _checked(convert, ok, requirement: str):
+    """An argparse type: `convert` the text (int or float), then require `ok(value)`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if convert is int else 'a number'}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {requirement}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer")
-    return value
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a ratio in [0, 1]")
-    return value
+_positive_float = _checked(float, lambda v: v > 0, "a positive number (or inf)")
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_ratio = _checked(float, lambda v: 0.0 <= v <= 1.0, "a ratio in [0, 1]")
 
 
 def _add_target_args(p) -> None:
