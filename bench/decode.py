@@ -104,7 +104,7 @@ def measure_decode(artifact, batch: int, context: int, new_tokens: int, cuda_gra
                 set_step(i + 1, logits.argmax(-1))
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / new_tokens
-    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in artifact.weights.values()}.values())
+    weights = artifact.weight_bytes
     embed = cfg.vocab_size * cfg.hidden_size * cache.element_size()
     kv_read = batch * (context + new_tokens // 2) * 2 * cfg.num_layers * cfg.kv_size * cache.element_size()
     bytes_per_step = weights - embed + kv_read

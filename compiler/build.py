@@ -117,8 +117,9 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 def _cached(entry: Path, target: str) -> bool:
     try:
-        check_target(entry, read_manifest(entry), target)
-        check_files(entry, read_manifest(entry))
+        manifest = read_manifest(entry)
+        check_target(entry, manifest, target)
+        check_files(entry, manifest)
         return True
     except ArtifactError:
         return False

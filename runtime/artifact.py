@@ -163,6 +163,12 @@ class Artifact:
         build = {k: v for k, v in self.manifest["build"].items() if k != "input_hash"}
         return BuildConfig.from_dict(build)
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of distinct weight tensors (tied names share one)."""
+        unique = {id(t): t for t in self.weights.values()}.values()
+        return sum(t.numel() * t.element_size() for t in unique)
+
     def __call__(self, *args):
         return self.program(*args)
 

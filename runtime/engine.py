@@ -200,11 +200,14 @@ class Engine:
         with torch.inference_mode():
             logits = self.artifact(*[inputs[n] for n in INPUT_NAMES], self.kv_cache)
         items = step.sampled_items()
+        if not items:  # only mid-prompt chunks: nothing to sample yet
+            self.scheduler.commit(step, {})
+            return
         states = [self._requests[item.seq.request_id] for item in items]
-        sampled = self.sampler.sample(logits[:len(items)], [s.params for s in states], [s.generator for s in states],
+        sampled = self.sampler.sample(logits, [s.params for s in states], [s.generator for s in states],
                                       [s.seq.prompt_token_ids for s in states],
-                                      [s.seq.output_token_ids for s in states]) if items else None
-        tokens = {item.seq.seq_id: tok for item, tok in zip(items, sampled.token_ids)} if items else {}
+                                      [s.seq.output_token_ids for s in states])
+        tokens = {item.seq.seq_id: tok for item, tok in zip(items, sampled.token_ids)}
         by_seq = {item.seq.seq_id: i for i, item in enumerate(items)}
         for seq in self.scheduler.commit(step, tokens):
             i = by_seq[seq.seq_id]

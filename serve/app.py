@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from llama_aot.runtime.engine import Engine, RequestOutput
 from llama_aot.serve.chat_template import ChatTemplate
-from llama_aot.serve.errors import APIError, error_response, install_error_handlers
+from llama_aot.serve.errors import APIError, error_body, error_response, install_error_handlers
 from llama_aot.serve.generation import Generation
 from llama_aot.serve.metrics import Metrics
 from llama_aot.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -100,7 +100,7 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
         prefix = forced_call_prefix(body.tool_choice, forced_name) if tools is not None else ""
         if prefix:
             prompt += engine.tokenizer.encode(prefix, add_special_tokens=False).ids
-        gen = Generation(engine, metrics, prompt, params, "chatcmpl")
+        gen = Generation(engine, metrics, prompt, params, "chatcmpl", "messages")
         parser = StreamingToolParser() if tools is not None else None
         if body.stream:
             return _event_stream(_chat_events(gen, body, parser, prefix))
@@ -129,7 +129,7 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
                 yield chunk(event)
         async for out in gen.outputs():
             if out.error is not None:
-                yield R.sse({"error": {"message": out.error, "type": "server_error", "param": None, "code": None}})
+                yield R.sse(error_body(500, out.error))
                 return
             if parser is None:
                 if out.text or (body.logprobs and out.token_id is not None):
@@ -160,7 +160,7 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
                 raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
                                "prompt")
             ids = list(prompt)
-        gen = Generation(engine, metrics, ids, params, "cmpl")
+        gen = Generation(engine, metrics, ids, params, "cmpl", "prompt")
         if body.stream:
             return _event_stream(_completion_events(gen, body))
         outputs = await gen.collect(request)
@@ -173,7 +173,7 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
         offset = 0
         async for out in gen.outputs():
             if out.error is not None:
-                yield R.sse({"error": {"message": out.error, "type": "server_error", "param": None, "code": None}})
+                yield R.sse(error_body(500, out.error))
                 return
             logprobs = token_text.completion_logprobs([out], offset) if body.logprobs is not None else None
             offset += len(out.text)

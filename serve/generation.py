@@ -21,9 +21,11 @@ DISCONNECT_POLL_S = 0.2
 
 class Generation:
     def __init__(self, engine: Engine, metrics: Metrics, prompt_ids: list[int], params: SamplingParams,
-                 prefix: str = "cmpl"):
+                 id_prefix: str, prompt_param: str):
+        """`id_prefix` names the response object ("chatcmpl", "cmpl"); `prompt_param` is the field
+        a too-long prompt is reported against."""
         self.engine, self.metrics = engine, metrics
-        self.request_id = f"{prefix}-{uuid.uuid4().hex}"
+        self.request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prompt_ids = prompt_ids
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -34,8 +36,7 @@ class Generation:
         try:
             engine.submit(self.request_id, prompt_ids, params, self._sink)
         except ValueError as e:
-            raise APIError(400, str(e), "messages" if prefix == "chatcmpl" else "prompt",
-                           "context_length_exceeded") from None
+            raise APIError(400, str(e), prompt_param, "context_length_exceeded") from None
 
     def _sink(self, output: RequestOutput) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
