@@ -1,7 +1,9 @@
 """Writing an artifact's files: weights per rank, the tokenizer, and the manifest last.
 
-The manifest is written after every other file, with each file's sha256, so a directory with a
-manifest is complete by construction and the loader can prove nothing changed since.
+The manifest is written after every other file, with each file's size and chunked sha256
+(runtime/weights_loader.py documents the format; the loader checks with the same `hash_file`), so
+a directory with a manifest is complete by construction and the loader can prove nothing changed
+since.
 """
 from __future__ import annotations
 

@@ -3,22 +3,24 @@
 An artifact directory holds `manifest.json`, `model.pt2` (the AOTInductor program, no weights),
 `rank{r}.safetensors` (the weights under their post-pass names) and the tokenizer files. The loader
 checks, in order of cost: the manifest's shape, the target and toolchain, then every file's
-sha256, so a wrong artifact fails fast and a tampered one never runs. Each refusal says what to
-rebuild.
+digest, so a wrong artifact fails fast and a tampered one never runs. Each refusal says what to
+rebuild. The manifest's `files` map each name to a chunked sha256 (weights_loader's docstring has
+the format): small files are hashed up front, and the rank's weights file is verified as it is
+streamed into memory, so its bytes are read from disk once.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+from llama_aot.runtime.weights_loader import DigestMismatch, file_matches, hash_file, load_safetensors
+
+FORMAT_VERSION = 2
 MANIFEST_KEYS = ("format_version", "producer", "target", "model", "build", "passes", "verification", "files")
 PROGRAM_FILE = "model.pt2"
 TIED_WEIGHTS_KEY = "tied_weights"
@@ -32,18 +34,9 @@ def weights_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def hash_files(root: Path, names: list[str]) -> dict[str, str]:
-    """sha256 of each file, in parallel: hashlib releases the GIL, and weights can be hundreds of GB."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(names, pool.map(lambda n: sha256_file(root / n), names)))
+def hash_files(root: Path, names: list[str]) -> dict[str, dict]:
+    """The manifest's `files`: each file's chunked digest, its chunks hashed in parallel."""
+    return {name: hash_file(root / name) for name in names}
 
 
 def describe_host(device_type: str) -> dict[str, Any]:
@@ -114,25 +107,33 @@ def check_target(path: Path, manifest: dict[str, Any], device_type: str) -> None
                             "rebuild the artifact with this torch")
 
 
-def check_files(path: Path, manifest: dict[str, Any]) -> None:
+def check_files(path: Path, manifest: dict[str, Any], streamed: frozenset[str] = frozenset()) -> None:
+    """Every file is present and, except the `streamed` ones (verified as they load), matches."""
     files = manifest["files"]
     missing = [n for n in files if not (path / n).is_file()]
     if missing:
         raise ArtifactError(f"{path}: missing files {missing}; the artifact is incomplete, rebuild it")
-    actual = hash_files(path, list(files))
-    bad = [n for n, h in files.items() if actual[n] != h]
+    bad = [n for n, entry in files.items() if n not in streamed and not file_matches(path / n, entry)]
     if bad:
-        raise ArtifactError(f"{path}: {', '.join(bad)} does not match the sha256 in manifest.json "
-                            "(modified or corrupt); rebuild or re-download the artifact")
+        raise ArtifactError(_mismatch(path, bad))
 
 
-def load_weights(path: Path, rank: int, device: str) -> dict[str, torch.Tensor]:
-    """The rank's weights by name, with tied names restored as the same tensor."""
-    from safetensors import safe_open
+def _mismatch(path: Path, names: list[str]) -> str:
+    return (f"{path}: {', '.join(names)} does not match the sha256 in manifest.json "
+            "(modified or corrupt); rebuild or re-download the artifact")
 
-    with safe_open(str(path / weights_file(rank)), framework="pt", device=device) as f:
-        weights = {name: f.get_tensor(name) for name in f.keys()}
-        tied = json.loads((f.metadata() or {}).get(TIED_WEIGHTS_KEY, "{}"))
+
+def load_weights(path: Path, rank: int, device: str, expected: dict | None = None) -> dict[str, torch.Tensor]:
+    """The rank's weights by name, with tied names restored as the same tensor. With `expected`
+    (the file's manifest entry) they are returned only if the file matches it."""
+    name = weights_file(rank)
+    try:
+        weights, metadata = load_safetensors(path / name, device, expected)
+    except DigestMismatch:
+        raise ArtifactError(_mismatch(path, [name])) from None
+    except ValueError as e:
+        raise ArtifactError(f"{e}; rebuild the artifact") from None
+    tied = json.loads(metadata.get(TIED_WEIGHTS_KEY, "{}"))
     for alias, source in tied.items():
         weights[alias] = weights[source]
     return weights
@@ -173,11 +174,13 @@ class Artifact:
         return self.program(*args)
 
 
-def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded: bool = False):
-    """Loads the compiled program and hands it the rank's weights; no manifest checks. The build's
-    verifier uses this before the manifest exists; everything else goes through `load_artifact`.
-    Returns (program, weights): the caller must keep the weights alive as long as the program.
-    `single_threaded` loads the program for capture in a CUDA graph."""
+def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded: bool = False,
+                 expected: dict | None = None):
+    """Loads the compiled program and hands it the rank's weights, verified against `expected`
+    (their manifest entry) when given; no other checks. The build's verifier uses this before the
+    manifest exists; everything else goes through `load_artifact`. Returns (program, weights): the
+    caller must keep the weights alive as long as the program. `single_threaded` loads the program
+    for capture in a CUDA graph."""
     import llama_aot.kernels  # noqa: F401  (the program calls torch.ops.llama_aot)
 
     try:
@@ -185,7 +188,7 @@ def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded
     except Exception as e:  # the loader raises RuntimeError subclasses with C++ detail
         raise ArtifactError(f"{path / PROGRAM_FILE}: cannot be loaded ({str(e).splitlines()[0]}); "
                             "rebuild the artifact on this machine") from None
-    weights = load_weights(path, rank, device)
+    weights = load_weights(path, rank, device, expected)
     needed = program.get_constant_fqns()
     missing = [n for n in needed if n not in weights]
     if missing:
@@ -203,6 +206,9 @@ def load_artifact(path: str | Path, device: str | None = None, rank: int = 0,
     manifest = read_manifest(path)
     device = device or manifest["target"]["device_type"]
     check_target(path, manifest, device)
-    check_files(path, manifest)
-    program, weights = open_program(path, device, rank, single_threaded)
+    if weights_file(rank) not in manifest["files"]:
+        raise ArtifactError(f"{path}: manifest.json lists no {weights_file(rank)}; rebuild the artifact")
+    every_rank = frozenset(weights_file(r) for r in range(manifest["target"]["world_size"]))
+    check_files(path, manifest, streamed=every_rank)  # each rank verifies its own weights as it loads them
+    program, weights = open_program(path, device, rank, single_threaded, manifest["files"][weights_file(rank)])
     return Artifact(path=path, manifest=manifest, program=program, weights=weights)

@@ -11,7 +11,8 @@ import torch
 
 from llama_aot.compiler.build import Progress, build_artifact, input_hash
 from llama_aot.compiler.checkpoint import open_checkpoint
-from llama_aot.runtime.artifact import MANIFEST_KEYS, ArtifactError, load_artifact, sha256_file
+from llama_aot.runtime.artifact import MANIFEST_KEYS, ArtifactError, load_artifact
+from llama_aot.runtime.weights_loader import hash_file
 
 
 def test_manifest_layout(tiny_artifact, tiny_build):
@@ -26,8 +27,8 @@ def test_manifest_layout(tiny_artifact, tiny_build):
     assert manifest["verification"]["passed"]
     assert set(manifest["files"]) == {"model.pt2", "rank0.safetensors", "tokenizer.json", "tokenizer_config.json",
                                       "generation_config.json"}
-    for name, digest in manifest["files"].items():
-        assert sha256_file(tiny_artifact / name) == digest
+    for name, entry in manifest["files"].items():
+        assert hash_file(tiny_artifact / name, entry["chunk_size"]) == entry
 
 
 def test_weights_are_stored_under_post_pass_names(tiny_artifact):
@@ -46,12 +47,22 @@ def artifact_copy(tiny_artifact, tmp_path):
     return shutil.copytree(tiny_artifact, tmp_path / "artifact", copy_function=shutil.copyfile)
 
 
-def test_tampered_weights_are_refused(artifact_copy):
-    weights = artifact_copy / "rank0.safetensors"
-    data = bytearray(weights.read_bytes())
+@pytest.mark.parametrize("name", ["rank0.safetensors", "tokenizer.json", "model.pt2"])
+def test_tampered_files_are_refused(artifact_copy, name):
+    """The weights are checked as they stream in, the other files before anything loads."""
+    target = artifact_copy / name
+    data = bytearray(target.read_bytes())
     data[-5] ^= 0x01
-    weights.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="rank0.safetensors does not match the sha256"):
+    target.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{name} does not match the sha256.*rebuild or re-download"):
+        load_artifact(artifact_copy)
+
+
+def test_artifact_of_an_older_format_is_refused(artifact_copy):
+    manifest = json.loads((artifact_copy / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (artifact_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="artifact format 1.*rebuild it with this version of llama-compile"):
         load_artifact(artifact_copy)
 
 
