@@ -58,16 +58,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, head_dim]. HF's half-split (not interleaved) layout."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -79,11 +69,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, batch: "BatchInputs", kv_cache: torch.Tensor) -> torch.Tensor:
+        """RoPE on q and k and the cache write are one op (kernels/kv_cache.py): it returns the
+        rotated q, and attention then reads this step's keys from the cache."""
         n = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        ops.write_kv(kv_cache, self.layer, k, v, batch.slots)
+        q = ops.rope_write_kv(q, k, v, cos, sin, kv_cache, self.layer, batch.slots)
         o = ops.paged_attention(q, kv_cache, self.layer, batch.block_tables, batch.context_lens,
                                 batch.query_index, batch.positions, self.head_dim ** -0.5)
         return self.o_proj(o.view(n, self.num_heads * self.head_dim))

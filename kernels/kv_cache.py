@@ -1,12 +1,42 @@
-"""Writing this step's keys and values into the paged KV cache.
+"""Rotating this step's queries and keys (RoPE) and writing keys and values into the paged KV cache,
+as one op.
 
 The cache is one tensor, `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`, passed
 to the program as an input and updated in place, so the runtime owns its memory and its size. A
 token's slot is `block * block_size + offset`; the runtime points padding tokens at a reserved
 block that no sequence reads.
+
+Why one op: the rotation is a pointwise pass over q and k, and the cache write reads k and v
+again; fused, the CUDA kernel reads q, k and v once (straight from the fused qkv projection's
+output, whose column slices they are) and writes the rotated q and the cache.
+
+Why `cos` and `sin` are inputs rather than positions and the inverse frequencies: the model builds
+the `[num_tokens, head_dim]` tables once per step and every layer shares them, which costs each
+layer a few hundred bytes per token against the kilobytes of q, k and v it moves anyway; and the
+tables come from torch's float32 cos/sin rounded to the model dtype, exactly as in HF, where a
+kernel's own cos/sin would differ in the last bit and, after rounding to bf16, now and then in the
+result.
 """
+import importlib.util
+
 import torch
 from torch.library import triton_op
+
+if importlib.util.find_spec("triton") is not None:
+    from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton
+else:  # CPU-only installs: the reference is the CPU path
+    rope_write_kv_triton = None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos, sin: [T, head_dim]. HF's half-split (not interleaved) layout,
+    computed in x's dtype in HF's order, so the result matches HF's bit for bit."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
 def write_kv_reference(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
@@ -23,7 +53,17 @@ def write_kv_reference(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: t
     kv_cache.index_put_(index, torch.cat([k, v]).to(kv_cache.dtype))
 
 
-@triton_op("llama_aot::write_kv", mutates_args={"kv_cache"})
-def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    write_kv_reference(kv_cache, layer, k, v, slots)
+def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                            slots: torch.Tensor) -> torch.Tensor:
+    write_kv_reference(kv_cache, layer, apply_rope(k, cos, sin), v, slots)
+    return apply_rope(q, cos, sin)
+
+
+@triton_op("llama_aot::rope_write_kv", mutates_args={"kv_cache"})
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  kv_cache: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
+    """q: [T, heads, head_dim], k, v: [T, kv_heads, head_dim], all in the model dtype with any
+    strides; writes RoPE(k) and v at `slots` of `layer` and returns RoPE(q) as a new tensor."""
+    impl = rope_write_kv_triton if q.is_cuda else rope_write_kv_reference
+    return impl(q, k, v, cos, sin, kv_cache, layer, slots)

@@ -1,5 +1,5 @@
 """Causal GQA attention for a flat batch that mixes prefill chunks and decode tokens, reading keys
-and values from the paged cache (after this step's `write_kv`).
+and values from the paged cache (after this step's `rope_write_kv`).
 
 The batch is described by explicit tensors, never by Python state:
 - `query_index [B, Q]`: for sequence b, the flat token index of its q-th new token, padded with

@@ -57,7 +57,7 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
-    k_base = KV + layer * stride_kl + kv_head * stride_kh
+    k_base = KV + tl.cast(layer, tl.int64) * stride_kl + kv_head * stride_kh  # int64: a large cache passes 2**31
     v_base = k_base + stride_kkv
     n0 = start
     while n0 < end:  # a `for` over a runtime bound breaks Triton 3.6's interpreter, which CPU CI uses

@@ -13,7 +13,7 @@ import torch
 from llama_aot.passes.matching import common_module, reaches, sibling_linears
 from llama_aot.passes.program import ProgramEditor
 
-_ATTENTION = (torch.ops.llama_aot.write_kv.default, torch.ops.llama_aot.paged_attention.default)
+_ATTENTION = (torch.ops.llama_aot.rope_write_kv.default, torch.ops.llama_aot.paged_attention.default)
 
 
 def fuse_qkv(ep):

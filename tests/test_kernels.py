@@ -1,13 +1,13 @@
-"""The kernels' torch references against naive attention and HF's RMSNorm.
+"""The kernels' torch references against naive attention and HF's RoPE and RMSNorm.
 
 Sequences have odd lengths that straddle block boundaries, scattered block tables, and a batch
 that mixes a fresh prefill, a chunk continuing a cached prefix, and single decode tokens.
 """
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from llama_aot.kernels.kv_cache import write_kv_reference
+from llama_aot.kernels.kv_cache import rope_write_kv_reference, write_kv_reference
 from llama_aot.kernels.paged_attention import paged_attention_reference
 from llama_aot.kernels.rms_norm import add_rms_norm_reference
 from llama_aot.runtime.step_inputs import SequenceChunk, build_step_inputs
@@ -69,6 +69,23 @@ def test_write_kv_touches_only_its_slots():
     assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
     assert cache[0].abs().sum() == 0 and cache[2].abs().sum() == 0
     assert (cache[1].reshape(2, -1, KV_HEADS, HEAD_DIM).abs().sum((-1, -2)) != 0).sum() == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_matches_hf_rope(dtype):
+    """q and k are rotated bit for bit as HF rotates them; the cache gets the rotated k and plain v."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(5, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    k, v = (torch.randn(5, KV_HEADS, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+    half = torch.randn(5, HEAD_DIM // 2, generator=gen) * 100
+    angles = torch.cat((half, half), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    cache = torch.zeros(1, 2, 4, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype)
+    slots = torch.tensor([1, 2, 3, 4, 9])
+    q_rot = rope_write_kv_reference(q, k, v, cos, sin, cache, 0, slots)
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    flat = cache[0].reshape(2, -1, KV_HEADS, HEAD_DIM)
+    assert torch.equal(q_rot, hf_q) and torch.equal(flat[0, slots], hf_k) and torch.equal(flat[1, slots], v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,93 @@
+"""The fused pointwise Triton kernels (RoPE + KV-cache write, residual add + RMSNorm) against their
+torch references: compiled on a GPU, and through Triton's interpreter on CPU-only machines (conftest
+sets TRITON_INTERPRET=1 there), at small sizes.
+
+q, k and v are column slices of one fused qkv tensor, as the fuse_qkv pass leaves them; head counts
+are not powers of two, KV heads are shared (GQA), token counts are odd and slots run across block
+boundaries into scattered blocks. The cache starts random, so a stray write shows."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from llama_aot.kernels.kv_cache import rope_write_kv_reference  # noqa: E402
+from llama_aot.kernels.rms_norm import add_rms_norm_reference  # noqa: E402
+from llama_aot.kernels.triton_rms_norm import add_rms_norm_triton  # noqa: E402
+from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton  # noqa: E402
+from llama_aot.runtime.step_inputs import SequenceChunk, build_step_inputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+
+ROPE_CASES = {  # heads, kv_heads, head_dim, block_size, [(cached prefix, new tokens) per sequence]
+    "gqa_group_of_3": (6, 2, 16, 4, [(0, 7), (5, 1), (2, 5)]),
+    "mha_odd_heads": (3, 3, 8, 4, [(3, 1)]),
+    "half_dim_not_pow2": (5, 1, 12, 8, [(6, 5), (15, 1), (16, 1)]),
+}
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype):
+    """cos, sin [T, head_dim] as the model builds them: float32 angles, rounded to the model dtype."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = positions.cpu().float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_write_kv_kernel_matches_reference(case, dtype):
+    heads, kv_heads, head_dim, block_size, seqs = ROPE_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    num_blocks = 2 + sum(-(-(s + n) // block_size) for s, n in seqs)
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    chunks, used = [], 0
+    for start, n in seqs:
+        blocks = -(-(start + n) // block_size)
+        chunks.append(SequenceChunk(tuple(range(n)), start, tuple(perm[used:used + blocks])))
+        used += blocks
+    step = build_step_inputs(chunks, block_size, DEVICE)
+    num_tokens = step["tokens"].shape[0]
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(DEVICE, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in (q, k, v))
+    cos, sin = rope_tables(step["positions"], head_dim, dtype)
+    cache = torch.randn(2, 2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    expected_cache, got_cache = cache.clone(), cache.clone()
+
+    expected_q = rope_write_kv_reference(q, k, v, cos, sin, expected_cache, 1, step["slots"])
+    got_q = rope_write_kv_triton(q, k, v, cos, sin, got_cache, 1, step["slots"])
+
+    tol = 1e-6 if dtype == torch.float32 else 0.0  # bf16 rounds where the reference does
+    torch.testing.assert_close(got_q, expected_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_cache, expected_cache, atol=tol, rtol=tol)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    written[step["slots"]] = True
+    untouched = ~written.view(num_blocks, block_size)
+    assert torch.equal(got_cache[0], cache[0])
+    assert torch.equal(got_cache[1][:, untouched], cache[1][:, untouched])
+
+
+ROWS_CASES = {  # rows, hidden
+    "one_row": (1, 64),
+    "odd_rows_hidden_not_pow2": (7, 48),
+    "hidden_not_multiple_of_16": (5, 100),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ROWS_CASES))
+def test_add_rms_norm_kernel_matches_reference(case, dtype):
+    rows, hidden = ROWS_CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, hidden + 3, generator=gen).to(DEVICE, dtype)[:, 1:hidden + 1]  # strided rows
+    residual = torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+
+    expected, expected_sum = add_rms_norm_reference(x, residual, weight, 1e-5)
+    got, got_sum = add_rms_norm_triton(x, residual, weight, 1e-5)
+
+    assert got.dtype == expected.dtype and got_sum.dtype == expected_sum.dtype
+    assert torch.equal(got_sum, expected_sum)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: a last-bit rsqrt difference can flip a rounding
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
