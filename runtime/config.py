@@ -13,6 +13,7 @@ from llama_aot.compiler.config import BuildConfig, ModelConfig, torch_dtype
 
 
 DEFAULT_MEM_FRACTION = {"cuda": 0.85, "cpu": 0.1}
+DEFAULT_CUDA_GRAPH_MAX_BS = 160  # SGLang's largest default bucket: beyond it, launches no longer dominate
 
 
 class RuntimeConfigError(ValueError):
@@ -22,7 +23,8 @@ class RuntimeConfigError(ValueError):
 @dataclass(frozen=True)
 class RuntimeConfig:
     """0 means "the artifact's value" for the limits, and "size from memory" for the cache;
-    `mem_fraction_static` None means 0.85 of a GPU, 0.1 of a CPU machine's RAM."""
+    `mem_fraction_static` None means 0.85 of a GPU, 0.1 of a CPU machine's RAM.
+    `cuda_graph_max_bs` 0 means max_running_requests, capped at 160; CPU artifacts never use graphs."""
 
     max_running_requests: int = 0
     chunked_prefill_size: int = 0
@@ -30,9 +32,12 @@ class RuntimeConfig:
     mem_fraction_static: float | None = None
     kv_cache_blocks: int = 0
     enable_prefix_caching: bool = True
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 0
 
     def __post_init__(self):
-        for name in ("max_running_requests", "chunked_prefill_size", "context_length", "kv_cache_blocks"):
+        for name in ("max_running_requests", "chunked_prefill_size", "context_length", "kv_cache_blocks",
+                     "cuda_graph_max_bs"):
             if getattr(self, name) < 0:
                 raise RuntimeConfigError(f"--{name.replace('_', '-')} must not be negative")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -52,6 +57,9 @@ class RuntimeConfig:
         if chunk < seqs:
             raise RuntimeConfigError(f"--chunked-prefill-size {chunk} is below --max-running-requests {seqs}: "
                                      "each running request needs room for a token in every step")
+        if self.cuda_graph_max_bs > seqs:
+            raise RuntimeConfigError(f"--cuda-graph-max-bs {self.cuda_graph_max_bs} exceeds --max-running-requests "
+                                     f"{seqs}, the largest batch a step can hold; lower it")
         block_bytes = (model.num_layers * 2 * build.block_size * model.num_kv_heads * model.head_dim
                        * torch_dtype(build.kv_dtype).itemsize)
         needed = 1 + seqs * -(-context // build.block_size)
@@ -67,13 +75,18 @@ class RuntimeConfig:
                 f"the KV cache would hold {max(blocks, 0)} blocks but one {context}-token request needs "
                 f"{min_blocks}; raise --mem-fraction-static, set "
                 "--kv-cache-blocks, or lower --context-length")
+        graph_bs = 0
+        if build.target == "cuda" and not self.disable_cuda_graph:
+            graph_bs = self.cuda_graph_max_bs or min(seqs, DEFAULT_CUDA_GRAPH_MAX_BS)
         return ResolvedRuntime(max_running_requests=seqs, chunked_prefill_size=chunk, context_length=context,
                                num_blocks=blocks, block_size=build.block_size, block_bytes=block_bytes,
-                               enable_prefix_caching=self.enable_prefix_caching)
+                               enable_prefix_caching=self.enable_prefix_caching, cuda_graph_max_bs=graph_bs)
 
 
 @dataclass(frozen=True)
 class ResolvedRuntime:
+    """The settings the engine runs with; `cuda_graph_max_bs` 0 means decode runs eagerly."""
+
     max_running_requests: int
     chunked_prefill_size: int
     context_length: int
@@ -81,6 +94,7 @@ class ResolvedRuntime:
     block_size: int
     block_bytes: int
     enable_prefix_caching: bool
+    cuda_graph_max_bs: int = 0
 
 
 def _device_memory(target: str) -> int:

@@ -5,6 +5,9 @@ They `submit` a request with a sink, a callable the engine invokes from its thre
 `RequestOutput`, and may `abort` it at any time; both only enqueue a command, so the event loop is
 never blocked by a model step. The loop drains commands, schedules a step, runs the compiled
 program, samples, and turns tokens into text with stop checks, one step at a time.
+
+On CUDA, decode-only steps replay CUDA graphs captured by `warmup` (runtime/decode_graphs.py); the
+artifact must then have been loaded with `single_threaded=True`. Other steps run the program eagerly.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from llama_aot.compiler.model import kv_cache_shape
 from llama_aot.runtime.artifact import Artifact
 from llama_aot.runtime.block_manager import BlockManager
 from llama_aot.runtime.config import ResolvedRuntime
+from llama_aot.runtime.decode_graphs import DecodeGraphs, batch_buckets
 from llama_aot.runtime.detokenizer import IncrementalDetokenizer, StopChecker
 from llama_aot.runtime.sampling import Sampler, SamplingParams, make_generator
 from llama_aot.runtime.scheduler import Scheduler, SchedulerConfig
@@ -75,6 +79,16 @@ class EngineStats:
     preemptions: int = 0
 
 
+@dataclass(frozen=True)
+class Warmup:
+    """What `Engine.warmup` did: the first step's duration, and the batch sizes it captured as
+    CUDA graphs (none on CPU or with graphs disabled) with the seconds capture took."""
+
+    first_step_s: float
+    graph_batch_sizes: tuple[int, ...] = ()
+    capture_s: float = 0.0
+
+
 @dataclass
 class _Commands:
     queue: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
@@ -93,6 +107,10 @@ class Engine:
                                                    max_num_batched_tokens=runtime.chunked_prefill_size,
                                                    max_model_len=runtime.context_length), self.blocks)
         self.sampler = Sampler()
+        self.decode_graphs = None
+        if runtime.cuda_graph_max_bs and self.kv_cache.is_cuda:
+            self.decode_graphs = DecodeGraphs(artifact, self.kv_cache, batch_buckets(runtime.cuda_graph_max_bs),
+                                              runtime.block_size, runtime.context_length)
         self._requests: dict[str, _Request] = {}
         self._commands = _Commands()
         self._stop = threading.Event()
@@ -124,15 +142,19 @@ class Engine:
         self._commands.queue.put(("abort", request_id))
         self._commands.wake.set()
 
-    def warmup(self) -> float:
+    def warmup(self) -> Warmup:
         """Runs one step of one token through the program before serving, so that the first
-        request does not pay for lazy initialisation; returns its duration. The token's K/V go to
-        the reserved block 0, which no request reads."""
+        request does not pay for lazy initialisation, then captures the decode graphs. The
+        token's K/V go to the reserved block 0, which no request reads."""
         inputs = build_step_inputs([SequenceChunk((0,), 0, (0,))], self.runtime.block_size, self.device)
         start = time.perf_counter()
         with torch.inference_mode():
             self.artifact(*[inputs[n] for n in INPUT_NAMES], self.kv_cache)
-        return time.perf_counter() - start
+        first_step_s = time.perf_counter() - start
+        if self.decode_graphs is None:
+            return Warmup(first_step_s)
+        capture_s = self.decode_graphs.capture()
+        return Warmup(first_step_s, self.decode_graphs.captured, capture_s)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="llama-aot-engine", daemon=True)
@@ -194,11 +216,7 @@ class Engine:
         step = self.scheduler.schedule()
         if not step.items:
             return
-        inputs = build_step_inputs(step.chunks(), self.runtime.block_size, self.device)
-        if step.sample_rows:
-            inputs["logits_index"] = inputs["logits_index"][list(step.sample_rows)]
-        with torch.inference_mode():
-            logits = self.artifact(*[inputs[n] for n in INPUT_NAMES], self.kv_cache)
+        logits = self._forward(step)
         items = step.sampled_items()
         if not items:  # only mid-prompt chunks: nothing to sample yet
             self.scheduler.commit(step, {})
@@ -212,6 +230,19 @@ class Engine:
         for seq in self.scheduler.commit(step, tokens):
             i = by_seq[seq.seq_id]
             self._emit(states[i], tokens[seq.seq_id], sampled.logprobs[i], sampled.top_logprobs[i])
+
+    def _forward(self, step) -> torch.Tensor:
+        """The logits of the step's sampled rows (all rows if it samples none): a graph replay for
+        a decode step that fits a bucket, else an eager call that skips unsampled rows' LM head."""
+        chunks = step.chunks()
+        graphs = self.decode_graphs
+        if graphs is not None and len(step.sample_rows) == len(chunks) and graphs.bucket_for(chunks):
+            return graphs.run(chunks)
+        inputs = build_step_inputs(chunks, self.runtime.block_size, self.device)
+        if step.sample_rows:
+            inputs["logits_index"] = inputs["logits_index"][list(step.sample_rows)]
+        with torch.inference_mode():
+            return self.artifact(*[inputs[n] for n in INPUT_NAMES], self.kv_cache)
 
     def _emit(self, state: _Request, token: int, logprob, top) -> None:
         delta = state.detokenizer.add(token)

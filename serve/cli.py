@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llama_aot.compiler.errors import CLIParser
 
-from llama_aot.runtime.artifact import ArtifactError
+from llama_aot.runtime.artifact import ArtifactError, read_manifest
 from llama_aot.runtime.config import RuntimeConfig, RuntimeConfigError
 
 
@@ -33,6 +33,9 @@ def parse_args(argv):
                    help="fraction of device memory for weights and KV cache (default: 0.85 on GPU, 0.1 of RAM on CPU)")
     p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV cache size in blocks (overrides --mem-fraction-static)")
     p.add_argument("--disable-prefix-caching", action="store_true")
+    p.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=0,
+                   help="largest decode batch captured as a CUDA graph (default: --max-running-requests, at most 160)")
     p.add_argument("--tool-call-parser", choices=("llama3",), help="parse tool calls in this format")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -65,18 +68,25 @@ def build_server(args):
     runtime = RuntimeConfig(max_running_requests=args.max_running_requests,
                             chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
                             mem_fraction_static=args.mem_fraction_static, kv_cache_blocks=args.kv_cache_blocks,
-                            enable_prefix_caching=not args.disable_prefix_caching)
+                            enable_prefix_caching=not args.disable_prefix_caching,
+                            disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=args.cuda_graph_max_bs)
     _check_port(config.host, config.port)
     start = time.perf_counter()
-    artifact = load_artifact(args.artifact)
+    capturable = (not runtime.disable_cuda_graph and args.artifact.is_dir()  # else load_artifact says why
+                  and read_manifest(args.artifact)["target"]["device_type"] == "cuda")
+    artifact = load_artifact(args.artifact, single_threaded=capturable)
     template = load_chat_template(args.artifact)
     tokenizer = template.tokenizer if template else Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
     resolved = runtime.resolve(artifact.model_config, artifact.build_config, artifact.weight_bytes)
     engine = Engine(artifact, resolved, tokenizer, device=artifact.manifest["target"]["device_type"])
     warmup = engine.warmup()
     engine.start()
+    graphs = warmup.graph_batch_sizes
+    captured = (f"; captured {len(graphs)} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
+                f"{warmup.capture_s:.1f} s" if graphs else "")
     print(f"llama-serve: loaded {args.artifact} in {time.perf_counter() - start:.1f} s (first step "
-          f"{warmup * 1e3:.0f} ms); KV cache {resolved.num_blocks} blocks x {resolved.block_size} tokens "
+          f"{warmup.first_step_s * 1e3:.0f} ms{captured}); KV cache {resolved.num_blocks} blocks x "
+          f"{resolved.block_size} tokens "
           f"({resolved.num_blocks * resolved.block_bytes / 2**30:.2f} GiB); serving '{config.served_model_name}' "
           f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
 

@@ -1,0 +1,238 @@
+"""Decode steps padded to batch-size buckets: bucket choice, flags, and logits that padding must
+not change (on CPU, without graphs), then graph replay against eager on a CUDA build."""
+import threading
+import types
+
+import pytest
+import torch
+
+from llama_aot.compiler.model import kv_cache_shape
+from llama_aot.runtime.artifact import load_artifact
+from llama_aot.runtime.config import RuntimeConfig, RuntimeConfigError
+from llama_aot.runtime.decode_graphs import DecodeGraphs, batch_buckets
+from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+PROMPT_LENS = (3, 4, 7, 8, 1, 13, 2, 5)  # around block boundaries of the tiny build's 4-token blocks
+# Which sequences each decode step runs: the batch grows and shrinks, and a buffer row holds a
+# different sequence (a longer or shorter block table) from one step to the next.
+STEPS = ([0, 1, 2, 3, 4, 5, 6, 7], [5, 1, 6], [2, 7, 0, 3, 4], [6], [1, 0, 5, 7, 2, 4], [3, 6],
+         list(range(8)), [7, 6, 5, 4, 3, 2, 1], [4, 5, 0, 1])
+
+
+class Batch:
+    """Sequences decoded greedily in place of the engine: disjoint block tables after the
+    reserved block 0, prompts prefilled in one step, then decode chunks for any subset."""
+
+    def __init__(self, program, cfg, block_size, context, prompt_lens, device="cpu", seed=0):
+        self.block_size, self.per_seq = block_size, -(-context // block_size)
+        self.cache = torch.zeros(kv_cache_shape(cfg, 1 + len(prompt_lens) * self.per_seq, block_size),
+                                 device=device)
+        gen = torch.Generator().manual_seed(seed)
+        self.tokens = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
+        self.tables = [tuple(range(1 + i * self.per_seq, 1 + (i + 1) * self.per_seq)) for i in range(len(prompt_lens))]
+        chunks = [SequenceChunk(tuple(t), 0, self._table(i, len(t))) for i, t in enumerate(self.tokens)]
+        self.advance(range(len(chunks)), eager(program, chunks, block_size, self.cache))
+
+    def _table(self, i, length):
+        return self.tables[i][:-(-length // self.block_size)]
+
+    def decode_chunks(self, rows) -> list[SequenceChunk]:
+        return [SequenceChunk((self.tokens[i][-1],), len(self.tokens[i]) - 1, self._table(i, len(self.tokens[i])))
+                for i in rows]
+
+    def advance(self, rows, logits):
+        for i, row in zip(rows, logits):
+            self.tokens[i].append(int(row.argmax()))
+
+
+def eager(program, chunks, block_size, cache):
+    inputs = build_step_inputs(chunks, block_size, cache.device)
+    with torch.inference_mode():
+        return program(*[inputs[n] for n in INPUT_NAMES], cache)
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_artifact):
+    return load_artifact(tiny_artifact)
+
+
+def test_buckets_follow_sglang_and_end_at_the_cap():
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(8) == (1, 2, 4, 8)
+    assert batch_buckets(12) == (1, 2, 4, 8, 12)
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+    assert len(batch_buckets(160)) == 23 and batch_buckets(160)[-2:] == (152, 160)
+    with pytest.raises(ValueError):
+        batch_buckets(0)
+
+
+def test_bucket_for_takes_the_smallest_that_fits_and_only_decode_steps():
+    runner = DecodeGraphs(None, torch.zeros(1), (1, 2, 4, 8), block_size=4, context_length=16)
+    decode = [SequenceChunk((5,), 3, (1,))] * 8
+    assert [runner.bucket_for(decode[:n]) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert runner.bucket_for(decode + decode[:1]) is None  # beyond the largest bucket
+    assert runner.bucket_for([]) is None
+    assert runner.bucket_for(decode[:2] + [SequenceChunk((5, 6), 3, (1, 2))]) is None  # a prefill chunk
+    assert runner.bucket_for([SequenceChunk((5,), 3, (1,), all_logits=True)]) is None
+    with pytest.raises(ValueError, match="run it eagerly"):
+        runner.run([SequenceChunk((5, 6), 3, (1, 2))])
+    with pytest.raises(ValueError, match="block table of 1 blocks cannot hold 9 tokens"):
+        runner.run([SequenceChunk((5,), 8, (1,))])
+    with pytest.raises(ValueError, match="increasing"):
+        DecodeGraphs(None, torch.zeros(1), (4, 2), block_size=4, context_length=16)
+
+
+def test_padded_decode_gives_the_unpadded_logits(artifact):
+    """The same batch decodes side by side in two caches, eagerly and through the runner with
+    buckets 1-2-4-8, the batch size and the sequence in each row changing between steps (so rows
+    of earlier steps must be cleared or rewritten) and contexts crossing block boundaries.
+
+    The runner's rows must be exactly those of an eager step of the real chunks followed by pad
+    chunks (token 0 at position 0 in reserved block 0), and every cache block but the reserved
+    one must stay identical. Against the unpadded step they agree to rounding, not bit for bit:
+    the CPU GEMM's rows depend on the number of rows (M=3 and M=4 differ in the last bits)."""
+    cfg, build = artifact.model_config, artifact.build_config
+    plain = Batch(artifact, cfg, build.block_size, build.context_length, PROMPT_LENS)
+    padded = Batch(artifact, cfg, build.block_size, build.context_length, PROMPT_LENS)
+    runner = DecodeGraphs(artifact, padded.cache, batch_buckets(build.max_num_seqs), build.block_size,
+                          build.context_length)
+    pad = SequenceChunk((0,), 0, (0,))
+    for rows in STEPS:
+        n, bucket = len(rows), runner.bucket_for(plain.decode_chunks(rows))
+        unpadded = eager(artifact, plain.decode_chunks(rows), build.block_size, plain.cache.clone())
+        expected = eager(artifact, plain.decode_chunks(rows) + [pad] * (bucket - n), build.block_size,
+                         plain.cache)[:n]
+        got = runner.run(padded.decode_chunks(rows))
+        tables = torch.zeros(bucket, runner.width, dtype=torch.int32)  # pad rows: all zeros
+        for i, chunk in enumerate(padded.decode_chunks(rows)):
+            tables[i, :len(chunk.block_table)] = torch.tensor(chunk.block_table)
+        assert torch.equal(runner._tables[:bucket], tables)
+        assert got.shape == unpadded.shape == (n, cfg.vocab_size)
+        assert torch.equal(got, expected), f"batch {n}: max diff {(got - expected).abs().max()}"
+        torch.testing.assert_close(got, unpadded, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(-1), unpadded.argmax(-1))
+        plain.advance(rows, expected)
+        padded.advance(rows, got)
+    assert padded.tokens == plain.tokens
+    assert torch.equal(padded.cache[:, :, 1:], plain.cache[:, :, 1:])
+
+
+def test_cuda_graph_flags_resolve_against_the_artifact(artifact):
+    cfg, build = artifact.model_config, artifact.build_config
+    on_gpu = types.SimpleNamespace(**{**build.to_dict(), "target": "cuda"})  # BuildConfig refuses cuda here
+    big_gpu = types.SimpleNamespace(**{**vars(on_gpu), "max_num_seqs": 256, "max_num_tokens": 512})
+
+    def graph_bs(build, **flags):
+        return RuntimeConfig(kv_cache_blocks=600, **flags).resolve(cfg, build, 0).cuda_graph_max_bs
+
+    assert graph_bs(on_gpu) == build.max_num_seqs == 8
+    assert graph_bs(on_gpu, max_running_requests=6) == 6
+    assert graph_bs(on_gpu, cuda_graph_max_bs=4) == 4
+    assert graph_bs(big_gpu) == 160
+    assert graph_bs(on_gpu, disable_cuda_graph=True) == 0
+    assert graph_bs(build) == 0  # a CPU artifact decodes eagerly
+    with pytest.raises(RuntimeConfigError, match="--cuda-graph-max-bs 9 exceeds --max-running-requests 8"):
+        graph_bs(on_gpu, cuda_graph_max_bs=9)
+    with pytest.raises(RuntimeConfigError, match="--cuda-graph-max-bs must not be negative"):
+        RuntimeConfig(cuda_graph_max_bs=-1)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--cuda-graph-max-bs", "-1"], "--cuda-graph-max-bs must not be negative"),
+    (["--cuda-graph-max-bs", "9"], "--cuda-graph-max-bs 9 exceeds --max-running-requests 8"),
+    (["--cuda-graph-max-bs", "many"], "argument --cuda-graph-max-bs: invalid int value"),
+])
+def test_serve_refuses_bad_graph_flags_in_one_line(capsys, tiny_artifact, flags, needle):
+    from server import free_port
+
+    from llama_aot.serve.cli import main
+
+    try:
+        status = main([str(tiny_artifact), "--port", str(free_port()), *flags])
+    except SystemExit as e:  # argparse's errors exit from inside parse_args
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- on a GPU ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cuda_artifact(tiny_checkpoint, tmp_path_factory):
+    from conftest import TINY_BUILD
+
+    from llama_aot.compiler.build import build_artifact
+    from llama_aot.compiler.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-cuda"
+    build_artifact(tiny_checkpoint, BuildConfig(target="cuda", **TINY_BUILD), out)
+    return out
+
+
+@pytest.mark.gpu
+def test_graph_replay_matches_eager(cuda_artifact):
+    """Replays against eager calls of the same padded inputs (must be identical) and against the
+    unpadded step (must agree to rounding), for batch sizes that change from step to step."""
+    artifact = load_artifact(cuda_artifact, single_threaded=True)
+    cfg, build = artifact.model_config, artifact.build_config
+    graphed = Batch(artifact, cfg, build.block_size, build.context_length, PROMPT_LENS, device="cuda")
+    padded = Batch(artifact, cfg, build.block_size, build.context_length, PROMPT_LENS, device="cuda")
+    plain = Batch(artifact, cfg, build.block_size, build.context_length, PROMPT_LENS, device="cuda")
+    buckets = batch_buckets(build.max_num_seqs)
+    graphs = DecodeGraphs(artifact, graphed.cache, buckets, build.block_size, build.context_length)
+    eager_padded = DecodeGraphs(artifact, padded.cache, buckets, build.block_size, build.context_length)
+    assert graphs.capture() > 0 and graphs.captured == buckets == (1, 2, 4, 8)
+    for rows in STEPS + STEPS[::-1]:
+        n = len(rows)
+        got = graphs.run(graphed.decode_chunks(rows)).clone()
+        same_inputs = eager_padded.run(padded.decode_chunks(rows))
+        unpadded = eager(artifact, plain.decode_chunks(rows), build.block_size, plain.cache)
+        assert torch.equal(got, same_inputs), f"batch {n}: max diff {(got - same_inputs).abs().max()}"
+        torch.testing.assert_close(got, unpadded, rtol=1e-4, atol=1e-4)
+        for batch in (graphed, padded, plain):
+            batch.advance(rows, got)  # one token stream, so the three caches stay comparable
+    assert torch.equal(graphed.cache[:, :, 1:], padded.cache[:, :, 1:])
+
+
+@pytest.mark.gpu
+def test_engine_decodes_through_graphs_as_it_does_eagerly(cuda_artifact):
+    """The engine with graphs captured at warm-up generates the same greedy tokens as the engine
+    with graphs disabled, for concurrent requests of different lengths."""
+    from tokenizers import Tokenizer
+
+    from llama_aot.runtime.engine import Engine
+    from llama_aot.runtime.sampling import SamplingParams
+
+    tokenizer = Tokenizer.from_file(str(cuda_artifact / "tokenizer.json"))
+    prompts = [list(range(10, 10 + n)) for n in PROMPT_LENS]
+    outputs = {}
+    for disable in (False, True):
+        artifact = load_artifact(cuda_artifact, single_threaded=not disable)
+        runtime = RuntimeConfig(kv_cache_blocks=200, disable_cuda_graph=disable).resolve(
+            artifact.model_config, artifact.build_config, artifact.weight_bytes)
+        engine = Engine(artifact, runtime, tokenizer, device="cuda")
+        warmup = engine.warmup()
+        assert warmup.graph_batch_sizes == (() if disable else (1, 2, 4, 8))
+        assert (warmup.capture_s > 0) != disable
+        tokens = {i: [] for i in range(len(prompts))}
+        done = threading.Semaphore(0)
+
+        def sink(out, i):
+            if out.token_id is not None:
+                tokens[i].append(out.token_id)
+            if out.finish_reason is not None:
+                assert out.error is None, out.error
+                done.release()
+
+        engine.start()
+        try:
+            for i, prompt in enumerate(prompts):
+                params = SamplingParams(temperature=0, max_tokens=6 + 2 * i, ignore_eos=True)
+                engine.submit(f"r{i}", prompt, params, lambda out, i=i: sink(out, i))
+            for _ in prompts:
+                assert done.acquire(timeout=120)
+        finally:
+            engine.shutdown()
+        outputs[disable] = tokens
+    assert outputs[False] == outputs[True]
+    assert all(len(t) == 6 + 2 * i for i, t in outputs[False].items())
