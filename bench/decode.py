@@ -63,8 +63,19 @@ def _prefill(artifact, cache, prompts, tables, block_size, budget, device):
     return torch.stack(last)
 
 
-def measure_decode(artifact, batch: int, context: int, new_tokens: int, cuda_graph: bool,
-                   bandwidth: float, seed: int = 0) -> DecodeResult:
+@dataclass
+class DecodeLoop:
+    """A prefilled batch ready to decode: `set_step(i, tokens)` points the static inputs at step i
+    and feeds `tokens`; `run()` executes one step (a graph replay when captured) and returns logits."""
+
+    run: object
+    set_step: object
+    first: torch.Tensor
+    cache: torch.Tensor
+
+
+def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_graph: bool,
+                   seed: int = 0) -> DecodeLoop:
     cfg, build = artifact.model_config, artifact.build_config
     device, bs = "cuda", build.block_size
     per_seq = -(-(context + new_tokens) // bs)
@@ -95,18 +106,31 @@ def measure_decode(artifact, batch: int, context: int, new_tokens: int, cuda_gra
         set_step(0, first)
         for i in range(3):  # warm-up steps write positions the timed steps overwrite
             set_step(i + 1, run().argmax(-1))
-        set_step(0, first)
+    return DecodeLoop(run, set_step, first, cache)
+
+
+def decode_steps(loop: DecodeLoop, new_tokens: int) -> None:
+    """Greedy decode of `new_tokens` steps, each fed the previous step's argmax."""
+    loop.set_step(0, loop.first)
+    for i in range(new_tokens):
+        logits = loop.run()
+        if i + 1 < new_tokens:
+            loop.set_step(i + 1, logits.argmax(-1))
+
+
+def measure_decode(artifact, batch: int, context: int, new_tokens: int, cuda_graph: bool,
+                   bandwidth: float, seed: int = 0) -> DecodeResult:
+    cfg = artifact.model_config
+    loop = prepare_decode(artifact, batch, context, new_tokens, cuda_graph, seed)
+    with torch.inference_mode():
         torch.cuda.synchronize()
         start = time.perf_counter()
-        for i in range(new_tokens):
-            logits = run()
-            if i + 1 < new_tokens:
-                set_step(i + 1, logits.argmax(-1))
+        decode_steps(loop, new_tokens)
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / new_tokens
     weights = artifact.weight_bytes
-    embed = cfg.vocab_size * cfg.hidden_size * cache.element_size()
-    kv_read = batch * (context + new_tokens // 2) * 2 * cfg.num_layers * cfg.kv_size * cache.element_size()
+    embed = cfg.vocab_size * cfg.hidden_size * loop.cache.element_size()
+    kv_read = batch * (context + new_tokens // 2) * 2 * cfg.num_layers * cfg.kv_size * loop.cache.element_size()
     bytes_per_step = weights - embed + kv_read
     return DecodeResult(batch, context, step_s * 1e3, batch / step_s, bytes_per_step,
                         bytes_per_step / step_s / bandwidth)
