@@ -1,10 +1,14 @@
 """`llama-bench accuracy`: does the compiled artifact compute what HF transformers computes on the
 same weights, on real text rather than the build verifier's random token ids?
 
-Two figures. Greedy-token agreement is teacher-forced: HF generates each prompt's greedy
-continuation, the artifact scores prompt + continuation in one pass, and we count the positions
-where its argmax is HF's token; forcing keeps one early near-tie from failing every later token.
-Perplexity is measured on held-out ShareGPT replies (conversations not used as prompts) by both.
+Greedy-token agreement is teacher-forced: HF generates each prompt's greedy continuation, the
+artifact scores prompt + continuation in one pass, and we count the positions where its argmax is
+HF's token; forcing keeps one early near-tie from failing every later token. A prompt whose every
+forced position agrees is one whose free-running greedy continuation is identical to HF's (same
+prefix, same argmax, by induction), so the same pass also counts identical continuations. The
+logits' relative error, ||artifact - HF|| / ||HF|| over those positions, is reported as the worst
+prompt's. Perplexity is measured on held-out ShareGPT replies (conversations not used as prompts)
+by both. HF runs on the artifact's device: an 8B model in fp32 is too slow on CPU.
 """
 from __future__ import annotations
 
@@ -42,13 +46,14 @@ def artifact_logits(artifact, tokens: list[int]) -> torch.Tensor:
 def hf_greedy(model, tokens: list[int], new_tokens: int) -> list[int]:
     """Plain argmax decoding. Not `generate`: its generation_config processors (EOS suppression
     for min_new_tokens, repetition penalties) would pick tokens the logits do not."""
-    out, ids, past = [], torch.tensor([tokens]), None
+    device = model.device
+    out, ids, past = [], torch.tensor([tokens], device=device), None
     with torch.no_grad():
         for _ in range(new_tokens):
             step = model(ids, past_key_values=past, use_cache=True)
             past = step.past_key_values
             out.append(int(step.logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
+            ids = torch.tensor([[out[-1]]], device=device)
     return out
 
 
@@ -71,7 +76,8 @@ def evaluate(args) -> dict:
         raise BenchInputError(str(e)) from None
     if not (args.checkpoint / "config.json").is_file():
         raise BenchInputError(f"{args.checkpoint}: not an HF checkpoint (no config.json)")
-    hf = LlamaForCausalLM.from_pretrained(args.checkpoint, torch_dtype=torch.float32).eval()
+    device = artifact.manifest["target"]["device_type"]
+    hf = LlamaForCausalLM.from_pretrained(args.checkpoint, torch_dtype=torch.float32).to(device).eval()
     tokenizer = load_tokenizer(args.artifact)
     context = artifact.build_config.context_length
     new_tokens = min(args.new_tokens, context - PROMPT_TOKENS - 1)
@@ -96,26 +102,34 @@ def evaluate(args) -> dict:
     if len(prompts) < args.prompts or len(texts) < args.ppl_texts:
         raise BenchInputError("not enough ShareGPT conversations for the requested --prompts and --ppl-texts")
 
-    agree = total = 0
+    agree = total = identical = 0
+    worst_error = 0.0
     for ids in prompts:
         forced = hf_greedy(hf, ids, new_tokens)
-        picked = artifact_logits(artifact, ids + forced)[len(ids) - 1:-1].argmax(-1).tolist()
-        agree += sum(a == b for a, b in zip(picked, forced))
+        ours = artifact_logits(artifact, ids + forced)[len(ids) - 1:-1]
+        with torch.no_grad():
+            theirs = hf(torch.tensor([ids + forced], device=device)).logits[0, len(ids) - 1:-1].float().cpu()
+        worst_error = max(worst_error, ((ours - theirs).norm() / theirs.norm()).item())
+        matches = sum(a == b for a, b in zip(ours.argmax(-1).tolist(), forced))
+        agree += matches
+        identical += matches == len(forced)
         total += len(forced)
     ppl_artifact, ppl_hf = [], []
     for ids in texts:
         ppl_artifact.append(perplexity(artifact_logits(artifact, ids), ids))
         with torch.no_grad():
-            ppl_hf.append(perplexity(hf(torch.tensor([ids])).logits[0], ids))
+            ppl_hf.append(perplexity(hf(torch.tensor([ids], device=device)).logits[0].cpu(), ids))
     mean_a, mean_h = sum(ppl_artifact) / len(texts), sum(ppl_hf) / len(texts)
     record = {"device": artifact.manifest["target"].get("device_name") or artifact.manifest["target"]["device_type"],
               "git_sha": git_sha(), "artifact": str(args.artifact), "checkpoint": str(args.checkpoint),
               "dtype": artifact.build_config.dtype, "prompts": len(prompts), "new_tokens": new_tokens,
-              "greedy_agreement": agree / total, "ppl_texts": len(texts), "max_len": max_len,
+              "greedy_agreement": agree / total, "identical_continuations": identical,
+              "logits_relative_error": worst_error, "ppl_texts": len(texts), "max_len": max_len,
               "perplexity_artifact": mean_a, "perplexity_hf": mean_h,
               "perplexity_relative_difference": abs(mean_a - mean_h) / mean_h}
     print(f"greedy-token agreement (teacher-forced, {len(prompts)} prompts x {new_tokens} tokens): "
-          f"{record['greedy_agreement']:.4f}")
+          f"{record['greedy_agreement']:.4f}; identical greedy continuations: {identical}/{len(prompts)}")
+    print(f"logits relative error (worst prompt): {worst_error:.2e}")
     print(f"perplexity on {len(texts)} held-out ShareGPT replies: artifact {mean_a:.4f}, HF {mean_h:.4f} "
           f"(relative difference {record['perplexity_relative_difference']:.2e})")
     print(save_results("accuracy", [record], args.out_dir))

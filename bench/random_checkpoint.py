@@ -3,7 +3,8 @@
 Speed depends on the shapes, not the values, and the GPU machine cannot download weights, so the
 benchmark builds its own: Meta's published Llama-3.1-8B config, random bf16 weights scaled like an
 initialised model, sharded safetensors with an index, and a small byte-level tokenizer (the
-tokenizer only has to exist; benchmarks feed token ids).
+tokenizer only has to exist; the decode benchmark feeds token ids). Serving benchmarks count
+tokens of real text, so they pass `--tokenizer` with a real Llama 3 tokenizer.json instead.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def write_random_checkpoint(out: Path, num_layers: int | None = None, seed: int = 0, device: str = "cpu") -> Path:
+def write_random_checkpoint(out: Path, num_layers: int | None = None, seed: int = 0, device: str = "cpu",
+                            tokenizer: Path | None = None) -> Path:
     cfg = dict(LLAMA_31_8B)
     if num_layers is not None:
         cfg["num_hidden_layers"] = num_layers
@@ -80,7 +82,7 @@ def write_random_checkpoint(out: Path, num_layers: int | None = None, seed: int 
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000,
                                                             "eos_token_id": [128001, 128008, 128009]}))
-    (out / "tokenizer.json").write_text(_tokenizer_json())
+    (out / "tokenizer.json").write_text(tokenizer.read_text() if tokenizer else _tokenizer_json())
     return out
 
 
@@ -89,8 +91,9 @@ def main(argv=None):
     p.add_argument("out", type=Path)
     p.add_argument("--layers", type=int, help="fewer layers than 32, for quick iterations")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", type=Path, help="a tokenizer.json to ship instead of the byte-level stand-in")
     args = p.parse_args(argv)
-    write_random_checkpoint(args.out, args.layers, device=args.device)
+    write_random_checkpoint(args.out, args.layers, device=args.device, tokenizer=args.tokenizer)
     print(args.out)
 
 

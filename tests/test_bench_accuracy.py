@@ -26,8 +26,9 @@ def test_artifact_agrees_with_hf(tiny_checkpoint, tiny_artifact, tmp_path, capsy
     assert code == 0, out
     [record] = json.loads(next((tmp_path / "out").glob("accuracy-*.json")).read_text())
     assert record["greedy_agreement"] == 1.0 and record["prompts"] == 3 and record["new_tokens"] == 8
+    assert record["identical_continuations"] == 3 and record["logits_relative_error"] < 1e-4
     assert record["perplexity_relative_difference"] < 1e-4 and record["perplexity_hf"] > 1
-    assert "greedy-token agreement" in out and "perplexity on 3 held-out" in out
+    assert "identical greedy continuations: 3/3" in out and "perplexity on 3 held-out" in out
 
 
 def test_missing_artifact_is_one_line_exit_2(tiny_checkpoint, tmp_path, capsys):
