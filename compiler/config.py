@@ -90,11 +90,6 @@ class ModelConfig:
         return _from_dict(cls, data, "model config")
 
 
-_FUSIONS = ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")
-# CUDA routes weight matmuls to our own kernels; CPU keeps Inductor's.
-DEFAULT_PASSES = {"cpu": _FUSIONS, "cuda": _FUSIONS + ("lower_linears",)}
-
-
 @dataclass(frozen=True)
 class BuildConfig:
     """How one artifact is built. The seams for later targets (cuda, fp8, tp) are here so that a
@@ -110,7 +105,7 @@ class BuildConfig:
     block_size: int = 16
     context_length: int = 0
     max_autotune: bool = False
-    passes: tuple[str, ...] | None = None  # None: DEFAULT_PASSES[target]
+    passes: tuple[str, ...] = ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -144,8 +139,7 @@ class BuildConfig:
             raise BuildError("--max-autotune tunes GPU kernels; it needs --target cuda")
         if self.context_length < 0:
             raise BuildError(f"--context-length {self.context_length}: must be positive")
-        passes = DEFAULT_PASSES[self.target] if self.passes is None else self.passes
-        object.__setattr__(self, "passes", tuple(passes))
+        object.__setattr__(self, "passes", tuple(self.passes))
 
     def resolved(self, model: ModelConfig) -> "BuildConfig":
         """Fill the context length from the model when the user gave none, and refuse one the

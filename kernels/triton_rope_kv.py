@@ -4,8 +4,8 @@ One program per token covers all of its heads: it loads the token's cos/sin row 
 query and key head, stores the rotated queries, and writes the rotated keys and the values into the
 token's cache slot. q, k and v are read through their strides, so the column slices of the fused
 qkv projection go in without a copy. The rotation rounds where the reference does (each product,
-then the sum, to the model dtype), so it matches the reference's bits in bf16 and fp16, where the
-products are exact in float32.
+then the sum, to the model dtype); on the H200 the compiled kernel still differs from the reference
+by one bf16 rounding in a few elements, which the tests allow and nothing more.
 
 Cache offsets are computed in int64: a large model's cache holds more than 2**31 elements, and
 `layer * layer_stride` alone can pass that.

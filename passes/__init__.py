@@ -14,13 +14,11 @@ from llama_aot.compiler.errors import BuildError
 from llama_aot.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from llama_aot.passes.fuse_gate_up import fuse_gate_up
 from llama_aot.passes.fuse_qkv import fuse_qkv
-from llama_aot.passes.lower_linears import lower_linears
 
 PIPELINE = (
     ("fuse_qkv", fuse_qkv),
     ("fuse_gate_up", fuse_gate_up),
     ("fuse_add_rmsnorm", fuse_add_rmsnorm),
-    ("lower_linears", lower_linears),
 )
 
 

@@ -10,13 +10,11 @@ from torch.export.graph_signature import InputKind
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.model import build_model
-from llama_aot.compiler.config import DEFAULT_PASSES
 from llama_aot.compiler.errors import BuildError
 from llama_aot.passes import PIPELINE, run_pipeline
 from llama_aot.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from llama_aot.passes.fuse_gate_up import fuse_gate_up
 from llama_aot.passes.fuse_qkv import fuse_qkv
-from llama_aot.passes.lower_linears import lower_linears
 from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
 
 LAYERS = 2
@@ -53,8 +51,6 @@ def run(ep, build):
     (fuse_gate_up, LAYERS, {"aten.linear.default": LAYERS}, {"aten.split_with_sizes.default": LAYERS}),
     (fuse_add_rmsnorm, 2 * LAYERS, {"aten.rsqrt.default": 2 * LAYERS, "aten.add.Tensor": 2 * LAYERS * 2},
      {"llama_aot.add_rms_norm.default": 2 * LAYERS}),
-    (lower_linears, 7 * LAYERS + 1, {"aten.linear.default": 7 * LAYERS + 1},
-     {"llama_aot.linear.default": 7 * LAYERS + 1}),
 ])
 def test_pass_matches_counts_and_numerics(exported, fuse, matches, removed, added):
     ep, build = exported
@@ -84,18 +80,6 @@ def test_pipeline_keeps_weights_and_signature_consistent(exported):
     assert torch.equal(fused.state_dict["model.layers.1.self_attn.qkv_proj.weight"][:q.shape[0]], q)
     assert op_counts(fused)["llama_aot.rope_write_kv.default"] == LAYERS  # the mutating op survives
     (logits_a, cache_a), (logits_b, cache_b) = run(ep, build), run(fused, build)
-    torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-6)
-
-
-def test_cuda_pipeline_lowers_the_fused_matmuls(exported):
-    """On CUDA every weight matmul left after the fusions (QKV, output, gate/up, down per layer,
-    and the LM head) becomes the op that picks its kernel by token count."""
-    ep, build = exported
-    lowered, reports = run_pipeline(ep, DEFAULT_PASSES["cuda"])
-    assert reports[-1].to_dict() == {"name": "lower_linears", "matches": 4 * LAYERS + 1}
-    counts = op_counts(lowered)
-    assert counts["aten.linear.default"] == 0 and counts["llama_aot.linear.default"] == 4 * LAYERS + 1
-    (logits_a, _), (logits_b, _) = run(ep, build), run(lowered, build)
     torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-6)
 
 
