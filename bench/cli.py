@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def device_of(tokenizer_dir: Path) -> str:
         return "unknown"
 
 
-def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool, label: str = "serve"):
+def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool, label: str):
     """Runs the benchmark, prints the table, appends the JSONL record and draws the CDFs."""
     import asyncio
     import time
@@ -223,11 +224,20 @@ def run_arguments(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"}
 
 
+def serve_label(args) -> str:
+    """Names a `serve` run by its shape, e.g. random-1000-1000-c16, so that runs appending to one
+    output file keep separate charts."""
+    shape = (f"random-{args.random_input_len}-{args.random_output_len}" if args.dataset == "random"
+             else f"sharegpt-{args.num_prompts}")
+    rate = "" if math.isinf(args.request_rate) else f"-r{args.request_rate:g}"
+    return f"{shape}-c{args.max_concurrency or 'inf'}{rate}"
+
+
 def run_serve(args) -> int:
     cfg = serve_config(args, args.max_concurrency)
     requests = build_requests(args, cfg, args.dataset, args.num_prompts, args.random_input_len,
                               args.random_output_len, args.random_range_ratio, args.sharegpt_output_len)
-    execute(cfg, requests, run_arguments(args), args.output_file, args.plot)
+    execute(cfg, requests, run_arguments(args), args.output_file, args.plot, label=serve_label(args))
     return 0
 
 

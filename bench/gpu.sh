@@ -1,41 +1,91 @@
 #!/usr/bin/env bash
-# The whole GPU run in one go, on the GPU machine: install, build a random-weight Llama-3.1-8B
-# checkpoint, compile it for CUDA, test the kernels, benchmark decode against HF, write results.
-#   LAYERS=4 bash bench/gpu.sh        # quick iteration on fewer layers
-#   BENCH=0 bash bench/gpu.sh         # build and test only
-# Results land in $RESULTS (default bench/results); work files in $WORK, reused while they exist.
-set -euo pipefail
+# The whole GPU run, on the GPU machine: install, test the kernels, build a random-weight
+# Llama-3.1-8B checkpoint, compile it for CUDA in bf16 (and in fp32 for the parity check, in
+# parallel), benchmark decode against HF, time the first token, check fp32 parity with HF, and run
+# the serving sweep.
+#   LAYERS=4 bash bench/gpu.sh          quick iteration on fewer layers
+#   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
+# What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
+# `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
+# and a ShareGPT subset. Without it the checkpoint gets a byte-level stand-in tokenizer and the
+# parity and sweep stages are skipped. Also carry .wheels (../shared/device/wheelhouse.sh) for
+# the server's web stack.
+# The full run takes ~15 minutes, past one device call's 10: start it detached
+#   setsid bash bench/gpu.sh > /tmp/gpu.log 2>&1 < /dev/null &
+# and read /tmp/gpu.log from the following calls. Results land in $RESULTS, work files in $WORK.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 LAYERS=${LAYERS:-32}
 WORK=${WORK:-/tmp/llama-aot-bench}
 RESULTS=${RESULTS:-bench/results}
-BATCH=${BATCH:-1,8,32}
-CONTEXT=${CONTEXT:-128,2048,8192}
+INPUTS=${INPUTS:-.device-inputs}
 # The image's default g++ builds AOTInductor libraries that segfault at load (see DEVICE.md).
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc PYTHONUNBUFFERED=1
-stage() { echo "=== $1 ($(date +%T))"; }
+t0=$(date +%s)
+stage() { echo "=== $1 (+$(( $(date +%s) - t0 )) s)"; }
+mkdir -p "$WORK" "$RESULTS"
+NAME="llama-3.1-8b$([[ $LAYERS != 32 ]] && echo "-${LAYERS}layers")"
+CKPT=$WORK/$NAME-random ART=$WORK/$NAME-cuda ART32=$WORK/$NAME-cuda-fp32
 
 stage install
-python3 -m pip install -q --no-deps --no-build-isolation -e .
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+[[ -d .wheels ]] && python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn openai gguf jinja2 \
+  partial-json-parser
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-stage "kernel tests"
-python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernels.py
-
-CKPT=$WORK/llama-3.1-8b-random-$LAYERS
-ART=$WORK/artifact-$LAYERS
-if [[ ! -f $CKPT/config.json ]]; then
-  stage "random checkpoint ($LAYERS layers)"
-  python3 -m llama_aot.bench.random_checkpoint "$CKPT" --layers "$LAYERS"
+if [[ ${TESTS:-1} == 1 ]]; then
+  stage "kernel tests"
+  python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernels.py tests/test_fused_kernels.py
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/
 fi
 
-stage "llama-compile --target cuda"
-start=$(date +%s)
-llama-compile --model "$CKPT" --target cuda --dtype bfloat16 -o "$ART"
-echo "compile wall time: $(( $(date +%s) - start )) s"
+[[ -f $INPUTS/tokenizer.json ]] && TOKENIZER=(--tokenizer "$INPUTS/tokenizer.json") || TOKENIZER=()
+if [[ ! -f $CKPT/config.json ]]; then
+  stage "random checkpoint ($LAYERS layers)"
+  python3 -m llama_aot.bench.random_checkpoint "$CKPT" --layers "$LAYERS" "${TOKENIZER[@]}" || exit 1
+fi
 
-[[ ${BENCH:-1} == 0 ]] && { stage done; exit 0; }
-stage "llama-bench decode"
-llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch "$BATCH" --context "$CONTEXT" \
-  --model-name "llama-3.1-8b$([[ $LAYERS != 32 ]] && echo "-${LAYERS}layers")" --out-dir "$RESULTS"
+PARITY=${PARITY:-1}
+[[ -f $INPUTS/sharegpt.json ]] || PARITY=0 SWEEP=0
+stage "llama-compile --target cuda (bf16$([[ $PARITY == 1 ]] && echo ", fp32 alongside"))"
+if [[ $PARITY == 1 ]]; then
+  # Its own Inductor cache: two builds writing one cache directory at once is not known to be safe.
+  ( export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache-fp32; start=$(date +%s)
+    llama-compile --model "$CKPT" --target cuda --dtype float32 -o "$ART32"
+    echo "fp32 compile wall time: $(( $(date +%s) - start )) s" ) > "$WORK/build-fp32.log" 2>&1 &
+  FP32=$!
+fi
+start=$(date +%s)
+llama-compile --model "$CKPT" --target cuda -o "$ART" || exit 1
+echo "compile wall time: $(( $(date +%s) - start )) s"
+[[ $PARITY == 1 ]] && { wait $FP32; grep -v '\.\.\.$' "$WORK/build-fp32.log" | tail -4; }
+
+if [[ ${BENCH:-1} == 1 ]]; then
+  stage "llama-bench decode"
+  llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
+    --out-dir "$RESULTS"
+  llama-bench decode --artifact "$ART" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
+  stage "first token"
+  python3 -m llama_aot.bench.first_token "$ART"
+fi
+
+if [[ $PARITY == 1 ]]; then
+  stage "fp32 parity with HF"
+  llama-bench accuracy --artifact "$ART32" --checkpoint "$CKPT" --prompts 20 --new-tokens 32 \
+    --dataset-path "$INPUTS/sharegpt.json" --out-dir "$RESULTS"
+  rm -rf "$ART32"  # 32 GB of fp32 weights: give the disk back before serving
+fi
+
+if [[ ${SWEEP:-1} == 1 ]]; then
+  stage "serving sweep"
+  llama-serve "$ART" --port 8000 --log-level warning &
+  SERVER=$!
+  until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null; do
+    kill -0 $SERVER 2>/dev/null || exit 1
+    sleep 1
+  done
+  llama-bench sweep --base-url http://127.0.0.1:8000 --tokenizer "$ART" --dataset-path "$INPUTS/sharegpt.json" \
+    --plot --out-dir "$RESULTS"
+  kill $SERVER
+fi
 stage done

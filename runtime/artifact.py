@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +145,14 @@ class Artifact:
     """A verified artifact, loaded and ready to run: `program(*inputs, kv_cache) -> logits`.
 
     It owns `weights`: the program was given them as user-managed constants, so it reads their
-    memory without holding a reference of its own."""
+    memory without holding a reference of its own. `load_seconds` splits the load into its stages
+    (checking the other files, loading the program, reading the weights), which start-up reports."""
 
     path: Path
     manifest: dict[str, Any]
     program: Any
     weights: dict[str, torch.Tensor]
+    load_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def model_config(self):
@@ -175,25 +178,31 @@ class Artifact:
 
 
 def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded: bool = False,
-                 expected: dict | None = None):
+                 expected: dict | None = None, seconds: dict[str, float] | None = None):
     """Loads the compiled program and hands it the rank's weights, verified against `expected`
     (their manifest entry) when given; no other checks. The build's verifier uses this before the
     manifest exists; everything else goes through `load_artifact`. Returns (program, weights): the
     caller must keep the weights alive as long as the program. `single_threaded` loads the program
-    for capture in a CUDA graph."""
+    for capture in a CUDA graph. `seconds`, when given, receives the program's and the weights'
+    load times."""
     import llama_aot.kernels  # noqa: F401  (the program calls torch.ops.llama_aot)
 
+    seconds = {} if seconds is None else seconds
+    start = time.perf_counter()
     try:
         program = torch._inductor.aoti_load_package(str(path / PROGRAM_FILE), run_single_threaded=single_threaded)
     except Exception as e:  # the loader raises RuntimeError subclasses with C++ detail
         raise ArtifactError(f"{path / PROGRAM_FILE}: cannot be loaded ({str(e).splitlines()[0]}); "
                             "rebuild the artifact on this machine") from None
+    seconds["program"] = time.perf_counter() - start
+    start = time.perf_counter()
     weights = load_weights(path, rank, device, expected)
     needed = program.get_constant_fqns()
     missing = [n for n in needed if n not in weights]
     if missing:
         raise ArtifactError(f"{path / weights_file(rank)} lacks weights {missing[:5]}; rebuild the artifact")
     program.load_constants({n: weights[n] for n in needed}, check_full_update=True, user_managed=True)
+    seconds["weights"] = time.perf_counter() - start
     return program, weights
 
 
@@ -209,6 +218,9 @@ def load_artifact(path: str | Path, device: str | None = None, rank: int = 0,
     if weights_file(rank) not in manifest["files"]:
         raise ArtifactError(f"{path}: manifest.json lists no {weights_file(rank)}; rebuild the artifact")
     every_rank = frozenset(weights_file(r) for r in range(manifest["target"]["world_size"]))
+    start = time.perf_counter()
     check_files(path, manifest, streamed=every_rank)  # each rank verifies its own weights as it loads them
-    program, weights = open_program(path, device, rank, single_threaded, manifest["files"][weights_file(rank)])
-    return Artifact(path=path, manifest=manifest, program=program, weights=weights)
+    seconds = {"files": time.perf_counter() - start}
+    program, weights = open_program(path, device, rank, single_threaded, manifest["files"][weights_file(rank)],
+                                    seconds)
+    return Artifact(path=path, manifest=manifest, program=program, weights=weights, load_seconds=seconds)

@@ -78,13 +78,16 @@ def build_server(args):
     template = load_chat_template(args.artifact)
     tokenizer = template.tokenizer if template else Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
     resolved = runtime.resolve(artifact.model_config, artifact.build_config, artifact.weight_bytes)
+    engine_start = time.perf_counter()
     engine = Engine(artifact, resolved, tokenizer, device=artifact.manifest["target"]["device_type"])
+    engine_s = time.perf_counter() - engine_start
     warmup = engine.warmup()
     engine.start()
     graphs = warmup.graph_batch_sizes
-    captured = (f"; captured {len(graphs)} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
+    captured = (f", captured {len(graphs)} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
                 f"{warmup.capture_s:.1f} s" if graphs else "")
-    print(f"llama-serve: loaded {args.artifact} in {time.perf_counter() - start:.1f} s (first step "
+    stages = ", ".join(f"{name} {s:.1f} s" for name, s in {**artifact.load_seconds, "engine": engine_s}.items())
+    print(f"llama-serve: loaded {args.artifact} in {time.perf_counter() - start:.1f} s ({stages}, first step "
           f"{warmup.first_step_s * 1e3:.0f} ms{captured}); KV cache {resolved.num_blocks} blocks x "
           f"{resolved.block_size} tokens "
           f"({resolved.num_blocks * resolved.block_bytes / 2**30:.2f} GiB); serving '{config.served_model_name}' "

@@ -15,18 +15,19 @@
   3.1 release's true, which makes transformers drop spaces before punctuation when decoding;
 - generation_config.json with 3.1's sampling defaults and eos ids [128001, 128008, 128009].
 
-The converted tokenizer takes a couple of seconds, so it is built once per process.
+The converted tokenizer (bench/llama3_tokenizer.py) takes a couple of seconds, so it is built once per
+process.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import torch
 
-VOCAB_SIZE = 128256
-BOS_ID, EOS_IDS = 128000, [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+from llama_aot.bench.llama3_tokenizer import BOS_ID, VOCAB_SIZE, llama3_tokenizer_json, meta_tokenizer_path  # noqa: F401
+
+EOS_IDS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 
@@ -142,37 +143,6 @@ LLAMA31_CHAT_TEMPLATE = r'''{{- bos_token }}
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
 '''
-
-
-def meta_tokenizer_path() -> Path:
-    """Meta's Llama 3 tiktoken file, shipped inside the llama-models package."""
-    import llama_models.llama3
-
-    return Path(llama_models.llama3.__file__).parent / "tokenizer.model"
-
-
-@functools.lru_cache(maxsize=1)
-def llama3_tokenizer_json() -> str:
-    """tokenizer.json for Meta's tokenizer: byte-level BPE over its ranks, split by its regex, with
-    its special tokens, and the post-processor of the Hub's Llama 3 tokenizer.json (which prepends
-    <|begin_of_text|> when asked to add special tokens)."""
-    from tokenizers import processors
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
-
-    meta = MetaTokenizer(meta_tokenizer_path())
-    specials = sorted(meta.special_tokens, key=meta.special_tokens.get)
-    tok = TikTokenConverter(vocab_file=str(meta_tokenizer_path()), pattern=MetaTokenizer.pat_str,
-                            extra_special_tokens=specials).converted()
-    assert tok.get_vocab_size() == VOCAB_SIZE and tok.token_to_id("<|eot_id|>") == meta.eot_id
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
-                                      special_tokens=[(bos, BOS_ID)]),
-    ])
-    return tok.to_str()
 
 
 def write_llama31_checkpoint(path, num_layers: int = 2, seed: int = 0,

@@ -232,7 +232,8 @@ def test_live_runs_agree_with_usage(smollm2_artifact, tmp_path, capsys):
     assert m["total_input"] == sum(r.prompt_len + bos for r in requests) == served_in - warmup.prompt_len - bos
     assert f"{'Total generated tokens:':<40} {m['total_output']:<10}" in out
     assert random_run["git_sha"] and random_run["device"] != "unknown" and random_run["model"]
-    assert (tmp_path / "runs-serve-latency.png").stat().st_size > 0
+    assert random_run["label"] == "random-32-8-c4" and sharegpt_run["label"] == "sharegpt-4-cinf-r20"
+    assert (tmp_path / "runs-random-32-8-c4-latency.png").stat().st_size > 0
     s = sharegpt_run["metrics"]
     assert (s["completed"], s["failed"], s["total_output"]) == (4, 0, 24) and "Serving Benchmark Result" in out2
 

@@ -1,5 +1,6 @@
 """llama-serve end to end on the embedded default (SmolLM2, CPU artifact), through the stock
 `openai` client and raw HTTP, against a real `llama-serve` process."""
+import re
 import signal
 import statistics
 import time
@@ -213,3 +214,6 @@ def test_sigterm_lets_a_request_in_flight_finish(smollm2_artifact):
     assert proc.proc.wait(60) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError):
         httpx.get(proc.base_url + "/health")
+    # The start-up line says where the start-up time went.
+    assert re.search(r"loaded \S+ in [\d.]+ s \(files [\d.]+ s, program [\d.]+ s, weights [\d.]+ s, "
+                     r"engine [\d.]+ s, first step \d+ ms\)", proc.proc.stdout.read())
