@@ -5,8 +5,10 @@ sequence's context (flash-decoding):
 - the query heads that share the KV head are stacked into the tile's rows (GQA packing), so each
   KV page is read once per KV head, not once per query head;
 - the context is cut into SPLITS ranges processed by separate programs, so a single long decode
-  still fills the GPU; each split keeps an online softmax (running max, sum, accumulator) and the
-  splits are merged afterwards by log-sum-exp weights, in torch (Inductor fuses that merge);
+  still fills the GPU; each split keeps an online softmax (running max, sum, accumulator) and a
+  second kernel merges the splits by log-sum-exp weights, one program per (token, head), writing
+  the output in the query dtype (a torch merge became two Inductor kernels: one launch more per
+  layer, and launches are what a short-context decode step is made of);
 - keys are gathered through the block table page by page, so the cache is never copied.
 Masked rows (padding queries, padded group heads) are computed but never stored.
 
@@ -85,6 +87,23 @@ def _paged_attention_kernel(
     tl.store(Acc + acc_rows[:, None] + dims[None, :], acc, mask=live[:, None])
 
 
+@triton.jit
+def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, stride_ms, stride_mt,
+                         stride_ot, stride_oh, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """out = sum_s acc_s * exp(m_s - m) / sum_s l_s * exp(m_s - m), with m the largest m_s. A split
+    that saw no key has m_s = -inf and l_s = 0 and weighs nothing; every row has a live split,
+    since a query always sees its own key."""
+    token, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    m = tl.load(Max + splits * stride_ms + token * stride_mt + head)
+    l = tl.load(Sum + splits * stride_ms + token * stride_mt + head)
+    w = tl.exp(m - tl.max(m, 0))
+    acc = tl.load(Acc + splits[:, None] * stride_as + token * stride_at + head * stride_ah + dims[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(Out + token * stride_ot + head * stride_oh + dims, out.to(Out.dtype.element_ty))
+
+
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
                            scale: float) -> torch.Tensor:
@@ -107,6 +126,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
         BLOCK_N=BLOCK_N, SPLITS=SPLITS, SCALE=scale)  # a constexpr: AOTInductor passes float args as fp64
-    weights = torch.exp(maxes - maxes.max(0).values)
-    out = (acc * weights[..., None]).sum(0) / (sums * weights).sum(0)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    wrap_triton(_merge_splits_kernel)[(num_tokens, num_heads)](
+        acc, maxes, sums, out, acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
+        out.stride(0), out.stride(1), SPLITS=SPLITS, HEAD_DIM=head_dim, num_warps=1)
+    return out
