@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)  # "Triton not available" on CPU
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
+    start = time.perf_counter()
     try:
         build = BuildConfig(target=args.target, dtype=args.dtype or DEFAULT_DTYPE[args.target],
                             weight_quant="fp8" if args.fp8 else "none", tp=args.tp,
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
         print("llama-compile: interrupted; nothing was written", file=sys.stderr)
         return 130
     passes = ", ".join(f"{p['name']}={p['matches']}" for p in manifest["passes"])
-    print(f"{out}: {manifest['target']['device_type']} {manifest['target']['arch']}, passes: {passes}")
+    print(f"{out}: {manifest['target']['device_type']} {manifest['target']['arch']}, passes: {passes}; "
+          f"built in {time.perf_counter() - start:.1f} s")
     return 0
 
 

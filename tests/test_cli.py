@@ -2,6 +2,7 @@
 traceback, and nothing left behind (no output directory, no temporary directory)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,3 +115,15 @@ def test_output_that_is_not_an_artifact_is_not_replaced(capsys, tiny_checkpoint,
     (precious / "notes.txt").write_text("keep me")
     assert_refused(capsys, ["--model", str(tiny_checkpoint), "-o", str(precious)], "not a llama-aot artifact")
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_success_prints_the_summary_with_the_build_time(capsys, tiny_checkpoint, tiny_artifact, tmp_path):
+    """The last line names the artifact, its target, each pass's matches and the wall time; with
+    the session's tiny build already cached this is the cache-hit path."""
+    from conftest import TINY_BUILD
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_BUILD.items()]
+    assert main(["--model", str(tiny_checkpoint), *flags, "-o", str(tmp_path / "tiny")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"{tmp_path / 'tiny'}: cpu ") and "fuse_qkv=2" in last
+    assert re.search(r"; built in \d+\.\d s$", last), last
