@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     totals, counts = defaultdict(float), defaultdict(int)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            totals[event.name] += event.device_time_total
             counts[event.name] += 1
     step_us = sum(totals.values()) / args.steps
     print(f"batch {args.batch}, context {args.context}: kernel time {step_us / 1e3:.3f} ms per step, "

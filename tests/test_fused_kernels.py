@@ -14,7 +14,7 @@ from llama_aot.kernels.kv_cache import rope_write_kv_reference  # noqa: E402
 from llama_aot.kernels.rms_norm import add_rms_norm_reference  # noqa: E402
 from llama_aot.kernels.triton_rms_norm import add_rms_norm_triton  # noqa: E402
 from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton  # noqa: E402
-from llama_aot.runtime.step_inputs import SequenceChunk, build_step_inputs  # noqa: E402
+from paged_steps import blocks_for, scattered_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
@@ -39,14 +39,8 @@ def rope_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype):
 def test_rope_write_kv_kernel_matches_reference(case, dtype):
     heads, kv_heads, head_dim, block_size, seqs = ROPE_CASES[case]
     gen = torch.Generator().manual_seed(0)
-    num_blocks = 2 + sum(-(-(s + n) // block_size) for s, n in seqs)
-    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
-    chunks, used = [], 0
-    for start, n in seqs:
-        blocks = -(-(start + n) // block_size)
-        chunks.append(SequenceChunk(tuple(range(n)), start, tuple(perm[used:used + blocks])))
-        used += blocks
-    step = build_step_inputs(chunks, block_size, DEVICE)
+    num_blocks = blocks_for(seqs, block_size)
+    step = scattered_step(seqs, block_size, num_blocks, gen, DEVICE)
     num_tokens = step["tokens"].shape[0]
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(DEVICE, dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)

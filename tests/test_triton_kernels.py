@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 
 from llama_aot.kernels.paged_attention import paged_attention_reference  # noqa: E402
 from llama_aot.kernels.triton_paged_attention import paged_attention_triton  # noqa: E402
-from llama_aot.runtime.step_inputs import SequenceChunk, build_step_inputs  # noqa: E402
+from paged_steps import blocks_for, scattered_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,15 +27,9 @@ CASES = {
 def test_paged_attention_kernel_matches_reference(case, dtype):
     heads, kv_heads, head_dim, block_size, seqs = CASES[case]
     gen = torch.Generator().manual_seed(0)
-    num_blocks = 2 + sum(-(-(s + n) // block_size) for s, n in seqs)
+    num_blocks = blocks_for(seqs, block_size)
     cache = torch.randn(2, 2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
-    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
-    chunks, used = [], 0
-    for start, n in seqs:
-        blocks = -(-(start + n) // block_size)
-        chunks.append(SequenceChunk(tuple(range(n)), start, tuple(perm[used:used + blocks])))
-        used += blocks
-    step = build_step_inputs(chunks, block_size, DEVICE)
+    step = scattered_step(seqs, block_size, num_blocks, gen, DEVICE)
     q = torch.randn(step["tokens"].shape[0], heads, head_dim, generator=gen).to(DEVICE, dtype)
     args = (q, cache, 1, step["block_tables"], step["context_lens"], step["query_index"], step["positions"],
             head_dim ** -0.5)
