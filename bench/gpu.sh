@@ -71,6 +71,8 @@ if [[ ${BENCH:-1} == 1 ]]; then
   llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
     --out-dir "$RESULTS"
   llama-bench decode --artifact "$ART" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
+  stage "profile: batch 1, context 128"
+  python3 -m llama_aot.bench.profile_step "$ART" --batch 1 --context 128
   stage "first token"
   python3 -m llama_aot.bench.first_token "$ART"
 fi
