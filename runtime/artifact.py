@@ -10,6 +10,7 @@ streamed into memory, so its bytes are read from disk once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -177,6 +178,26 @@ class Artifact:
         return self.program(*args)
 
 
+@contextlib.contextmanager
+def _cpu_isa_probe_skipped():
+    """Loads a CUDA program without torch probing the CPU's vector ISA.
+
+    torch's package loader reads the host's CPU ISA only to compare it with the build's and log a
+    warning. torch 2.11 finds it by compiling a probe per ISA the CPU flags claim and loading each
+    in a child `python -c "import torch; ..."`, seconds apiece; on the GPU machine the program load
+    took 44-46 s of a 2 MB package. A CUDA program does not run CPU vector code, so its load trusts
+    the CPU flags (`cpp.vec_isa_ok`). The ISA list it memoises is dropped afterwards, so a CPU build
+    later in this process probes for real; a CPU artifact keeps the probe, which check_target runs."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    try:
+        with config.patch({"cpp.vec_isa_ok": True}):
+            yield
+    finally:
+        valid_vec_isa_list.cache_clear()
+
+
 def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded: bool = False,
                  expected: dict | None = None, seconds: dict[str, float] | None = None):
     """Loads the compiled program and hands it the rank's weights, verified against `expected`
@@ -190,7 +211,8 @@ def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
     try:
-        program = torch._inductor.aoti_load_package(str(path / PROGRAM_FILE), run_single_threaded=single_threaded)
+        with contextlib.nullcontext() if device == "cpu" else _cpu_isa_probe_skipped():
+            program = torch._inductor.aoti_load_package(str(path / PROGRAM_FILE), run_single_threaded=single_threaded)
     except Exception as e:  # the loader raises RuntimeError subclasses with C++ detail
         raise ArtifactError(f"{path / PROGRAM_FILE}: cannot be loaded ({str(e).splitlines()[0]}); "
                             "rebuild the artifact on this machine") from None
