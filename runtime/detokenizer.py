@@ -87,13 +87,17 @@ class StopChecker:
         self._num_tokens = 0
         self.finish_reason: str | None = None
 
+    def ends_with(self, token_id: int) -> bool:
+        """Whether this token ends the request whatever the text: a stop token id or EOS."""
+        return token_id in self._finishing_ids
+
     def check(self, token_id: int, delta: str) -> tuple[str, str | None]:
         """Takes the newly generated token and its text delta; returns the text to emit now and
         the finish reason ("stop", "length") or None while the request goes on."""
         if self.finish_reason is not None:
             raise RuntimeError(f"request already finished ({self.finish_reason}); no more tokens")
         self._num_tokens += 1
-        if token_id in self._finishing_ids:
+        if self.ends_with(token_id):
             return self.finish("stop")
         text = self._pending + delta
         cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
