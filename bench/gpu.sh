@@ -35,9 +35,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 if [[ ${TESTS:-1} == 1 ]]; then
   stage "kernel tests"
-  python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernels.py tests/test_fused_kernels.py
+  # A kernel that fails here would fail the builds too: stop before spending device time on them.
+  python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernels.py tests/test_fused_kernels.py \
+    || exit 1
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_graphs.py tests/test_weights_loader.py \
     tests/test_sampling.py  # the files with gpu-marked tests; others import packages the image lacks
+  stage "attention kernel alone (pipelined for loop vs while loop)"
+  python3 -m llama_aot.bench.attention --out-dir "$RESULTS"
 fi
 
 [[ -f $INPUTS/tokenizer.json ]] && TOKENIZER=(--tokenizer "$INPUTS/tokenizer.json") || TOKENIZER=()

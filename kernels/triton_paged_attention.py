@@ -9,12 +9,18 @@ sequence's context (flash-decoding):
   second kernel merges the splits by log-sum-exp weights, one program per (token, head), writing
   the output in the query dtype (a torch merge became two Inductor kernels: one launch more per
   layer, and launches are what a short-context decode step is made of);
-- keys are gathered through the block table page by page, so the cache is never copied.
+- keys are gathered through the block table page by page, so the cache is never copied;
+- compiled, the key loop is a `for`, which Triton software-pipelines (NUM_STAGES blocks of keys in
+  flight, each a page-table load then dependent K and V loads); as a `while` it waited on every
+  block's loads in turn, and 8K-context decode read the cache at about a third of copy bandwidth
+  on the H200. The interpreter keeps the `while`.
 Masked rows (padding queries, padded group heads) are computed but never stored.
 
 Imported only where Triton is; `paged_attention` dispatches here for CUDA tensors.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -24,6 +30,29 @@ from torch.library import wrap_triton
 SPLITS = 16
 BLOCK_N = 64
 ROWS = 64  # query rows per tile: query tokens x (padded) group heads
+NUM_STAGES = 2  # key blocks in flight per program in the compiled loop (fp32 caches must fit too)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb, stride_ks, dims,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr):
+    """One online-softmax update over keys [n0, n0 + BLOCK_N) ∩ [.., end), gathered page by page."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    in_range = keys < end
+    page = tl.load(table + keys // BLOCK_SIZE, mask=in_range, other=0)
+    offset = page.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_ks
+    k = tl.load(k_base + offset[None, :] + dims[:, None], mask=in_range[None, :], other=0.0)
+    scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * SCALE
+    scores = tl.where((keys[None, :] <= pos[:, None]) & in_range[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offset[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -33,7 +62,8 @@ def _paged_attention_kernel(
         stride_qt, stride_qh, stride_kl, stride_kkv, stride_kb, stride_ks, stride_kh,
         stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SCALE: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SCALE: tl.constexpr,
+        PIPELINED: tl.constexpr):
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tiles_per_seq = tl.cdiv(q_len, BLOCK_Q)
     seq, q_tile = tile // tiles_per_seq, tile % tiles_per_seq
@@ -61,24 +91,17 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
     k_base = KV + tl.cast(layer, tl.int64) * stride_kl + kv_head * stride_kh  # int64: a large cache passes 2**31
     v_base = k_base + stride_kkv
-    n0 = start
-    while n0 < end:  # a `for` over a runtime bound breaks Triton 3.6's interpreter, which CPU CI uses
-        keys = n0 + tl.arange(0, BLOCK_N)
-        in_range = keys < end
-        page = tl.load(BlockTables + seq * stride_bt + keys // BLOCK_SIZE, mask=in_range, other=0)
-        offset = page.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_ks
-        k = tl.load(k_base + offset[None, :] + dims[:, None], mask=in_range[None, :], other=0.0)
-        scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * SCALE
-        scores = tl.where((keys[None, :] <= pos[:, None]) & in_range[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offset[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
-        n0 += BLOCK_N
+    table = BlockTables + seq * stride_bt
+    if PIPELINED:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb,
+                                          stride_ks, dims, BLOCK_SIZE, BLOCK_N, SCALE)
+    else:  # Triton 3.6's interpreter, which CPU CI uses, cannot run a `for` over a runtime bound
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb,
+                                          stride_ks, dims, BLOCK_SIZE, BLOCK_N, SCALE)
+            n0 += BLOCK_N
 
     out_rows = split * stride_ms + token * stride_mt + head
     tl.store(Max + out_rows, m_i, mask=live)
@@ -106,7 +129,9 @@ def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, st
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, pipelined: bool = not INTERPRETED) -> torch.Tensor:
+    """`pipelined` picks the compiled key loop (see the module docstring); bench/attention.py times
+    both."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[4], kv_cache.shape[3]
     batch, q_len = query_index.shape
@@ -125,7 +150,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
         kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, SPLITS=SPLITS, SCALE=scale)  # a constexpr: AOTInductor passes float args as fp64
+        BLOCK_N=BLOCK_N, SPLITS=SPLITS, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
+        PIPELINED=pipelined, num_stages=NUM_STAGES)
     out = torch.empty_like(q)
     wrap_triton(_merge_splits_kernel)[(num_tokens, num_heads)](
         acc, maxes, sums, out, acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
