@@ -69,7 +69,7 @@ def sweep(args) -> list:
         metrics = execute(cfg, requests, arguments, output_file, args.plot, label=sc.name)
         if sc.dataset == "random" and metrics.completed:
             points.setdefault(sc.name.rsplit("-c", 1)[0], []).append((metrics.concurrency, metrics.output_throughput))
+            if args.plot:  # redrawn after every level, so a sweep cut short still leaves its chart
+                print(f"wrote {plot_throughput_vs_concurrency(points, out_dir / f'serve-sweep-{stamp}-throughput.png')}")
         outcomes.append((sc, metrics))
-    if args.plot and points:
-        print(f"wrote {plot_throughput_vs_concurrency(points, out_dir / f'serve-sweep-{stamp}-throughput.png')}")
     return outcomes
