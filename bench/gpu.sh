@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole GPU run, on the GPU machine: install, test the kernels, build a random-weight
-# Llama-3.1-8B checkpoint, compile it for CUDA in bf16 (and in fp32 for the parity check, in
-# parallel), benchmark decode against HF, time the first token, check fp32 parity with HF, and run
-# the serving sweep.
+# The whole GPU run, on the GPU machine: install, test the kernels and time attention alone, build
+# a random-weight Llama-3.1-8B checkpoint, compile it for CUDA in bf16 (and in fp32 for the parity
+# check, in parallel), time the first token, check fp32 parity with HF, run the serving sweep, and
+# benchmark decode against HF with a profile of the step.
 #   LAYERS=4 bash bench/gpu.sh          quick iteration on fewer layers
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
 #   SEQS=64 bash bench/gpu.sh           sequences per step the bf16 artifact is built for (128)
@@ -11,7 +11,7 @@
 # and a ShareGPT subset. Without it the checkpoint gets a byte-level stand-in tokenizer and the
 # parity and sweep stages are skipped. Also carry .wheels (../shared/device/wheelhouse.sh) for
 # the server's web stack.
-# The full run takes ~15 minutes, past one device call's 10: start it detached
+# The full run takes ~25 minutes (the sweep ~10), past one device call's 10: start it detached
 #   setsid bash bench/gpu.sh > /tmp/gpu.log 2>&1 < /dev/null &
 # and read /tmp/gpu.log from the following calls. Results land in $RESULTS, work files in $WORK.
 set -uo pipefail
@@ -76,13 +76,9 @@ llama-compile --model "$CKPT" --target cuda --max-num-seqs "$SEQS" -o "$ART" \
 echo "compile wall time: $(( $(date +%s) - start )) s"
 [[ $PARALLEL == 1 ]] && wait $FP32
 
+# The stages run from the quickest to the longest, so a run cut short by the device's time keeps
+# the most results.
 if [[ ${BENCH:-1} == 1 ]]; then
-  stage "llama-bench decode"
-  llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
-    --out-dir "$RESULTS"
-  llama-bench decode --artifact "$ART" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
-  stage "profile: batch 1, context 128"
-  python3 -m llama_aot.bench.profile_step "$ART" --batch 1 --context 128
   stage "first token"
   python3 -m llama_aot.bench.first_token "$ART"
 fi
@@ -106,5 +102,14 @@ if [[ ${SWEEP:-1} == 1 ]]; then
   llama-bench sweep --base-url http://127.0.0.1:8000 --tokenizer "$ART" --dataset-path "$INPUTS/sharegpt.json" \
     --plot --out-dir "$RESULTS"
   kill $SERVER
+fi
+
+if [[ ${BENCH:-1} == 1 ]]; then
+  stage "llama-bench decode"
+  llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
+    --out-dir "$RESULTS"
+  llama-bench decode --artifact "$ART" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
+  stage "profile: batch 1, context 128"
+  python3 -m llama_aot.bench.profile_step "$ART" --batch 1 --context 128
 fi
 stage done
