@@ -6,7 +6,6 @@ the llama3 JSON format when the server runs with --tool-call-parser llama3.
 """
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -14,7 +13,8 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from llama_aot.runtime.engine import Engine, RequestOutput
 from llama_aot.serve.chat_template import ChatTemplate
-from llama_aot.serve.errors import APIError, error_body, error_response, install_error_handlers
+from llama_aot.serve.auth import BearerAuth
+from llama_aot.serve.errors import APIError, error_body, install_error_handlers
 from llama_aot.serve.generation import Generation
 from llama_aot.serve.metrics import Metrics
 from llama_aot.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -58,15 +58,8 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
     model_name = config.served_model_name
     vocab_size = engine.artifact.model_config.vocab_size
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            scheme, _, key = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), config.api_key.encode()):
-                return error_response(401, "missing or invalid API key: send Authorization: Bearer <key>",
-                                      None, "invalid_api_key")
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(BearerAuth, api_key=config.api_key)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
