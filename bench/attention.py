@@ -4,7 +4,8 @@
 
 Times one layer's decode attention (Llama-3.1-8B heads: 32 query and 8 KV heads of 128, bf16,
 16-token blocks scattered over the cache) for each batch and context, with the key loop compiled
-both ways: the software-pipelined `for` the artifacts use, and the `while` the interpreter needs.
+both ways (the software-pipelined `for` the artifacts use, and the `while` the interpreter needs)
+and each context cut into --splits ranges (the artifacts use 16).
 It reports microseconds per call and the cache bytes read per second as a fraction of the device's
 copy bandwidth, the figure a long-context decode step is bound by, and writes the table as JSON.
 """
@@ -36,7 +37,7 @@ def _decode_inputs(batch: int, context: int, gen: torch.Generator):
     return q, cache, step
 
 
-def time_attention(batch: int, context: int, pipelined: bool, iters: int = 50) -> float:
+def time_attention(batch: int, context: int, pipelined: bool, splits: int, iters: int = 50) -> float:
     """Microseconds per call, from CUDA events around `iters` back-to-back calls."""
     from llama_aot.kernels.triton_paged_attention import paged_attention_triton
 
@@ -44,7 +45,7 @@ def time_attention(batch: int, context: int, pipelined: bool, iters: int = 50) -
 
     def call():
         return paged_attention_triton(q, cache, 0, step["block_tables"], step["context_lens"], step["query_index"],
-                                      step["positions"], HEAD_DIM ** -0.5, pipelined=pipelined)
+                                      step["positions"], HEAD_DIM ** -0.5, pipelined=pipelined, splits=splits)
     for _ in range(3):
         call()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", default="1,16")
     p.add_argument("--context", default="128,2048,8192")
+    p.add_argument("--splits", default="8,16,32")
     p.add_argument("--out-dir", type=Path, help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
     bandwidth = copy_bandwidth()
@@ -68,13 +70,15 @@ def main(argv=None) -> int:
     for batch in map(int, args.batch.split(",")):
         for context in map(int, args.context.split(",")):
             kv_bytes = batch * context * 2 * KV_HEADS * HEAD_DIM * 2
-            for pipelined in (True, False):
-                us = time_attention(batch, context, pipelined)
-                fraction = kv_bytes / (us * 1e-6) / bandwidth
-                rows.append({"device": device, "git_sha": sha, "batch": batch, "context": context, "loop": "for" if pipelined else "while",
-                             "us_per_layer": us, "kv_bandwidth_fraction": fraction})
-                print(f"batch {batch:3d} context {context:6d} {rows[-1]['loop']:>5} loop: {us:8.1f} us, "
-                      f"{fraction:5.0%} of copy bandwidth")
+            for splits in map(int, args.splits.split(",")):
+                for pipelined in (True, False):
+                    us = time_attention(batch, context, pipelined, splits)
+                    fraction = kv_bytes / (us * 1e-6) / bandwidth
+                    rows.append({"device": device, "git_sha": sha, "batch": batch, "context": context,
+                                 "splits": splits, "loop": "for" if pipelined else "while", "us_per_layer": us,
+                                 "kv_bandwidth_fraction": fraction})
+                    print(f"batch {batch:3d} context {context:6d} splits {splits:3d} {rows[-1]['loop']:>5} loop: "
+                          f"{us:8.1f} us, {fraction:5.0%} of copy bandwidth")
     print(save_results("attention", rows, args.out_dir))
     return 0
 

@@ -129,20 +129,20 @@ def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, st
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                           scale: float, pipelined: bool = not INTERPRETED) -> torch.Tensor:
-    """`pipelined` picks the compiled key loop (see the module docstring); bench/attention.py times
-    both."""
+                           scale: float, pipelined: bool = not INTERPRETED, splits: int = SPLITS) -> torch.Tensor:
+    """`pipelined` picks the compiled key loop (see the module docstring) and `splits` how many
+    ranges a context is cut into; the op uses the defaults, bench/attention.py times the others."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[4], kv_cache.shape[3]
     batch, q_len = query_index.shape
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_q = max(1, ROWS // group_pad)
-    acc = torch.empty(SPLITS, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
-    maxes = torch.empty(SPLITS, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-    sums = torch.empty(SPLITS, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    acc = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    maxes = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    sums = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     q, query_index = q.contiguous(), query_index.contiguous()
-    grid = (batch * triton.cdiv(q_len, block_q), num_kv_heads, SPLITS)
+    grid = (batch * triton.cdiv(q_len, block_q), num_kv_heads, splits)
     wrap_triton(_paged_attention_kernel)[grid](
         q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums,
         layer, num_tokens, q_len,
@@ -150,10 +150,10 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
         kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, SPLITS=SPLITS, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
+        BLOCK_N=BLOCK_N, SPLITS=splits, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
         PIPELINED=pipelined, num_stages=NUM_STAGES)
     out = torch.empty_like(q)
     wrap_triton(_merge_splits_kernel)[(num_tokens, num_heads)](
         acc, maxes, sums, out, acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
-        out.stride(0), out.stride(1), SPLITS=SPLITS, HEAD_DIM=head_dim, num_warps=1)
+        out.stride(0), out.stride(1), SPLITS=splits, HEAD_DIM=head_dim, num_warps=1)
     return out
