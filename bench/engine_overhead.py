@@ -20,6 +20,15 @@ import torch
 VOCAB = 256  # logits this narrow keep the stand-in's argmax negligible next to the engine's work
 
 
+def stand_in_tokenizer():
+    """An empty byte-level BPE: enough for the engine's detokenizer and the app, with no files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    return tokenizer
+
+
 class _StandInArtifact:
     """What Engine reads from an artifact, and a program that costs nothing: each call returns one
     row per requested logit, peaked on a token that changes every step."""
@@ -45,14 +54,11 @@ class _StandInArtifact:
 def measure(batch: int, tokens: int, prompt_len: int = 200) -> tuple[float, float]:
     """Seconds of engine time per step with `batch` requests decoding together, and the part of it
     spent emitting outputs (the part a GPU step overlaps)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from llama_aot.runtime.config import ResolvedRuntime
     from llama_aot.runtime.engine import Engine
     from llama_aot.runtime.sampling import SamplingParams
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer = stand_in_tokenizer()
     artifact = _StandInArtifact()
     blocks = -(-(prompt_len + tokens) // 16)
     runtime = ResolvedRuntime(max_running_requests=batch, chunked_prefill_size=max(512, batch),

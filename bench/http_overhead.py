@@ -64,13 +64,11 @@ class _StandInEngine:
 
 def _serve(port: int, step_s: float) -> None:
     import uvicorn
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from llama_aot.bench.engine_overhead import stand_in_tokenizer
     from llama_aot.serve.app import ServeConfig, create_app
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    engine = _StandInEngine(tokenizer, step_s)
+    engine = _StandInEngine(stand_in_tokenizer(), step_s)
     app = create_app(engine, None, ServeConfig(port=port))
     app.add_api_route("/steps", lambda: {"steps": engine.steps})
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
