@@ -9,6 +9,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from llama_aot.kernels.paged_attention import paged_attention_reference  # noqa: E402
+from llama_aot.kernels import triton_paged_attention  # noqa: E402
 from llama_aot.kernels.triton_paged_attention import paged_attention_triton  # noqa: E402
 from paged_steps import blocks_for, scattered_step  # noqa: E402
 
@@ -19,12 +20,25 @@ CASES = {
     "group_of_3": (9, 3, 16, 16, [(0, 40), (70, 1), (15, 2)]),
     "block_boundaries": (8, 2, 32, 16, [(15, 1), (16, 1), (31, 2), (0, 1)]),
     "llama_8b_heads": (32, 8, 64, 16, [(200, 1), (0, 33)]),
+    # Chunks of several query tiles (32 rows each here) between decode tokens: each sequence's
+    # programs are found by its first token, and a chunk's last tile is partly padding.
+    "decodes_around_long_chunks": (4, 2, 16, 8, [(9, 1), (0, 45), (3, 1), (20, 70), (50, 1)]),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
 @pytest.mark.parametrize("case", list(CASES))
 def test_paged_attention_kernel_matches_reference(case, dtype):
+    _check_against_reference(case, dtype)
+
+
+def test_programs_find_their_sequence_in_several_passes(monkeypatch):
+    """Steps with more sequences than one pass of the scan compares (128) still map every tile."""
+    monkeypatch.setattr(triton_paged_attention, "SEQ_SCAN", 2)
+    _check_against_reference("decodes_around_long_chunks", torch.float32)
+
+
+def _check_against_reference(case, dtype):
     heads, kv_heads, head_dim, block_size, seqs = CASES[case]
     gen = torch.Generator().manual_seed(0)
     num_blocks = blocks_for(seqs, block_size)
