@@ -10,7 +10,6 @@ streamed into memory, so its bytes are read from disk once.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import time
@@ -178,24 +177,18 @@ class Artifact:
         return self.program(*args)
 
 
-@contextlib.contextmanager
-def _cpu_isa_probe_skipped():
-    """Loads a CUDA program without torch probing the CPU's vector ISA.
+def _load_program(pt2: Path, single_threaded: bool):
+    """AOTInductor's package loader, called directly rather than through `aoti_load_package`.
 
-    torch's package loader reads the host's CPU ISA only to compare it with the build's and log a
-    warning. torch 2.11 finds it by compiling a probe per ISA the CPU flags claim and loading each
-    in a child `python -c "import torch; ..."`, seconds apiece; on the GPU machine the program load
-    took 44-46 s of a 2 MB package. A CUDA program does not run CPU vector code, so its load trusts
-    the CPU flags (`cpp.vec_isa_ok`). The ISA list it memoises is dropped afterwards, so a CPU build
-    later in this process probes for real; a CPU artifact keeps the probe, which check_target runs."""
-    from torch._inductor import config
-    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    That wrapper first compares the host with the build's metadata, only to log a warning on a
+    mismatch, and reads the host's CPU vector ISA to do so: torch 2.11 compiles a probe per ISA the
+    CPU flags claim and runs each in a child `python -c "import torch; ..."`. The AMX probes run
+    even with `cpp.vec_isa_ok` set. On the GPU machine that made the program's load 44 s of a 2 MB
+    package, and 24-30 s with `vec_isa_ok`. `check_target` has already refused a program this host
+    cannot run (the GPU arch for CUDA, the vector ISA for CPU), so the comparison adds nothing."""
+    from torch._inductor.package import AOTICompiledModel
 
-    try:
-        with config.patch({"cpp.vec_isa_ok": True}):
-            yield
-    finally:
-        valid_vec_isa_list.cache_clear()
+    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(pt2), "model", single_threaded, 1, -1))
 
 
 def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded: bool = False,
@@ -211,8 +204,7 @@ def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
     try:
-        with contextlib.nullcontext() if device == "cpu" else _cpu_isa_probe_skipped():
-            program = torch._inductor.aoti_load_package(str(path / PROGRAM_FILE), run_single_threaded=single_threaded)
+        program = _load_program(path / PROGRAM_FILE, single_threaded)
     except Exception as e:  # the loader raises RuntimeError subclasses with C++ detail
         raise ArtifactError(f"{path / PROGRAM_FILE}: cannot be loaded ({str(e).splitlines()[0]}); "
                             "rebuild the artifact on this machine") from None

@@ -7,6 +7,7 @@ connections, let requests in flight finish (up to --graceful-timeout seconds), t
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import time
@@ -40,6 +41,18 @@ def parse_args(argv):
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv)
+
+
+def seconds_since_launch() -> float | None:
+    """How long this process has existed, from /proc (Linux only, to 10 ms): the start-up line
+    reports it beside the load's own stages, since interpreter start and imports are part of what
+    a user waits for and nothing inside the process can time them."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _check_port(host: str, port: int) -> None:
@@ -87,7 +100,10 @@ def build_server(args):
     captured = (f", captured {len(graphs)} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
                 f"{warmup.capture_s:.1f} s" if graphs else "")
     stages = ", ".join(f"{name} {s:.1f} s" for name, s in {**artifact.load_seconds, "engine": engine_s}.items())
-    print(f"llama-serve: loaded {args.artifact} in {time.perf_counter() - start:.1f} s ({stages}, first step "
+    age = seconds_since_launch()
+    loaded = f"loaded {args.artifact} in {time.perf_counter() - start:.1f} s"
+    loaded += f", ready {age:.1f} s after launch" if age is not None else ""
+    print(f"llama-serve: {loaded} ({stages}, first step "
           f"{warmup.first_step_s * 1e3:.0f} ms{captured}); KV cache {resolved.num_blocks} blocks x "
           f"{resolved.block_size} tokens "
           f"({resolved.num_blocks * resolved.block_bytes / 2**30:.2f} GiB); serving '{config.served_model_name}' "

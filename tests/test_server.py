@@ -215,5 +215,5 @@ def test_sigterm_lets_a_request_in_flight_finish(smollm2_artifact):
     with pytest.raises(httpx.ConnectError):
         httpx.get(proc.base_url + "/health")
     # The start-up line says where the start-up time went.
-    assert re.search(r"loaded \S+ in [\d.]+ s \(files [\d.]+ s, program [\d.]+ s, weights [\d.]+ s, "
-                     r"engine [\d.]+ s, first step \d+ ms\)", proc.proc.stdout.read())
+    assert re.search(r"loaded \S+ in [\d.]+ s, ready [\d.]+ s after launch \(files [\d.]+ s, program [\d.]+ s, "
+                     r"weights [\d.]+ s, engine [\d.]+ s, first step \d+ ms\)", proc.proc.stdout.read())
