@@ -34,6 +34,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 [[ -d .wheels ]] && python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn openai gguf jinja2 \
   partial-json-parser uvloop httptools
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+lscpu | grep -E '^(Model name|CPU\(s\)):'
 
 if [[ ${TESTS:-1} == 1 ]]; then
   stage "kernel tests"
@@ -42,7 +43,7 @@ if [[ ${TESTS:-1} == 1 ]]; then
     || exit 1
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_graphs.py tests/test_weights_loader.py \
     tests/test_sampling.py  # the files with gpu-marked tests; others import packages the image lacks
-  stage "attention kernel alone (pipelined for loop vs while loop)"
+  stage "attention kernel alone (decode and mixed steps, by split count)"
   python3 -m llama_aot.bench.attention --out-dir "$RESULTS"
 fi
 
