@@ -1,12 +1,15 @@
 """Paged attention alone: how fast the kernel reads the KV cache, by batch, context and split count.
 
     python -m llama_aot.bench.attention [--batch 1,16,64] [--context 128,2048,8192] [--splits 8,16,32]
-                                        [--prefill 512] [--out-dir DIR]
+                                        [--prefill 512] [--tiles 16x32,16x64,...] [--out-dir DIR]
 
 Times one layer's attention (Llama-3.1-8B heads: 32 query and 8 KV heads of 128, bf16, 16-token
 blocks scattered over the cache) for decode steps of each batch and context, and for the same
 steps with one --prefill-token chunk mixed in, as a serving step that admits a request has it.
-Each context is cut into --splits ranges (the artifacts use 16).
+Each context is cut into --splits ranges (the artifacts use 16). Then, at the default split count,
+each --tiles shape (query rows x keys per loop step; the artifacts use 64x64) is timed at every
+batch and context: a decode tile holds one token's 4 query heads, so 64 rows are mostly padding
+that still takes registers, and fewer registers let more programs share an SM to hide latency.
 
 The calls are replayed from a CUDA graph, as the runtime's decode steps are: launched one by one
 from Python, a call costs ~0.4 ms of launch overhead whatever its size, which hides the kernel.
@@ -49,17 +52,16 @@ def _step(batch: int, context: int, prefill: int, gen: torch.Generator):
     return q, cache, step
 
 
-def time_attention(batch: int, context: int, splits: int, prefill: int = 0, calls: int = 20,
-                   replays: int = 5) -> float:
+def time_attention(batch: int, context: int, prefill: int = 0, calls: int = 20, replays: int = 5, **tile) -> float:
     """Microseconds per call: `calls` calls captured in one CUDA graph, timed by CUDA events over
-    `replays` replays."""
+    `replays` replays. `tile` (splits, rows, block_n) goes to the kernel; its defaults are the op's."""
     from llama_aot.kernels.triton_paged_attention import paged_attention_triton
 
     q, cache, step = _step(batch, context, prefill, torch.Generator().manual_seed(0))
 
     def call():
         return paged_attention_triton(q, cache, 0, step["block_tables"], step["context_lens"], step["query_index"],
-                                      step["positions"], HEAD_DIM ** -0.5, splits=splits)
+                                      step["positions"], HEAD_DIM ** -0.5, **tile)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         call()  # compiles, and allocates outside the graph's pool
@@ -79,30 +81,38 @@ def time_attention(batch: int, context: int, splits: int, prefill: int = 0, call
 
 
 def main(argv=None) -> int:
+    from llama_aot.kernels import triton_paged_attention as kernel
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", default="1,16,64")
     p.add_argument("--context", default="128,2048,8192")
     p.add_argument("--splits", default="8,16,32")
     p.add_argument("--prefill", type=int, default=512, help="tokens of the mixed-in prefill chunk (0: none)")
+    p.add_argument("--tiles", default="16x32,16x64,16x128,32x64,64x128",
+                   help="query rows x keys per step, timed at the default split count")
     p.add_argument("--out-dir", type=Path, help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
     bandwidth = copy_bandwidth()
     device, sha = torch.cuda.get_device_name(), git_sha()
-    rows = []
+    default = (kernel.SPLITS, kernel.ROWS, kernel.BLOCK_N)
+    shapes = [default] + [(kernel.SPLITS, *map(int, t.split("x"))) for t in args.tiles.split(",") if t]
+    shapes += [(int(n), kernel.ROWS, kernel.BLOCK_N) for n in args.splits.split(",")]
+    records = []
     for prefill in sorted({0, args.prefill}):
         for batch in map(int, args.batch.split(",")):
             for context in map(int, args.context.split(",")):
                 kv_bytes = (batch * context + (PREFILL_START + prefill if prefill else 0)) * 2 * KV_HEADS * HEAD_DIM * 2
-                for splits in map(int, args.splits.split(",")):
-                    us = time_attention(batch, context, splits, prefill)
+                for splits, tile_rows, block_n in dict.fromkeys(shapes):
+                    us = time_attention(batch, context, prefill, splits=splits, rows=tile_rows, block_n=block_n)
                     fraction = kv_bytes / (us * 1e-6) / bandwidth
-                    rows.append({"device": device, "git_sha": sha, "batch": batch, "context": context,
-                                 "prefill_tokens": prefill, "splits": splits, "us_per_layer": us,
-                                 "kv_bandwidth_fraction": fraction})
+                    records.append({"device": device, "git_sha": sha, "batch": batch, "context": context,
+                                    "prefill_tokens": prefill, "splits": splits, "rows": tile_rows,
+                                    "block_n": block_n, "us_per_layer": us, "kv_bandwidth_fraction": fraction})
                     mixed = f" + {prefill}-token prefill" if prefill else ""
-                    print(f"batch {batch:3d} context {context:6d}{mixed} splits {splits:3d}: {us:8.1f} us per layer, "
-                          f"{fraction:5.0%} of copy bandwidth")
-    print(save_results("attention", rows, args.out_dir))
+                    print(f"batch {batch:3d} context {context:6d}{mixed} splits {splits:3d} "
+                          f"tile {tile_rows:3d}x{block_n:<3d}: {us:8.1f} us per layer, {fraction:5.0%} of copy "
+                          "bandwidth")
+    print(save_results("attention", records, args.out_dir))
     return 0
 
 

@@ -152,15 +152,17 @@ def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, st
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                           scale: float, splits: int = SPLITS) -> torch.Tensor:
-    """`splits` is how many ranges a context is cut into; the op uses the default, bench/attention.py
-    times others."""
+                           scale: float, splits: int = SPLITS, rows: int = ROWS,
+                           block_n: int = BLOCK_N) -> torch.Tensor:
+    """`splits` is how many ranges a context is cut into, `rows` the query rows of a tile and
+    `block_n` the keys per step of the key loop; the op uses the defaults, bench/attention.py times
+    others."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[4], kv_cache.shape[3]
     batch, q_len = query_index.shape
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    block_q = max(1, ROWS // group_pad)
+    block_q = max(1, rows // group_pad)
     acc = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
     maxes = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     sums = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
@@ -173,7 +175,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
         kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, SPLITS=splits, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
+        BLOCK_N=block_n, SPLITS=splits, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
         SEQ_SCAN=SEQ_SCAN)
     out = torch.empty_like(q)
     wrap_triton(_merge_splits_kernel)[(num_tokens, num_heads)](
