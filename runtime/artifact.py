@@ -182,10 +182,11 @@ def _load_program(pt2: Path, single_threaded: bool):
 
     That wrapper first compares the host with the build's metadata, only to log a warning on a
     mismatch, and reads the host's CPU vector ISA to do so: torch 2.11 compiles a probe per ISA the
-    CPU flags claim and runs each in a child `python -c "import torch; ..."`. The AMX probes run
-    even with `cpp.vec_isa_ok` set. On the GPU machine that made the program's load 44 s of a 2 MB
-    package, and 24-30 s with `vec_isa_ok`. `check_target` has already refused a program this host
-    cannot run (the GPU arch for CUDA, the vector ISA for CPU), so the comparison adds nothing."""
+    CPU flags claim and runs each in a child `python -c "import torch; ..."`, and its AMX probes run
+    even with `cpp.vec_isa_ok` set. On the GPU machine the wrapper took 44 s for a 2 MB package,
+    and 24-30 s with `vec_isa_ok` set; the C++ loader itself only unzips the package and opens the
+    library. `check_target` has already refused a program this host cannot run (the GPU arch for
+    CUDA, the vector ISA for CPU), so the comparison adds nothing."""
     from torch._inductor.package import AOTICompiledModel
 
     return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(pt2), "model", single_threaded, 1, -1))
