@@ -5,6 +5,7 @@
 # benchmark decode against HF with a profile of the step.
 #   LAYERS=4 bash bench/gpu.sh          quick iteration on fewer layers
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
+#   BUILD=0 bash bench/gpu.sh           kernel tests and the attention table only (~4 minutes)
 #   SEQS=64 bash bench/gpu.sh           sequences per step the bf16 artifact is built for (128)
 # What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
 # `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
@@ -43,9 +44,11 @@ if [[ ${TESTS:-1} == 1 ]]; then
     || exit 1
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_graphs.py tests/test_weights_loader.py \
     tests/test_sampling.py  # the files with gpu-marked tests; others import packages the image lacks
-  stage "attention kernel alone (decode and mixed steps, by split count)"
+  stage "attention kernel alone (decode and mixed steps, by split count and tile shape)"
   python3 -m llama_aot.bench.attention --out-dir "$RESULTS"
 fi
+
+[[ ${BUILD:-1} == 1 ]] || { stage done; exit 0; }
 
 [[ -f $INPUTS/tokenizer.json ]] && TOKENIZER=(--tokenizer "$INPUTS/tokenizer.json") || TOKENIZER=()
 if [[ ! -f $CKPT/config.json ]]; then
