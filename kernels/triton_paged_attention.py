@@ -7,8 +7,8 @@ sequence's context (flash-decoding):
 - programs are numbered over the step's live tiles, not over sequences x the longest chunk: a
   step that mixes 100 decode tokens with one 512-token prefill chunk would otherwise launch 32
   tiles for every decode token, 31 of them empty (serving 1000-token prompts at c=100 on the
-  H200, the inter-token latency's p95 was 145 ms against a median of 20 ms). Sequence b's tiles start at
-  b + first_token(b) // BLOCK_Q, so tiles of different sequences never collide and
+  H200, the inter-token latency's p95 was 145 ms against a median of 20 ms). Sequence b's tiles
+  start at b + first_token(b) // BLOCK_Q, so tiles of different sequences never collide and
   batch + cdiv(tokens, BLOCK_Q) programs cover them all; a program finds its sequence by counting
   the tile starts at or below its number (a decode-only step maps program b to sequence b);
 - the context is cut into SPLITS ranges processed by separate programs, so a single long decode

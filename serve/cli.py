@@ -43,7 +43,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def seconds_since_launch() -> float | None:
+def _seconds_since_launch() -> float | None:
     """How long this process has existed, from /proc (Linux only, to 10 ms): the start-up line
     reports it beside the load's own stages, since interpreter start and imports are part of what
     a user waits for and nothing inside the process can time them."""
@@ -100,7 +100,7 @@ def build_server(args):
     captured = (f", captured {len(graphs)} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
                 f"{warmup.capture_s:.1f} s" if graphs else "")
     stages = ", ".join(f"{name} {s:.1f} s" for name, s in {**artifact.load_seconds, "engine": engine_s}.items())
-    age = seconds_since_launch()
+    age = _seconds_since_launch()
     loaded = f"loaded {args.artifact} in {time.perf_counter() - start:.1f} s"
     loaded += f", ready {age:.1f} s after launch" if age is not None else ""
     print(f"llama-serve: {loaded} ({stages}, first step "
