@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from llama_aot.bench.decode import copy_bandwidth
+from llama_aot.bench.paged_layout import blocks_for, scattered_step
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
-from llama_aot.runtime.step_inputs import SequenceChunk, build_step_inputs
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 PREFILL_START = 1000  # tokens already cached ahead of the mixed-in prefill chunk
@@ -36,15 +36,9 @@ PREFILL_START = 1000  # tokens already cached ahead of the mixed-in prefill chun
 def _step(batch: int, context: int, prefill: int, gen: torch.Generator):
     """A step of `batch` decode tokens at `context`, plus a `prefill`-token chunk if nonzero, over
     randomly placed blocks, with a one-layer cache holding them."""
-    lengths = [(context - 1, 1)] * batch + ([(PREFILL_START, prefill)] if prefill else [])
-    per_seq = [-(-(start + n) // BLOCK_SIZE) for start, n in lengths]
-    num_blocks = 1 + sum(per_seq)
-    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
-    chunks, used = [], 0
-    for (start, n), blocks in zip(lengths, per_seq):
-        chunks.append(SequenceChunk((0,) * n, start, tuple(order[used:used + blocks])))
-        used += blocks
-    step = build_step_inputs(chunks, BLOCK_SIZE, "cuda")
+    seqs = [(context - 1, 1)] * batch + ([(PREFILL_START, prefill)] if prefill else [])
+    num_blocks = blocks_for(seqs, BLOCK_SIZE)
+    step = scattered_step(seqs, BLOCK_SIZE, num_blocks, gen, "cuda")
     values = torch.Generator("cuda").manual_seed(0)  # drawn on the device: 64 x 8K tokens is a 2 GB cache
     cache = torch.randn(1, 2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=values, device="cuda",
                         dtype=torch.bfloat16)

@@ -2,9 +2,10 @@
 
 For each (batch, context) it prefills `batch` random prompts of `context` tokens (not timed), then
 times `new_tokens` greedy decode steps, each fed the previous step's argmax. Both sides report the
-best of REPEATS timed runs: a single run moved HF's figure by 5% between two calls on one machine. The step's inputs are
-advanced on the device from precomputed tables, as the runtime's decode runner does, so the loop
-measures the program, not Python; with --cuda-graph the step is one graph replay.
+best of REPEATS timed runs: a single run moved HF's figure by 5% between two calls on one machine.
+The step's inputs are advanced on the device from precomputed tables, as the runtime's decode
+runner does, so the loop measures the program, not Python; with --cuda-graph the step is one graph
+replay.
 
 The peer baseline is HF transformers' LlamaForCausalLM on the same checkpoint with a static KV
 cache and torch.compile, timed in the same process. Bandwidth is reported as a fraction of this

@@ -14,7 +14,7 @@ from llama_aot.kernels.kv_cache import rope_write_kv_reference  # noqa: E402
 from llama_aot.kernels.rms_norm import add_rms_norm_reference  # noqa: E402
 from llama_aot.kernels.triton_rms_norm import add_rms_norm_triton  # noqa: E402
 from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton  # noqa: E402
-from paged_steps import blocks_for, scattered_step  # noqa: E402
+from llama_aot.bench.paged_layout import blocks_for, scattered_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]

@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton")
 from llama_aot.kernels.paged_attention import paged_attention_reference  # noqa: E402
 from llama_aot.kernels import triton_paged_attention  # noqa: E402
 from llama_aot.kernels.triton_paged_attention import paged_attention_triton  # noqa: E402
-from paged_steps import blocks_for, scattered_step  # noqa: E402
+from llama_aot.bench.paged_layout import blocks_for, scattered_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,5 +1,4 @@
-"""Step inputs for kernel tests: sequences laid out over scattered cache blocks (a helper, not a
-test file).
+"""Step inputs over scattered cache blocks, for the kernel tests and bench/attention.py.
 
 `blocks_for(seqs, block_size)` sizes a cache for `seqs`, each `(cached prefix, new tokens)`, with
 block 0 left unused as the runtime leaves it; `scattered_step` then gives each sequence enough
