@@ -3,7 +3,7 @@
     llama-bench decode --artifact DIR [--checkpoint HF_DIR] --batch 1,8,32 --context 128,2048,8192
     llama-bench serve --base-url URL --tokenizer DIR [--dataset random|sharegpt] [--num-prompts N]
         [--max-concurrency C] [--request-rate R] [--chat] [--output-file F.jsonl] [--plot]
-    llama-bench sweep --base-url URL --tokenizer DIR [--scale F] [--context-len N] [--plot]
+    llama-bench sweep --base-url URL --tokenizer DIR [--scale F] [--scenarios A,B] [--context-len N] [--plot]
     llama-bench accuracy --artifact DIR --checkpoint HF_DIR
 """
 from __future__ import annotations
@@ -24,6 +24,13 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give positive integers")
     return values
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated names")
+    return names
 
 
 def _checked(convert, ok, requirement: str):
@@ -95,6 +102,8 @@ def parse_args(argv):
     _add_target_args(w)
     w.add_argument("--scale", type=_positive_float, default=1.0,
                    help="multiply lengths, prompt counts and concurrencies by this (e.g. 0.02 on CPU)")
+    w.add_argument("--scenarios", type=_names, help="comma-separated scenario names to run, in this order "
+                   "(default: all; e.g. random-1000-1000-c100,sharegpt-100)")
     w.add_argument("--out-dir", type=Path, help="where results and plots go (default: bench/results/)")
 
     a = sub.add_parser("accuracy", help="greedy agreement and perplexity of an artifact against HF transformers")

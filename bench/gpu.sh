@@ -7,6 +7,7 @@
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
 #   BUILD=0 bash bench/gpu.sh           kernel tests and the attention table only (~4 minutes)
 #   SEQS=64 bash bench/gpu.sh           sequences per step the bf16 artifact is built for (128)
+#   SCENARIOS=random-1000-1000-c100,sharegpt-100 bash ...   some sweep scenarios, in this order
 # What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
 # `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
 # and a ShareGPT subset. Without it the checkpoint gets a byte-level stand-in tokenizer and the
@@ -95,6 +96,15 @@ if [[ $PARITY == 1 ]]; then
   rm -rf "$ART32"  # 32 GB of fp32 weights: give the disk back before serving
 fi
 
+if [[ ${BENCH:-1} == 1 ]]; then
+  stage "llama-bench decode"
+  llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
+    --out-dir "$RESULTS"
+  llama-bench decode --artifact "$ART" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
+  stage "profile: batch 1, context 128"
+  python3 -m llama_aot.bench.profile_step "$ART" --batch 1 --context 128
+fi
+
 if [[ ${SWEEP:-1} == 1 ]]; then
   stage "serving sweep"
   llama-serve "$ART" --port 8000 --log-level warning &
@@ -104,16 +114,7 @@ if [[ ${SWEEP:-1} == 1 ]]; then
     sleep 1
   done
   llama-bench sweep --base-url http://127.0.0.1:8000 --tokenizer "$ART" --dataset-path "$INPUTS/sharegpt.json" \
-    --plot --out-dir "$RESULTS"
+    ${SCENARIOS:+--scenarios "$SCENARIOS"} --plot --out-dir "$RESULTS"
   kill $SERVER
-fi
-
-if [[ ${BENCH:-1} == 1 ]]; then
-  stage "llama-bench decode"
-  llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
-    --out-dir "$RESULTS"
-  llama-bench decode --artifact "$ART" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
-  stage "profile: batch 1, context 128"
-  python3 -m llama_aot.bench.profile_step "$ART" --batch 1 --context 128
 fi
 stage done

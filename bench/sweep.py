@@ -4,6 +4,8 @@ the same shapes and the JSONL lines can be compared across commits.
 Random scenarios use fixed lengths (range ratio 1.0, as published 1000/1000 figures do) and send
 four prompts per concurrency slot (at least 8), so each level reaches its steady state. --scale
 shrinks lengths, prompt counts and concurrencies together to keep the sweep runnable on CPU.
+--scenarios picks some of them, in the order given, so a run with little device time left can
+start with the scenarios it needs.
 """
 from __future__ import annotations
 
@@ -48,19 +50,33 @@ def seed_scenarios(scale: float = 1.0) -> list[Scenario]:
     return scenarios
 
 
+def chosen_scenarios(names: list[str] | None, scale: float = 1.0) -> list[Scenario]:
+    """The seed scenarios named in `names`, in that order (all of them when None)."""
+    from llama_aot.bench.datasets import BenchInputError
+
+    seeds = {sc.name: sc for sc in seed_scenarios(scale)}
+    if names is None:
+        return list(seeds.values())
+    unknown = [n for n in names if n not in seeds]
+    if unknown:
+        raise BenchInputError(f"unknown scenario {', '.join(unknown)}; at this --scale they are: {', '.join(seeds)}")
+    return [seeds[n] for n in dict.fromkeys(names)]
+
+
 def sweep(args) -> list:
     """Runs every scenario against one server; writes one JSONL line per scenario, each run's
     latency CDFs, and throughput against concurrency, under --out-dir (default bench/results/)."""
     from llama_aot.bench.cli import build_requests, device_of, execute, run_arguments, serve_config
     from llama_aot.bench.report import plot_throughput_vs_concurrency
 
+    scenarios = chosen_scenarios(args.scenarios, args.scale)
     out_dir = args.out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{device_of(args.tokenizer).replace(' ', '-')}"
     output_file = out_dir / f"serve-sweep-{stamp}.jsonl"
     points: dict[str, list[tuple[float, float]]] = {}
     outcomes = []
-    for sc in seed_scenarios(args.scale):
+    for sc in scenarios:
         print(f"\n{sc.name}: {sc.num_prompts} prompts, concurrency {sc.concurrency or 'unlimited'}")
         cfg = serve_config(args, sc.concurrency, request_rate=math.inf)
         requests = build_requests(args, cfg, sc.dataset, sc.num_prompts, sc.input_len, sc.output_len, 1.0)

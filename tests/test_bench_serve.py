@@ -13,7 +13,7 @@ import pytest
 from llama_aot.bench import cli
 from llama_aot.bench.datasets import load_conversations, load_tokenizer, sample_lengths, sample_random, sample_sharegpt
 from llama_aot.bench.report import format_table
-from llama_aot.bench.sweep import seed_scenarios
+from llama_aot.bench.sweep import chosen_scenarios, seed_scenarios
 from llama_aot.bench.serving import RequestResult, arrival_gaps, compute_metrics
 from server import ServerProcess, free_port
 
@@ -197,6 +197,16 @@ def test_sweep_has_the_seed_scenarios_and_scales_down():
     small = seed_scenarios(0.02)
     assert [s.name for s in small] == ["random-20-20-c1", "random-20-20-c2", "random-160-20-c1", "random-160-20-c2",
                                        "sharegpt-2"]
+
+
+def test_sweep_runs_the_chosen_scenarios_in_the_given_order(tmp_path, capsys):
+    chosen = chosen_scenarios(["random-8000-1000-c64", "sharegpt-100", "random-8000-1000-c64"])
+    assert [(s.input_len, s.concurrency, s.num_prompts) for s in chosen] == [(8000, 64, 256), (0, None, 100)]
+    code = cli.main(["sweep", "--base-url", "http://127.0.0.1:1", "--tokenizer", str(tmp_path), "--scale", "0.02",
+                     "--scenarios", "random-20-20-c1,random-1000-1000-c100", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unknown scenario random-1000-1000-c100" in err[0], err
+    assert "random-20-20-c2" in err[0] and not list(tmp_path.iterdir())
 
 
 def test_live_runs_agree_with_usage(smollm2_artifact, tmp_path, capsys):
