@@ -7,9 +7,9 @@ Times one layer's attention (Llama-3.1-8B heads: 32 query and 8 KV heads of 128,
 blocks scattered over the cache) for decode steps of each batch and context, and for the same
 steps with one --prefill-token chunk mixed in, as a serving step that admits a request has it.
 Each context is cut into --splits ranges (the artifacts use 16). Then, at the default split count,
-each --tiles shape (query rows x keys per loop step; the artifacts use 64x64) is timed at every
-batch and context: a decode tile holds one token's 4 query heads, so 64 rows are mostly padding
-that still takes registers, and fewer registers let more programs share an SM to hide latency.
+each --tiles shape (query rows x keys per loop step) is timed at every batch and context, against
+the artifacts' tile for that kind of step (kernels/triton_paged_attention.py: DECODE_TILE for
+decode steps, CHUNK_TILE for mixed ones).
 
 The calls are replayed from a CUDA graph, as the runtime's decode steps are: launched one by one
 from Python, a call costs ~0.4 ms of launch overhead whatever its size, which hides the kernel.
@@ -48,7 +48,8 @@ def _step(batch: int, context: int, prefill: int, gen: torch.Generator):
 
 def time_attention(batch: int, context: int, prefill: int = 0, calls: int = 20, replays: int = 5, **tile) -> float:
     """Microseconds per call: `calls` calls captured in one CUDA graph, timed by CUDA events over
-    `replays` replays. `tile` (splits, rows, block_n) goes to the kernel; its defaults are the op's."""
+    `replays` replays. `tile` (splits, decode_tile, chunk_tile) goes to the kernel; its defaults
+    are the op's."""
     from llama_aot.kernels.triton_paged_attention import paged_attention_triton
 
     q, cache, step = _step(batch, context, prefill, torch.Generator().manual_seed(0))
@@ -88,16 +89,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     bandwidth = copy_bandwidth()
     device, sha = torch.cuda.get_device_name(), git_sha()
-    default = (kernel.SPLITS, kernel.ROWS, kernel.BLOCK_N)
-    shapes = [default] + [(kernel.SPLITS, *map(int, t.split("x"))) for t in args.tiles.split(",") if t]
-    shapes += [(int(n), kernel.ROWS, kernel.BLOCK_N) for n in args.splits.split(",")]
+    tiles = [tuple(map(int, t.split("x"))) for t in args.tiles.split(",") if t]
     records = []
     for prefill in sorted({0, args.prefill}):
+        default = kernel.CHUNK_TILE if prefill else kernel.DECODE_TILE
+        shapes = [(kernel.SPLITS, *tile) for tile in [default, *tiles]]
+        shapes += [(int(n), *default) for n in args.splits.split(",")]
         for batch in map(int, args.batch.split(",")):
             for context in map(int, args.context.split(",")):
                 kv_bytes = (batch * context + (PREFILL_START + prefill if prefill else 0)) * 2 * KV_HEADS * HEAD_DIM * 2
                 for splits, tile_rows, block_n in dict.fromkeys(shapes):
-                    us = time_attention(batch, context, prefill, splits=splits, rows=tile_rows, block_n=block_n)
+                    tile = (tile_rows, block_n)  # only the step's kind of launch runs
+                    us = time_attention(batch, context, prefill, splits=splits, decode_tile=tile, chunk_tile=tile)
                     fraction = kv_bytes / (us * 1e-6) / bandwidth
                     records.append({"device": device, "git_sha": sha, "batch": batch, "context": context,
                                     "prefill_tokens": prefill, "splits": splits, "rows": tile_rows,

@@ -34,8 +34,13 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 SPLITS = 16
-BLOCK_N = 64
-ROWS = 64  # query rows per tile: query tokens x (padded) group heads
+# Tiles as (query rows, keys per step of the key loop); rows are query tokens x (padded) group heads.
+# A decode tile holds one token's 4 heads whatever its size, so its other rows are padding that
+# costs registers: 16 rows beat 64 by 1.3x at batch 16-64 (bench/attention.py on the H200,
+# e.g. batch 64 at 8K context 681 against 905 us per layer). A prefill chunk fills its rows, and
+# 64 rows read each key for 16 tokens: 16-row tiles were 2x slower on steps with a 512-token chunk.
+DECODE_TILE = (16, 64)
+CHUNK_TILE = (64, 64)
 SEQ_SCAN = 128  # sequences whose tile starts a program compares at once while finding its own
 
 
@@ -152,31 +157,38 @@ def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, st
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                           scale: float, splits: int = SPLITS, rows: int = ROWS,
-                           block_n: int = BLOCK_N) -> torch.Tensor:
-    """`splits` is how many ranges a context is cut into, `rows` the query rows of a tile and
-    `block_n` the keys per step of the key loop; the op uses the defaults, bench/attention.py times
-    others."""
+                           scale: float, splits: int = SPLITS, decode_tile: tuple[int, int] = DECODE_TILE,
+                           chunk_tile: tuple[int, int] = CHUNK_TILE) -> torch.Tensor:
+    """`splits` is how many ranges a context is cut into; `decode_tile` is the (rows, keys per
+    step) tile of a step where every sequence brings one token, `chunk_tile` that of a step with a
+    prefill chunk. The op uses the defaults, bench/attention.py times others.
+
+    Both kernels are launched, one of them with an empty grid: the step's kind is a symbolic size
+    in the exported program (query_index's width), so it is computed into the grid rather than
+    branched on, and AOTInductor's launcher, like Triton's, skips a launch with no programs."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[4], kv_cache.shape[3]
     batch, q_len = query_index.shape
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    block_q = max(1, rows // group_pad)
     acc = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
     maxes = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     sums = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     q, query_index = q.contiguous(), query_index.contiguous()
-    grid = (batch + triton.cdiv(num_tokens, block_q), num_kv_heads, splits)
-    wrap_triton(_paged_attention_kernel)[grid](
-        q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums,
-        layer, num_tokens, batch, q_len,
-        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
-        acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
-        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        BLOCK_N=block_n, SPLITS=splits, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
-        SEQ_SCAN=SEQ_SCAN)
+    decode_only = 1 - torch.sym_min(q_len - 1, 1)  # 1 when q_len is 1, else 0
+    decode_q, chunk_q = (max(1, rows // group_pad) for rows, _ in (decode_tile, chunk_tile))
+    launches = ((decode_tile[1], decode_q, batch * decode_only),  # program b holds sequence b's token
+                (chunk_tile[1], chunk_q, (batch + triton.cdiv(num_tokens, chunk_q)) * (1 - decode_only)))
+    for block_n, block_q, programs in launches:
+        wrap_triton(_paged_attention_kernel)[(programs, num_kv_heads, splits)](
+            q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums,
+            layer, num_tokens, batch, q_len,
+            q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+            kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
+            acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
+            BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
+            BLOCK_N=block_n, SPLITS=splits, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
+            SEQ_SCAN=SEQ_SCAN)
     out = torch.empty_like(q)
     wrap_triton(_merge_splits_kernel)[(num_tokens, num_heads)](
         acc, maxes, sums, out, acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),

@@ -23,6 +23,8 @@ CASES = {
     # Chunks of several query tiles (32 rows each here) between decode tokens: each sequence's
     # programs are found by its first token, and a chunk's last tile is partly padding.
     "decodes_around_long_chunks": (4, 2, 16, 8, [(9, 1), (0, 45), (3, 1), (20, 70), (50, 1)]),
+    # Every sequence brings one token: the decode tile's launch, not the chunk tile's.
+    "decode_only": (32, 8, 64, 16, [(200, 1), (15, 1), (16, 1), (0, 1), (47, 1)]),
 }
 
 
@@ -32,10 +34,11 @@ def test_paged_attention_kernel_matches_reference(case, dtype):
     _check_against_reference(case, dtype)
 
 
-def test_smaller_tiles_match_reference():
-    """The tile shapes bench/attention.py sweeps (16 query rows, 32 keys a step) give the same
-    answer, so the bench's pick can become the default."""
-    _check_against_reference("decodes_around_long_chunks", torch.float32, rows=16, block_n=32)
+@pytest.mark.parametrize("case", ["decodes_around_long_chunks", "decode_only"])
+def test_other_tiles_match_reference(case):
+    """The tile shapes bench/attention.py sweeps give the same answer, so its picks can become
+    the defaults."""
+    _check_against_reference(case, torch.float32, decode_tile=(32, 32), chunk_tile=(16, 32))
 
 
 def test_programs_find_their_sequence_in_several_passes(monkeypatch):
