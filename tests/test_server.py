@@ -52,6 +52,20 @@ def test_chat_answer_streamed_and_not(client):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_streams_send_a_chunk_per_token_while_text_is_held(client):
+    """The stop string makes the server hold back every " the" (it could start " the qqq"): those
+    tokens still get their (empty) chunks, so a client's per-chunk timing stays per token."""
+    kw = dict(model=MODEL, max_tokens=24, temperature=0, stop=[" the qqq"], extra_body={"ignore_eos": True},
+              stream=True, stream_options={"include_usage": True})
+    chunks = list(client.completions.create(prompt="Describe the weather here.", **kw))
+    token_chunks = [c for c in chunks if c.choices]
+    assert len(token_chunks) == chunks[-1].usage.completion_tokens == 24
+    assert any(c.choices[0].text == "" for c in token_chunks)
+    chat_kw = {k: v for k, v in kw.items() if k not in ("model", "temperature")}
+    chat = list(ask(client, "Describe the weather here.", **chat_kw))
+    assert len([c for c in chat if c.choices and c.choices[0].delta.content is not None]) == 1 + 24  # role chunk
+
+
 def test_length_finish_and_text_completions(client):
     out = ask(client, "Write a long story about a dragon.", max_tokens=5)
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 5
