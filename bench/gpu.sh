@@ -7,6 +7,7 @@
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
 #   BUILD=0 bash bench/gpu.sh           kernel tests and the attention table only (~4 minutes)
 #   SEQS=64 bash bench/gpu.sh           sequences per step the bf16 artifact is built for (128)
+#   TOKENS=2048 bash bench/gpu.sh       tokens per step it is built for (default: llama-compile's, 512)
 #   SCENARIOS=random-1000-1000-c100,sharegpt-100 bash ...   some sweep scenarios, in this order
 # What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
 # `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
@@ -75,8 +76,8 @@ stage "llama-compile --target cuda (bf16$([[ $PARALLEL == 1 ]] && echo ", fp32 a
 start=$(date +%s)
 # Room for the sweep's 100 concurrent requests in one step (the build's default is 64). If the
 # build fails with it, the default follows, so the rest of the run still has an artifact.
-llama-compile --model "$CKPT" --target cuda --max-num-seqs "$SEQS" -o "$ART" \
-  || { stage "retry with the default --max-num-seqs"; llama-compile --model "$CKPT" --target cuda -o "$ART"; } \
+llama-compile --model "$CKPT" --target cuda --max-num-seqs "$SEQS" ${TOKENS:+--max-num-tokens "$TOKENS"} -o "$ART" \
+  || { stage "retry with the default sizes"; llama-compile --model "$CKPT" --target cuda -o "$ART"; } \
   || exit 1
 echo "compile wall time: $(( $(date +%s) - start )) s"
 [[ $PARALLEL == 1 ]] && wait $FP32

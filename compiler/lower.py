@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
+from llama_aot.compiler.inductor_fixes import lowering_fixes
+
 INDUCTOR_OPTIONS = {"aot_inductor.package_constants_in_so": False}
 # Benchmarks cuBLAS against Inductor's Triton GEMM templates for each matmul shape at build time.
 AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
@@ -19,7 +21,8 @@ AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TR
 
 def lower(ep: ExportedProgram, package_path: Path, max_autotune: bool = False) -> Path:
     options = {**INDUCTOR_OPTIONS, **(AUTOTUNE_OPTIONS if max_autotune else {})}
-    out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=options)
+    with lowering_fixes():
+        out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=options)
     return Path(out)
 
 
