@@ -36,9 +36,10 @@ from torch.library import wrap_triton
 SPLITS = 16
 # Tiles as (query rows, keys per step of the key loop); rows are query tokens x (padded) group heads.
 # A decode tile holds one token's 4 heads whatever its size, so its other rows are padding that
-# costs registers: 16 rows beat 64 by 1.3x at batch 16-64 (bench/attention.py on the H200,
+# costs registers: 16 rows beat 64 by 1.3-1.7x at batch 16-64 (bench/attention.py on the H200,
 # e.g. batch 64 at 8K context 681 against 905 us per layer). A prefill chunk fills its rows, and
-# 64 rows read each key for 16 tokens: 16-row tiles were 2x slower on steps with a 512-token chunk.
+# 64 rows read each key for 16 tokens: 16-row tiles were 1.2-2x slower on steps with a 512-token
+# chunk.
 DECODE_TILE = (16, 64)
 CHUNK_TILE = (64, 64)
 SEQ_SCAN = 128  # sequences whose tile starts a program compares at once while finding its own
