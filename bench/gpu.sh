@@ -14,7 +14,7 @@
 # and a ShareGPT subset. Without it the checkpoint gets a byte-level stand-in tokenizer and the
 # parity and sweep stages are skipped. Also carry .wheels (`../shared/device/wheelhouse.sh uvloop httptools`) for
 # the server's web stack.
-# The full run takes ~25 minutes (the sweep ~10), past one device call's 10: start it detached
+# The full run takes ~19 minutes on an H200 (the sweep ~10), past one device call's 10: start it detached
 #   setsid bash bench/gpu.sh > /tmp/gpu.log 2>&1 < /dev/null &
 # and read /tmp/gpu.log from the following calls. Results land in $RESULTS, work files in $WORK.
 set -uo pipefail
