@@ -9,8 +9,13 @@ import torch
 from llama_aot.runtime.step_inputs import SequenceChunk, build_step_inputs
 
 
+def _blocks(start: int, n: int, block_size: int) -> int:
+    """Blocks a sequence with `start` cached tokens needs once `n` more are added."""
+    return -(-(start + n) // block_size)
+
+
 def blocks_for(seqs: list[tuple[int, int]], block_size: int) -> int:
-    return 2 + sum(-(-(start + n) // block_size) for start, n in seqs)
+    return 2 + sum(_blocks(start, n, block_size) for start, n in seqs)
 
 
 def scattered_step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, gen: torch.Generator,
@@ -18,7 +23,7 @@ def scattered_step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int
     perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     chunks, used = [], 0
     for start, n in seqs:
-        blocks = -(-(start + n) // block_size)
+        blocks = _blocks(start, n, block_size)
         chunks.append(SequenceChunk(tuple(range(n)), start, tuple(perm[used:used + blocks])))
         used += blocks
     return build_step_inputs(chunks, block_size, device)
