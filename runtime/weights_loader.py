@@ -26,9 +26,12 @@ has none). Chunk digests let many threads hash one file, the single root keeps t
 and the size refuses a truncated file before any read. It is not `sha256sum`'s value.
 
 Alignment: Inductor's Triton kernels assume 16-byte aligned weights (torch._inductor.utils.ALIGNMENT),
-so on CUDA the file sits in its buffer shifted to start its data section on such a boundary, which
-aligns every tensor whose offset is a multiple of 16. Its C++ kernels load unaligned, so on CPU a
-tensor needs only its dtype's alignment. A tensor that misses its alignment is copied out on its own.
+and cuBLAS streams a weight fastest from a 128-byte boundary. On CUDA the file sits in its buffer
+shifted to start its data section on a 256-byte boundary, so every tensor whose offset in the file
+is a multiple of 256 (every matrix of a Llama checkpoint) starts on one. On the H200, batch-1
+matmuls over weights 16 bytes off such a boundary ran 2-7% slower (gate_up 58.5 against 54.9 us,
+the LM head 250 against 238 us). Inductor's C++ kernels load unaligned, so on CPU a tensor needs only
+its dtype's alignment. A tensor that misses its alignment is copied out on its own.
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ from typing import Callable
 import torch
 
 CHUNK_SIZE = 16 << 20
-CUDA_ALIGNMENT = 16
+CUDA_ALIGNMENT = 16  # what a CUDA tensor must have, or it is copied out
+CUDA_DATA_ALIGNMENT = 256  # where the data section starts, for the matmuls' speed
 MAX_THREADS = 16
 STAGING_PER_THREAD = 2
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -90,7 +94,7 @@ def load_safetensors(path: Path, device: str | torch.device,
 
 def _read_verified(path: Path, device: str | torch.device, expected: dict | None, align_at: int) -> torch.Tensor:
     """The file's bytes as one uint8 tensor on `device`, read once (on CUDA with byte `align_at`
-    on a CUDA_ALIGNMENT boundary); with `expected`, only if they match it."""
+    on a CUDA_DATA_ALIGNMENT boundary); with `expected`, only if they match it."""
     device = torch.device(device)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -98,7 +102,7 @@ def _read_verified(path: Path, device: str | torch.device, expected: dict | None
             raise DigestMismatch(f"{path}: {size} bytes, the manifest says {expected['size']}")
         chunk_size = CHUNK_SIZE if expected is None else expected["chunk_size"]
         if device.type == "cuda":
-            shift = -align_at % CUDA_ALIGNMENT
+            shift = -align_at % CUDA_DATA_ALIGNMENT
             data = torch.empty(shift + size, dtype=torch.uint8, device=device)[shift:]
             digests = _stream_to_cuda(f.fileno(), data, chunk_size, verify=expected is not None)
         else:

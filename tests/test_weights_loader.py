@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from llama_aot.compiler.package import write_weights
 from llama_aot.runtime import weights_loader
 from llama_aot.runtime.artifact import ArtifactError, load_weights, weights_file
-from llama_aot.runtime.weights_loader import (CUDA_ALIGNMENT, DTYPES, DigestMismatch, file_matches, hash_file,
+from llama_aot.runtime.weights_loader import (CUDA_ALIGNMENT, CUDA_DATA_ALIGNMENT, DTYPES, DigestMismatch, file_matches, hash_file,
                                               load_safetensors)
 
 SMALL_CHUNK = 4096
@@ -65,6 +65,17 @@ def test_aligned_tensors_share_one_buffer(tmp_path, device):
     tensors, _ = load_safetensors(path, device, hash_file(path, SMALL_CHUNK))
     assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 1
     assert all(torch.equal(tensors[f"w{i}"].cpu(), torch.full((16, 8), float(i))) for i in range(10))
+
+
+@pytest.mark.gpu
+def test_matrices_start_on_the_boundary_matmuls_stream_fastest_from(tmp_path):
+    """Whatever the header's length, a tensor at a 256-byte multiple of the data section is on a
+    256-byte boundary of the GPU (cuBLAS lost 2-7% on weights 16 bytes off one)."""
+    for name_length in (1, 5, 13):  # header lengths that leave the data section off a boundary in the file
+        path = tmp_path / f"{name_length}.safetensors"
+        save_file({"w" * name_length + str(i): torch.zeros(64, 2) for i in range(3)}, str(path))
+        tensors, _ = load_safetensors(path, "cuda", hash_file(path, SMALL_CHUNK))
+        assert all(t.data_ptr() % CUDA_DATA_ALIGNMENT == 0 for t in tensors.values()), name_length
 
 
 def test_digest_is_the_documented_hash_of_chunk_hashes(sample_file):
