@@ -6,7 +6,8 @@
 Times one layer's attention (Llama-3.1-8B heads: 32 query and 8 KV heads of 128, bf16, 16-token
 blocks scattered over the cache) for decode steps of each batch and context, and for the same
 steps with one --prefill-token chunk mixed in, as a serving step that admits a request has it.
-Each context is cut into --splits ranges (the artifacts use 16). Then, at the default split count,
+Each context is cut into --splits ranges, and into the artifacts' count for the step (`split_count`:
+32 at batch 1, 8 from batch 4 and in steps with a chunk). Then, at the artifacts' split count,
 each --tiles shape (query rows x keys per loop step) is timed at every batch and context, against
 the artifacts' tile for that kind of step (kernels/triton_paged_attention.py: DECODE_TILE for
 decode steps, CHUNK_TILE for mixed ones).
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--splits", default="8,16,32")
     p.add_argument("--prefill", type=int, default=512, help="tokens of the mixed-in prefill chunk (0: none)")
     p.add_argument("--tiles", default="16x32,16x64,16x128,32x64,64x128",
-                   help="query rows x keys per step, timed at the default split count")
+                   help="query rows x keys per step, timed at the artifacts' split count")
     p.add_argument("--out-dir", type=Path, help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
     bandwidth = copy_bandwidth()
@@ -93,9 +94,10 @@ def main(argv=None) -> int:
     records = []
     for prefill in sorted({0, args.prefill}):
         default = kernel.CHUNK_TILE if prefill else kernel.DECODE_TILE
-        shapes = [(kernel.SPLITS, *tile) for tile in [default, *tiles]]
-        shapes += [(int(n), *default) for n in args.splits.split(",")]
         for batch in map(int, args.batch.split(",")):
+            step_splits = kernel.split_count(batch + (1 if prefill else 0), 0 if prefill else 1)
+            shapes = [(step_splits, *tile) for tile in [default, *tiles]]
+            shapes += [(int(n), *default) for n in args.splits.split(",")]
             for context in map(int, args.context.split(",")):
                 kv_bytes = (batch * context + (PREFILL_START + prefill if prefill else 0)) * 2 * KV_HEADS * HEAD_DIM * 2
                 for splits, tile_rows, block_n in dict.fromkeys(shapes):

@@ -11,7 +11,7 @@ sequence's context (flash-decoding):
   start at b + first_token(b) // BLOCK_Q, so tiles of different sequences never collide and
   batch + cdiv(tokens, BLOCK_Q) programs cover them all; a program finds its sequence by counting
   the tile starts at or below its number (a decode-only step maps program b to sequence b);
-- the context is cut into SPLITS ranges processed by separate programs, so a single long decode
+- the context is cut into ranges (splits) processed by separate programs, so a single long decode
   still fills the GPU; each split keeps an online softmax (running max, sum, accumulator) and a
   second kernel merges the splits by log-sum-exp weights, one program per (token, head), writing
   the output in the query dtype (a torch merge became two Inductor kernels: one launch more per
@@ -33,7 +33,13 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-SPLITS = 16
+# Splits per context: a decode step of `batch` sequences gets max(8, 32 // batch), a step with a
+# prefill chunk 8. On the H200 (bench/attention.py, us per layer, 16 splits against the pick):
+# batch 1 at 8K context 23.1 -> 15.5 with 32 (at 128 context 5.8 -> 6.4, the only loss), batch 64
+# at 128 context 36.0 -> 25.1 with 8, and 8 beat 16 on every step with a 512-token chunk (6-27%).
+# Fewer splits mean fewer partial results to write and merge; more keep a small batch's programs
+# filling the GPU. The batch is a symbolic size in the exported program, so the count is too.
+MIN_SPLITS, MAX_SPLITS = 8, 32
 # Tiles as (query rows, keys per step of the key loop); rows are query tokens x (padded) group heads.
 # A decode tile holds one token's 4 heads whatever its size, so its other rows are padding that
 # costs registers: 16 rows beat 64 by 1.3-1.7x at batch 16-64 (bench/attention.py on the H200,
@@ -90,10 +96,9 @@ def _paged_attention_kernel(
         Q, KV, BlockTables, ContextLens, QueryIndex, Positions, Acc, Max, Sum,
         layer, num_tokens, batch, q_len,
         stride_qt, stride_qh, stride_kl, stride_kkv, stride_kb, stride_ks, stride_kh,
-        stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt,
+        stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt, splits,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SCALE: tl.constexpr,
-        SEQ_SCAN: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, SEQ_SCAN: tl.constexpr):
     kv_head, split = tl.program_id(1), tl.program_id(2)
     seq, q_tile = _query_tile(tl.program_id(0), QueryIndex, batch, q_len, BLOCK_Q, SEQ_SCAN)
     if seq >= batch:  # the grid's bound is loose; a tile past a sequence's tokens has no live row
@@ -113,7 +118,7 @@ def _paged_attention_kernel(
 
     context = tl.load(ContextLens + seq)
     visible_end = tl.minimum(context, tl.max(pos, 0) + 1)
-    chunk = tl.cdiv(tl.cdiv(context, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(context, splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, visible_end)
 
@@ -139,16 +144,17 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, stride_ms, stride_mt,
-                         stride_ot, stride_oh, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                         stride_ot, stride_oh, num_splits, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     """out = sum_s acc_s * exp(m_s - m) / sum_s l_s * exp(m_s - m), with m the largest m_s. A split
     that saw no key has m_s = -inf and l_s = 0 and weighs nothing, so its accumulator, which may
     never have been stored, is not read; every row has a live split, since a query always sees its
     own key."""
     token, head = tl.program_id(0), tl.program_id(1)
-    splits = tl.arange(0, SPLITS)
+    splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM)
-    m = tl.load(Max + splits * stride_ms + token * stride_mt + head)
-    l = tl.load(Sum + splits * stride_ms + token * stride_mt + head)
+    real = splits < num_splits
+    m = tl.load(Max + splits * stride_ms + token * stride_mt + head, mask=real, other=float("-inf"))
+    l = tl.load(Sum + splits * stride_ms + token * stride_mt + head, mask=real, other=0.0)
     w = tl.exp(m - tl.max(m, 0))
     acc = tl.load(Acc + splits[:, None] * stride_as + token * stride_at + head * stride_ah + dims[None, :],
                   mask=(m > float("-inf"))[:, None], other=0.0)
@@ -158,11 +164,12 @@ def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, st
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                           scale: float, splits: int = SPLITS, decode_tile: tuple[int, int] = DECODE_TILE,
+                           scale: float, splits: int | None = None, decode_tile: tuple[int, int] = DECODE_TILE,
                            chunk_tile: tuple[int, int] = CHUNK_TILE) -> torch.Tensor:
-    """`splits` is how many ranges a context is cut into; `decode_tile` is the (rows, keys per
-    step) tile of a step where every sequence brings one token, `chunk_tile` that of a step with a
-    prefill chunk. The op uses the defaults, bench/attention.py times others.
+    """`splits` is how many ranges a context is cut into (default: `split_count`, at most
+    MAX_SPLITS); `decode_tile` is the (rows, keys per step) tile of a step where every sequence
+    brings one token, `chunk_tile` that of a step with a prefill chunk. The op uses the defaults,
+    bench/attention.py times others.
 
     Both kernels are launched, one of them with an empty grid: the step's kind is a symbolic size
     in the exported program (query_index's width), so it is computed into the grid rather than
@@ -172,11 +179,13 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
     batch, q_len = query_index.shape
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
+    decode_only = 1 - torch.sym_min(q_len - 1, 1)  # 1 when q_len is 1, else 0
+    if splits is None:
+        splits = split_count(batch, decode_only)
     acc = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
     maxes = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     sums = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     q, query_index = q.contiguous(), query_index.contiguous()
-    decode_only = 1 - torch.sym_min(q_len - 1, 1)  # 1 when q_len is 1, else 0
     decode_q, chunk_q = (max(1, rows // group_pad) for rows, _ in (decode_tile, chunk_tile))
     launches = ((decode_tile[1], decode_q, batch * decode_only),  # program b holds sequence b's token
                 (chunk_tile[1], chunk_q, (batch + triton.cdiv(num_tokens, chunk_q)) * (1 - decode_only)))
@@ -186,12 +195,20 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
             layer, num_tokens, batch, q_len,
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
             kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
-            acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
+            acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), splits,
             BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-            BLOCK_N=block_n, SPLITS=splits, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
+            BLOCK_N=block_n, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
             SEQ_SCAN=SEQ_SCAN)
     out = torch.empty_like(q)
+    # A symbolic count (the exported program's) is known only to be at most MAX_SPLITS.
+    splits_pad = triton.next_power_of_2(splits if isinstance(splits, int) else MAX_SPLITS)
     wrap_triton(_merge_splits_kernel)[(num_tokens, num_heads)](
         acc, maxes, sums, out, acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
-        out.stride(0), out.stride(1), SPLITS=splits, HEAD_DIM=head_dim, num_warps=1)
+        out.stride(0), out.stride(1), splits, SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, num_warps=1)
     return out
+
+
+def split_count(batch, decode_only):
+    """max(8, 32 // batch) for a decode step, 8 for a step with a chunk; see MIN_SPLITS. Both
+    arguments may be symbolic sizes, so this is arithmetic, not a branch."""
+    return torch.sym_max(MIN_SPLITS, decode_only * (MAX_SPLITS // batch))

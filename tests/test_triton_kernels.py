@@ -41,6 +41,19 @@ def test_other_tiles_match_reference(case):
     _check_against_reference(case, torch.float32, decode_tile=(32, 32), chunk_tile=(16, 32))
 
 
+@pytest.mark.parametrize("case, splits", [("decode_only", 10), ("mixed", 3), ("llama_8b_heads", 32)])
+def test_split_counts_match_reference(case, splits):
+    """Counts that are not powers of two (batch 3 decodes get 10) and the largest the op uses."""
+    _check_against_reference(case, torch.float32, splits=splits)
+
+
+def test_split_count_follows_the_batch():
+    """Small decode batches get more splits to fill the GPU, larger ones and chunked steps fewer."""
+    counts = [triton_paged_attention.split_count(batch, 1) for batch in (1, 2, 3, 4, 64)]
+    assert counts == [32, 16, 10, 8, 8]
+    assert triton_paged_attention.split_count(1, 0) == triton_paged_attention.split_count(64, 0) == 8
+
+
 def test_programs_find_their_sequence_in_several_passes(monkeypatch):
     """Steps with more sequences than one pass of the scan compares (128) still map every tile."""
     monkeypatch.setattr(triton_paged_attention, "SEQ_SCAN", 2)
