@@ -6,8 +6,8 @@
 #   LAYERS=4 bash bench/gpu.sh          quick iteration on fewer layers
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
 #   BUILD=0 bash bench/gpu.sh           kernel tests and the attention table only (~4 minutes)
-#   SEQS=64 bash bench/gpu.sh           sequences per step the bf16 artifact is built for (128)
-#   TOKENS=2048 bash bench/gpu.sh       tokens per step it is built for (default: llama-compile's, 512)
+#   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
+#                                       (default: llama-compile's for cuda, 128 and 2048)
 #   SCENARIOS=random-1000-1000-c100,sharegpt-100 bash ...   some sweep scenarios, in this order
 # What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
 # `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
@@ -20,7 +20,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LAYERS=${LAYERS:-32}
-SEQS=${SEQS:-128}
 WORK=${WORK:-/tmp/llama-aot-bench}
 RESULTS=${RESULTS:-bench/results}
 INPUTS=${INPUTS:-.device-inputs}
@@ -74,10 +73,11 @@ PARALLEL=$(( PARITY == 1 && ${GPU_MIB:-0} >= 120000 ))
 stage "llama-compile --target cuda (bf16$([[ $PARALLEL == 1 ]] && echo ", fp32 alongside"))"
 [[ $PARALLEL == 1 ]] && { build_fp32 & FP32=$!; }
 start=$(date +%s)
-# Room for the sweep's 100 concurrent requests in one step (the build's default is 64). If the
-# build fails with it, the default follows, so the rest of the run still has an artifact.
-llama-compile --model "$CKPT" --target cuda --max-num-seqs "$SEQS" ${TOKENS:+--max-num-tokens "$TOKENS"} -o "$ART" \
-  || { stage "retry with the default sizes"; llama-compile --model "$CKPT" --target cuda -o "$ART"; } \
+# If a build with other step sizes fails, the defaults follow, so the rest of the run still has an artifact.
+llama-compile --model "$CKPT" --target cuda ${SEQS:+--max-num-seqs "$SEQS"} ${TOKENS:+--max-num-tokens "$TOKENS"} \
+  -o "$ART" \
+  || { [[ -n ${SEQS:-}${TOKENS:-} ]] && stage "retry with the default sizes" \
+       && llama-compile --model "$CKPT" --target cuda -o "$ART"; } \
   || exit 1
 echo "compile wall time: $(( $(date +%s) - start )) s"
 [[ $PARALLEL == 1 ]] && wait $FP32

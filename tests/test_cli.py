@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from llama_aot.compiler.cli import main
+from llama_aot.compiler.cli import main, step_limits
 
 
 def assert_refused(capsys, argv, *needles):
@@ -40,6 +40,16 @@ def assert_nothing_left(parent, name):
 def test_unimplemented_or_invalid_flags_are_refused(capsys, tmp_path, flags, needle):
     assert_refused(capsys, [*flags, "-o", str(tmp_path / "out")], needle)
     assert_nothing_left(tmp_path, "out")
+
+
+def test_step_sizes_default_by_target_and_follow_the_flags():
+    """A GPU artifact takes 2048-token, 128-sequence steps unless told otherwise; sequences never
+    outnumber tokens, whichever flag set them."""
+    assert step_limits("cpu", None, None) == (512, 64)
+    assert step_limits("cuda", None, None) == (2048, 128)
+    assert step_limits("cuda", 256, None) == (256, 128)
+    assert step_limits("cuda", 64, None) == (64, 64)
+    assert step_limits("cpu", None, 8) == (512, 8)
 
 
 def test_unknown_flag_is_one_line(capsys):
