@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     for prefill in sorted({0, args.prefill}):
         default = kernel.CHUNK_TILE if prefill else kernel.DECODE_TILE
         for batch in map(int, args.batch.split(",")):
-            step_splits = kernel.split_count(batch + (1 if prefill else 0), 0 if prefill else 1)
+            step_splits = kernel.split_count(batch, 0 if prefill else 1)  # the op's count for this step
             shapes = [(step_splits, *tile) for tile in [default, *tiles]]
             shapes += [(int(n), *default) for n in args.splits.split(",")]
             for context in map(int, args.context.split(",")):
