@@ -32,10 +32,10 @@ def parse_args(argv):
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     p.add_argument("--fp8", action="store_true", help="FP8 weights and KV cache")
     p.add_argument("--dtype", choices=SUPPORTED_DTYPES, help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--max-num-tokens", type=int, help="largest number of tokens in one step (default: 512 on cpu, "
-                   "2048 on cuda)")
-    p.add_argument("--max-num-seqs", type=int, help="largest number of sequences in one step (default: 64 on cpu, "
-                   "128 on cuda)")
+    def by_target(i):
+        return ", ".join(f"{step[i]} on {target}" for target, step in DEFAULT_STEP.items())
+    p.add_argument("--max-num-tokens", type=int, help=f"largest number of tokens in one step (default: {by_target(0)})")
+    p.add_argument("--max-num-seqs", type=int, help=f"largest number of sequences in one step (default: {by_target(1)})")
     p.add_argument("--context-length", type=int, default=0, help="longest sequence (default: the model's)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--max-autotune", action="store_true", help="autotune GEMMs at build time (cuda)")

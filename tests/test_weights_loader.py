@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from llama_aot.compiler.package import write_weights
 from llama_aot.runtime import weights_loader
 from llama_aot.runtime.artifact import ArtifactError, load_weights, weights_file
-from llama_aot.runtime.weights_loader import (CUDA_ALIGNMENT, CUDA_DATA_ALIGNMENT, DTYPES, DigestMismatch, file_matches, hash_file,
-                                              load_safetensors)
+from llama_aot.runtime.weights_loader import (CUDA_ALIGNMENT, CUDA_DATA_ALIGNMENT, DTYPES, DigestMismatch,
+                                              file_matches, hash_file, load_safetensors)
 
 SMALL_CHUNK = 4096
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
