@@ -8,6 +8,9 @@ The batch is described by explicit tensors, never by Python state:
 - `block_tables [B, NB]` and `context_lens [B]`: where each sequence's cache lives and how long
   it is after this step.
 A decode-only batch has Q == 1, so the reference pays for padding only when prefills share a step.
+In such a step token b is sequence b's, at position `context_lens[b] - 1` (build_step_inputs and the
+decode graphs' pad rows both lay it out so); the CUDA kernel reads neither `query_index` nor
+`positions` then, which takes two dependent loads off the start of every decode program.
 """
 import importlib.util
 

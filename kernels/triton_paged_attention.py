@@ -108,15 +108,19 @@ def _paged_attention_kernel(
     q_slot = q_tile * BLOCK_Q + rows // GROUP_PAD
     group = rows % GROUP_PAD
     live = (q_slot < q_len) & (group < GROUP)
-    token = tl.load(QueryIndex + seq * q_len + q_slot, mask=live, other=num_tokens)
-    live = live & (token < num_tokens)
-    pos = tl.load(Positions + token, mask=live, other=-1)
+    context = tl.load(ContextLens + seq)
+    if q_len == 1:  # a decode step: token b is sequence b's, at its last position (see paged_attention.py)
+        token = (seq + q_slot).to(tl.int64)  # the types the loads below give
+        pos = tl.where(live, context - 1, -1).to(tl.int64)
+    else:
+        token = tl.load(QueryIndex + seq * q_len + q_slot, mask=live, other=num_tokens)
+        live = live & (token < num_tokens)
+        pos = tl.load(Positions + token, mask=live, other=-1)
     head = kv_head * GROUP + group
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=live[:, None], other=0.0)
 
-    context = tl.load(ContextLens + seq)
     visible_end = tl.minimum(context, tl.max(pos, 0) + 1)
     chunk = tl.cdiv(tl.cdiv(context, splits), BLOCK_N) * BLOCK_N
     start = split * chunk
