@@ -1,8 +1,9 @@
 """`llama-bench decode`: decode speed of an artifact against HF transformers, in one process.
 
 For each (batch, context) it prefills `batch` random prompts of `context` tokens (not timed), then
-times `new_tokens` greedy decode steps, each fed the previous step's argmax. Both sides report the
-best of REPEATS timed runs: a single run moved HF's figure by 5% between two calls on one machine.
+times `new_tokens` greedy decode steps, each fed the previous step's argmax (the runtime's
+`greedy_tokens`). Both sides report the best of REPEATS timed runs: a single run moved HF's figure
+by 5% between two calls on one machine.
 The step's inputs are advanced on the device from precomputed tables, as the runtime's decode
 runner does, so the loop measures the program, not Python; with --cuda-graph the step is one graph
 replay.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from llama_aot.compiler.model import kv_cache_shape
+from llama_aot.runtime.sampling import greedy_tokens
 from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
 
 REPEATS = 3
@@ -89,7 +91,7 @@ def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_gra
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, cfg.vocab_size, (context,), generator=gen).tolist() for _ in range(batch)]
     with torch.inference_mode():
-        first = _prefill(artifact, cache, prompts, tables, bs, build.max_num_tokens, device).argmax(-1)
+        first = greedy_tokens(_prefill(artifact, cache, prompts, tables, bs, build.max_num_tokens, device))
 
         # Static step inputs, advanced on the device: step i writes position context + i.
         step = build_step_inputs([SequenceChunk((0,), context, t) for t in tables], bs, device)
@@ -109,7 +111,7 @@ def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_gra
             run = _capture(run)
         set_step(0, first)
         for i in range(3):  # warm-up steps write positions the timed steps overwrite
-            set_step(i + 1, run().argmax(-1))
+            set_step(i + 1, greedy_tokens(run()))
     return DecodeLoop(run, set_step, first, cache)
 
 
@@ -119,7 +121,7 @@ def decode_steps(loop: DecodeLoop, new_tokens: int) -> None:
     for i in range(new_tokens):
         logits = loop.run()
         if i + 1 < new_tokens:
-            loop.set_step(i + 1, logits.argmax(-1))
+            loop.set_step(i + 1, greedy_tokens(logits))
 
 
 def measure_decode(artifact, batch: int, context: int, new_tokens: int, cuda_graph: bool,

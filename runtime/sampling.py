@@ -286,6 +286,31 @@ def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return t.index_select(0, torch.tensor(rows, device=t.device))
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` (the first maximum wins, as there), in two stages: the maximum of each
+    group of consecutive entries (`_argmax_group` of them), then the argmax of those maxima.
+
+    Why: torch's argmax of a single row ran as one 27 us kernel for Llama 3's 128K vocabulary on
+    the H200, in a 4.6 ms decode step. Split into groups, the first stage spreads the row over as
+    many thread blocks as there are groups. Each row is still reduced on its own, so the result
+    does not depend on the batch. A vocabulary with no divisor in range keeps the single argmax."""
+    vocab = logits.shape[-1]
+    group = _argmax_group(vocab)
+    if group is None:
+        return logits.argmax(-1)
+    values, index = logits.reshape(*logits.shape[:-1], vocab // group, group).max(-1)
+    best = values.argmax(-1, keepdim=True)
+    return (best * group + index.gather(-1, best)).squeeze(-1)
+
+
+ARGMAX_GROUP = 1024
+
+
+def _argmax_group(vocab: int) -> int | None:
+    """The smallest divisor of `vocab` from ARGMAX_GROUP up that leaves at least 8 groups."""
+    return next((g for g in range(ARGMAX_GROUP, vocab // 8 + 1) if vocab % g == 0), None)
+
+
 class Sampler:
     """Stateless: everything a step needs comes in as arguments, so the engine owns request state
     (generators, token histories) and the sampler can be called from any runner."""
@@ -305,14 +330,14 @@ class Sampler:
         if not any(p.logprobs or p.has_penalties or not p.greedy for p in params):
             # The common all-greedy batch: one argmax, no upcast (bf16 to float32 is exact, so the
             # argmax is the same) and no index uploads; each small op saved is a launch per step.
-            return SampleOutput(token_ids=logits.argmax(-1).tolist(), logprobs=[None] * num,
+            return SampleOutput(token_ids=greedy_tokens(logits).tolist(), logprobs=[None] * num,
                                 top_logprobs=[None] * num)
         logits = apply_penalties(logits.float(), params, prompt_ids, output_ids)
 
         tokens = torch.empty(num, dtype=torch.long, device=dev)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            tokens.index_copy_(0, torch.tensor(greedy, device=dev), _rows(logits, greedy).argmax(-1))
+            tokens.index_copy_(0, torch.tensor(greedy, device=dev), greedy_tokens(_rows(logits, greedy)))
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:
             chosen = self._sample_random(_rows(logits, rand), [params[i] for i in rand],

@@ -7,7 +7,7 @@ import torch
 
 from llama_aot.runtime import sampling
 from llama_aot.runtime.sampling import (Sampler, SamplingParams, SamplingParamsError,
-                                        apply_penalties, make_generator)
+                                        apply_penalties, greedy_tokens, make_generator)
 
 
 @pytest.mark.parametrize("kwargs, param", [
@@ -83,6 +83,22 @@ def test_greedy_is_argmax_of_each_row_in_a_mixed_batch():
     # Greedy ignores the truncation parameters.
     alone = _sample(logits[:1], [SamplingParams(temperature=0, top_p=0.01, min_p=0.9)])
     assert alone.token_ids == [logits[0].argmax().item()]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("vocab", [128256, 49152, 5003])  # Llama 3, SmolLM2, a prime (no groups)
+def test_greedy_tokens_is_argmax_with_first_maximum_winning(device, vocab):
+    """Exactly torch.argmax per row, ties across and within groups included, in bf16 and float32."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, vocab, generator=gen)
+    logits[1, [7, vocab - 1]] = 50.0          # a tie: the earlier index wins
+    logits[2, [1500, 1501, 3000]] = 50.0      # ties inside one group and across groups
+    logits[3] = 0.0                            # all equal: token 0
+    logits[4, vocab // 2] = float("nan")      # argmax treats NaN as the maximum
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = logits.to(device, dtype)
+        assert greedy_tokens(rows).tolist() == rows.argmax(-1).tolist()
+        assert greedy_tokens(rows[5]).item() == rows[5].argmax().item()
 
 
 def _penalised_reference(row, p, prompt, output):
