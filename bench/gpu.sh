@@ -5,7 +5,8 @@
 # benchmark decode against HF with a profile of the step.
 #   LAYERS=4 bash bench/gpu.sh          quick iteration on fewer layers
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
-#   BUILD=0 bash bench/gpu.sh           kernel tests and the attention table only (~4 minutes)
+#   BUILD=0 bash bench/gpu.sh           kernel tests and the kernel tables only (~6 minutes)
+#   KERNEL_TABLES=0 bash ...            without the attention and matmul tables
 #   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
 #                                       (default: llama-compile's for cuda, 128 and 2048)
 #   SCENARIOS=random-1000-1000-c100,sharegpt-100 bash ...   some sweep scenarios, in this order
@@ -42,11 +43,15 @@ if [[ ${TESTS:-1} == 1 ]]; then
   stage "kernel tests"
   # A kernel that fails here would fail the builds too: stop before spending device time on them.
   python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernels.py tests/test_fused_kernels.py \
-    || exit 1
+    tests/test_decode_linear.py || exit 1
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_graphs.py tests/test_weights_loader.py \
     tests/test_sampling.py  # the files with gpu-marked tests; others import packages the image lacks
+fi
+if [[ ${KERNEL_TABLES:-1} == 1 ]]; then
   stage "attention kernel alone (decode and mixed steps, by split count and tile shape)"
   python3 -m llama_aot.bench.attention --out-dir "$RESULTS"
+  stage "decode matmuls alone (cuBLAS against decode_linear's tiles) and the greedy argmax"
+  python3 -m llama_aot.bench.matmul --out-dir "$RESULTS"
 fi
 
 [[ ${BUILD:-1} == 1 ]] || { stage done; exit 0; }

@@ -90,6 +90,12 @@ class ModelConfig:
         return _from_dict(cls, data, "model config")
 
 
+# The graph passes each target runs, by name (passes/__init__.py orders them). route_decode_linears
+# picks a CUDA kernel for small steps; on CPU its two branches would be the same matmul.
+DEFAULT_PASSES = {"cpu": ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")}
+DEFAULT_PASSES["cuda"] = DEFAULT_PASSES["cpu"] + ("route_decode_linears",)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """How one artifact is built. The seams for later targets (cuda, fp8, tp) are here so that a
@@ -105,7 +111,7 @@ class BuildConfig:
     block_size: int = 16
     context_length: int = 0
     max_autotune: bool = False
-    passes: tuple[str, ...] = ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")
+    passes: tuple[str, ...] | None = None  # None: the target's DEFAULT_PASSES
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -139,7 +145,7 @@ class BuildConfig:
             raise BuildError("--max-autotune tunes GPU kernels; it needs --target cuda")
         if self.context_length < 0:
             raise BuildError(f"--context-length {self.context_length}: must be positive")
-        object.__setattr__(self, "passes", tuple(self.passes))
+        object.__setattr__(self, "passes", tuple(DEFAULT_PASSES[self.target] if self.passes is None else self.passes))
 
     def resolved(self, model: ModelConfig) -> "BuildConfig":
         """Fill the context length from the model when the user gave none, and refuse one the

@@ -7,4 +7,4 @@ behind the same op, so the graph and the artifact format do not change between t
 
 Importing this package registers the ops; the runtime imports it before loading an artifact.
 """
-from llama_aot.kernels import kv_cache, paged_attention, rms_norm  # noqa: F401  (registers ops)
+from llama_aot.kernels import decode_linear, kv_cache, paged_attention, rms_norm  # noqa: F401  (registers ops)

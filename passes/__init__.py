@@ -14,11 +14,13 @@ from llama_aot.compiler.errors import BuildError
 from llama_aot.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from llama_aot.passes.fuse_gate_up import fuse_gate_up
 from llama_aot.passes.fuse_qkv import fuse_qkv
+from llama_aot.passes.route_decode_linears import route_decode_linears
 
 PIPELINE = (
     ("fuse_qkv", fuse_qkv),
     ("fuse_gate_up", fuse_gate_up),
     ("fuse_add_rmsnorm", fuse_add_rmsnorm),
+    ("route_decode_linears", route_decode_linears),
 )
 
 

@@ -31,6 +31,11 @@ class ProgramEditor:
         self._placeholders = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
         self._fake_mode = detect_fake_mode([n.meta.get("val") for n in self._placeholders.values()])
 
+    @property
+    def fake_mode(self):
+        """The program's fake mode, for computing a new node's value as export would have."""
+        return self._fake_mode
+
     def weight_name(self, node: Node) -> str | None:
         """The FQN of the parameter `node` stands for, or None if it is not a parameter."""
         if node.op != "placeholder":

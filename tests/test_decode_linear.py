@@ -1,0 +1,51 @@
+"""The decode_linear kernel against its torch reference: compiled on a GPU, and through Triton's
+interpreter on CPU-only machines (conftest sets TRITON_INTERPRET=1 there), at small sizes.
+
+Row counts from 1 to the kernel's 16, output widths that do not fill the last column tile, K
+that does not fill the last K step, and rows read through a stride (a slice of a wider tensor)."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from llama_aot.kernels.decode_linear import MAX_ROWS, decode_linear_reference  # noqa: E402
+from llama_aot.kernels.triton_decode_linear import Tiles, decode_linear_triton, launch_decode_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+CASES = {  # rows, out features, in features
+    "one_row": (1, 48, 96),
+    "odd_everything": (5, 37, 300),
+    "full_tile": (MAX_ROWS, 64, 1030),
+}
+
+
+def _inputs(rows, n, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k + 5, generator=gen).to(DEVICE, dtype)[:, 3:k + 3]  # strided rows
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(DEVICE, dtype)
+    return x, weight
+
+
+def _close(got, expected, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_linear_kernel_matches_reference(case, dtype):
+    x, weight = _inputs(*CASES[case], dtype, seed=len(case))
+    got = decode_linear_triton(x, weight)
+    assert got.shape == (x.shape[0], weight.shape[0]) and got.dtype == dtype
+    _close(got, decode_linear_reference(x, weight), dtype)
+
+
+def test_other_tiles_match_reference():
+    """The tiles bench/matmul.py sweeps give the same answer, so its pick can become the default."""
+    x, weight = _inputs(7, 70, 600, torch.float32, seed=9)
+    expected = decode_linear_reference(x, weight)
+    for tiles in (Tiles(16, 256, 3), Tiles(64, 256, 2, num_warps=8)):
+        out = torch.full((7, 70), float("nan"), device=DEVICE)
+        launch_decode_linear(x, weight, out, tiles)
+        _close(out, expected, torch.float32)
