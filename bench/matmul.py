@@ -5,7 +5,7 @@ Llama-3.1-8B weight shapes, at decode batch sizes; and the greedy argmax against
 
 Each timing replays a CUDA graph of REPS calls that cycle through enough weight copies to exceed
 L2, so the weight streams from HBM as in a real step. Reported: microseconds per call (cuBLAS's
-split-K reduce kernel included where it runs one), weight GB/s, the shipped tiles (`tiles_for`)
+split-K reduce kernel included where it runs one), weight GB/s, the shipped tiles (`TILES`)
 and the best variant tried.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
 from llama_aot.kernels.decode_linear import MAX_ROWS
-from llama_aot.kernels.triton_decode_linear import Tiles, launch_decode_linear, tiles_for
+from llama_aot.kernels.triton_decode_linear import TILES, Tiles, launch_decode_linear
 from llama_aot.runtime.sampling import greedy_tokens
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -58,8 +58,7 @@ def time_shape(name: str, n: int, k: int, m: int, weights: list[torch.Tensor]) -
     ref = F.linear(x, weights[0]).float()
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     results = {"cublas": graph_time_us(lambda i: F.linear(x, weights[i]), len(weights))}
-    shipped = tiles_for(n, k)
-    for tiles in dict.fromkeys([shipped] + VARIANTS):
+    for tiles in dict.fromkeys([TILES] + VARIANTS):
         out.fill_(float("nan"))
         label = _label(tiles)
         try:
@@ -71,7 +70,7 @@ def time_shape(name: str, n: int, k: int, m: int, weights: list[torch.Tensor]) -
             print(f"{name} m={m} {label}: WRONG (rel err {err})", flush=True)
             continue
         results[label] = graph_time_us(lambda i: launch_decode_linear(x, weights[i], out, tiles), len(weights))
-    shipped_label = _label(shipped)
+    shipped_label = _label(TILES)
     best = min((v, lbl) for lbl, v in results.items() if lbl != "cublas")
     gbps = n * k * 2 / 1e3
     print(f"{name:9s} m={m:3d} cublas {results['cublas']:7.1f} us ({gbps / results['cublas']:5.0f} GB/s)  "
