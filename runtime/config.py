@@ -63,17 +63,18 @@ class RuntimeConfig:
         block_bytes = (model.num_layers * 2 * build.block_size * model.num_kv_heads * model.head_dim
                        * torch_dtype(build.kv_dtype).itemsize)
         needed = 1 + seqs * -(-context // build.block_size)
+        memory = ""
         if self.kv_cache_blocks:
             blocks = self.kv_cache_blocks
         else:
             fraction = self.mem_fraction_static or DEFAULT_MEM_FRACTION[build.target]
-            budget = int(_device_memory(build.target) * fraction) - weight_bytes
+            budget, memory = _kv_budget(build.target, fraction, weight_bytes)
             blocks = min(needed, budget // block_bytes)
         min_blocks = 1 + -(-context // build.block_size)
         if blocks < min_blocks:
             raise RuntimeConfigError(
                 f"the KV cache would hold {max(blocks, 0)} blocks but one {context}-token request needs "
-                f"{min_blocks}; raise --mem-fraction-static, set "
+                f"{min_blocks}{memory}; raise --mem-fraction-static, set "
                 "--kv-cache-blocks, or lower --context-length")
         graph_bs = 0
         if build.target == "cuda" and not self.disable_cuda_graph:
@@ -97,9 +98,19 @@ class ResolvedRuntime:
     cuda_graph_max_bs: int = 0
 
 
-def _device_memory(target: str) -> int:
+def _kv_budget(target: str, fraction: float, weight_bytes: int) -> tuple[int, str]:
+    """Bytes the KV cache may take, and a note on the memory for an error message.
+
+    On a GPU it is measured, as SGLang does it: the memory free now, less the share of the card
+    that `fraction` leaves for activations and CUDA graphs. The weights are loaded by the time the
+    runtime is resolved, so they are already missing from the free memory, and so is anything
+    another process holds: sized from the card's total instead, a server that shares its GPU
+    failed with an out-of-memory traceback. On CPU: the fraction of RAM, less the weights."""
     if target == "cuda":
         import torch
 
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free, total = torch.cuda.mem_get_info()
+        note = f" ({free / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB are free)"
+        return free - int(total * (1 - fraction)), note
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram * fraction) - weight_bytes, ""

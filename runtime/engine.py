@@ -34,7 +34,7 @@ from llama_aot.compiler.config import torch_dtype
 from llama_aot.compiler.model import kv_cache_shape
 from llama_aot.runtime.artifact import Artifact
 from llama_aot.runtime.block_manager import BlockManager
-from llama_aot.runtime.config import ResolvedRuntime
+from llama_aot.runtime.config import ResolvedRuntime, RuntimeConfigError
 from llama_aot.runtime.decode_graphs import DecodeGraphs, batch_buckets
 from llama_aot.runtime.detokenizer import IncrementalDetokenizer, StopChecker
 from llama_aot.runtime.sampling import Sampler, SamplingParams, make_generator
@@ -115,13 +115,28 @@ class _Commands:
     wake: threading.Event = field(default_factory=threading.Event)
 
 
+def _allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: str,
+                       runtime: ResolvedRuntime) -> torch.Tensor:
+    """The zeroed cache, or a RuntimeConfigError saying which flag to lower: a cache sized by
+    --kv-cache-blocks, or memory taken between sizing and allocating, must not end the server in a
+    traceback. (A CPU allocation that fails says "can't allocate memory" in a plain RuntimeError.)"""
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
+            raise
+    raise RuntimeConfigError(
+        f"the KV cache of {runtime.num_blocks} blocks ({runtime.num_blocks * runtime.block_bytes / 2**30:.2f} "
+        f"GiB) does not fit in the {device}'s free memory; lower --kv-cache-blocks or --mem-fraction-static")
+
+
 class Engine:
     def __init__(self, artifact: Artifact, runtime: ResolvedRuntime, tokenizer, device: str = "cpu"):
         self.artifact, self.runtime, self.tokenizer, self.device = artifact, runtime, tokenizer, device
         cfg, build = artifact.model_config, artifact.build_config
         self.eos_token_ids = tuple(cfg.eos_token_ids)
-        self.kv_cache = torch.zeros(kv_cache_shape(cfg, runtime.num_blocks, runtime.block_size),
-                                    dtype=torch_dtype(build.kv_dtype), device=device)
+        self.kv_cache = _allocate_kv_cache(kv_cache_shape(cfg, runtime.num_blocks, runtime.block_size),
+                                           torch_dtype(build.kv_dtype), device, runtime)
         self.blocks = BlockManager(runtime.num_blocks, runtime.block_size, runtime.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=runtime.max_running_requests,
                                                    max_num_batched_tokens=runtime.chunked_prefill_size,

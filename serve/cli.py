@@ -31,7 +31,8 @@ def parse_args(argv):
     p.add_argument("--max-running-requests", type=int, default=0, help="sequences per step (default: the artifact's)")
     p.add_argument("--chunked-prefill-size", type=int, default=0, help="token budget per step (default: the artifact's)")
     p.add_argument("--mem-fraction-static", type=float,
-                   help="fraction of device memory for weights and KV cache (default: 0.85 on GPU, 0.1 of RAM on CPU)")
+                   help="fraction of device memory for weights and KV cache; on a GPU, memory other processes "
+                        "hold counts against it (default: 0.85 on GPU, 0.1 of RAM on CPU)")
     p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV cache size in blocks (overrides --mem-fraction-static)")
     p.add_argument("--disable-prefix-caching", action="store_true")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")

@@ -117,6 +117,23 @@ def test_padded_decode_gives_the_unpadded_logits(artifact):
     assert torch.equal(padded.cache[:, :, 1:], plain.cache[:, :, 1:])
 
 
+def test_kv_cache_on_a_gpu_is_sized_from_the_memory_free_now(artifact, monkeypatch):
+    """Memory another process holds (or our weights, loaded first) counts against the fraction; a
+    GPU too full for one request is refused with the free memory in the message."""
+    cfg, build = artifact.model_config, artifact.build_config
+    on_gpu = types.SimpleNamespace(**{**build.to_dict(), "target": "cuda"})  # BuildConfig refuses cuda here
+    block_bytes = RuntimeConfig(kv_cache_blocks=600).resolve(cfg, on_gpu, 0).block_bytes
+    total = 1000 * block_bytes
+    every_request_at_full_context = 1 + build.max_num_seqs * -(-build.context_length // build.block_size)
+    assert every_request_at_full_context == 513
+    for free, blocks in ((1000 * block_bytes, 513), (400 * block_bytes, 250)):  # 400 - 150 kept back
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda free=free: (free, total))
+        assert RuntimeConfig(mem_fraction_static=0.85).resolve(cfg, on_gpu, 10 ** 9).num_blocks == blocks
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (100 * block_bytes, total))
+    with pytest.raises(RuntimeConfigError, match=r"GiB of the GPU's .* GiB are free\); raise --mem-fraction-static"):
+        RuntimeConfig(mem_fraction_static=0.85).resolve(cfg, on_gpu, 0)
+
+
 def test_cuda_graph_flags_resolve_against_the_artifact(artifact):
     cfg, build = artifact.model_config, artifact.build_config
     on_gpu = types.SimpleNamespace(**{**build.to_dict(), "target": "cuda"})  # BuildConfig refuses cuda here
@@ -141,8 +158,9 @@ def test_cuda_graph_flags_resolve_against_the_artifact(artifact):
     (["--cuda-graph-max-bs", "-1"], "--cuda-graph-max-bs must not be negative"),
     (["--cuda-graph-max-bs", "9"], "--cuda-graph-max-bs 9 exceeds --max-running-requests 8"),
     (["--cuda-graph-max-bs", "many"], "argument --cuda-graph-max-bs: invalid int value"),
+    (["--kv-cache-blocks", str(10 ** 13)], "does not fit in the cpu's free memory; lower --kv-cache-blocks"),
 ])
-def test_serve_refuses_bad_graph_flags_in_one_line(capsys, tiny_artifact, flags, needle):
+def test_serve_refuses_bad_runtime_flags_in_one_line(capsys, tiny_artifact, flags, needle):
     from server import free_port
 
     from llama_aot.serve.cli import main
