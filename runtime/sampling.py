@@ -286,13 +286,16 @@ def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return t.index_select(0, torch.tensor(rows, device=t.device))
 
 
+ARGMAX_GROUP = 1024  # the smallest group greedy_tokens' first stage reduces
+
+
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """`logits.argmax(-1)` (the first maximum wins, as there), in two stages: the maximum of each
     group of consecutive entries (`_argmax_group` of them), then the argmax of those maxima.
 
     Why: torch's argmax of a single row ran as one 27 us kernel for Llama 3's 128K vocabulary on
-    the H200, in a 4.6 ms decode step. Split into groups, the first stage spreads the row over as
-    many thread blocks as there are groups. Each row is still reduced on its own, so the result
+    the H200, in a 4.6 ms decode step; split into groups, the first stage spreads the row over as
+    many thread blocks as there are groups, and both stages take 13.8 us (bench/matmul.py). Each row is still reduced on its own, so the result
     does not depend on the batch. A vocabulary with no divisor in range keeps the single argmax."""
     vocab = logits.shape[-1]
     group = _argmax_group(vocab)
@@ -301,9 +304,6 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     values, index = logits.reshape(*logits.shape[:-1], vocab // group, group).max(-1)
     best = values.argmax(-1, keepdim=True)
     return (best * group + index.gather(-1, best)).squeeze(-1)
-
-
-ARGMAX_GROUP = 1024
 
 
 def _argmax_group(vocab: int) -> int | None:
@@ -328,8 +328,8 @@ class Sampler:
                 f"{len(prompt_ids)} prompts and {len(output_ids)} outputs")
         dev = logits.device
         if not any(p.logprobs or p.has_penalties or not p.greedy for p in params):
-            # The common all-greedy batch: one argmax, no upcast (bf16 to float32 is exact, so the
-            # argmax is the same) and no index uploads; each small op saved is a launch per step.
+            # The common all-greedy batch: one greedy_tokens, no upcast (bf16 to float32 is exact,
+            # so the argmax is the same) and no index uploads; each small op saved is a launch per step.
             return SampleOutput(token_ids=greedy_tokens(logits).tolist(), logprobs=[None] * num,
                                 top_logprobs=[None] * num)
         logits = apply_penalties(logits.float(), params, prompt_ids, output_ids)
