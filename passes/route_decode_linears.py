@@ -1,6 +1,6 @@
 """Route the matmuls that cuBLAS splits along K to the decode_linear kernel when a step is small.
 
-    y = linear(x, W)                        W: an o_proj or down_proj weight
+    y = linear(x, W)                        y added to the residual stream (o_proj, down_proj)
  -> y = cond(x.shape[0] <= MAX_ROWS,
              lambda x, W: decode_linear(x, W),
              lambda x, W: linear(x, W), (x, W))[0]
@@ -28,21 +28,24 @@ from llama_aot.passes.matching import is_call
 from llama_aot.passes.program import ProgramEditor
 
 aten = torch.ops.aten
-ROUTED = (".o_proj.weight", ".down_proj.weight")
 
 
 def route_decode_linears(ep):
     editor = ProgramEditor(ep)
     matches = 0
     for node in list(editor.graph.nodes):
-        if not is_call(node, aten.linear.default) or len(node.args) != 2:
-            continue
-        name = editor.weight_name(node.args[1])
-        if name is None or not name.endswith(ROUTED):
-            continue
-        _route(editor, node, matches)
-        matches += 1
+        if is_call(node, aten.linear.default) and len(node.args) == 2 and not node.kwargs \
+                and editor.weight_name(node.args[1]) is not None and _writes_residual(node):
+            _route(editor, node, matches)
+            matches += 1
     return editor.finish(), matches
+
+
+def _writes_residual(linear: Node) -> bool:
+    """Whether the matmul's result is added to the residual stream: by the fused add + RMSNorm
+    (fuse_add_rmsnorm's op), or by a plain add where that pass did not run."""
+    return any(is_call(user, torch.ops.llama_aot.add_rms_norm.default) or is_call(user, aten.add.Tensor)
+               for user in linear.users)
 
 
 def _route(editor: ProgramEditor, linear: Node, index: int) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch.export.graph_signature import InputKind
 
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
+from llama_aot.compiler.config import DEFAULT_PASSES
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.model import build_model
 from llama_aot.compiler.errors import BuildError
@@ -98,6 +99,14 @@ def test_route_decode_linears_branches_agree(exported, num_tokens):
     logits = [program.module()(*[inputs[n] for n in INPUT_NAMES], torch.zeros(cache_shape))
               for program in (ep, routed)]
     torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=1e-6)
+
+
+def test_cuda_pipeline_routes_both_residual_projections_after_the_fusions(exported):
+    ep, build = exported
+    routed, reports = run_pipeline(ep, DEFAULT_PASSES["cuda"])
+    assert [(r.name, r.matches) for r in reports][-1] == ("route_decode_linears", 2 * LAYERS)
+    (logits_a, _), (logits_b, _) = run(ep, build), run(routed, build)
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-6)
 
 
 def test_pipeline_runs_only_enabled_passes_in_order(exported):
