@@ -125,6 +125,27 @@ def test_loaded_artifact_runs_a_step(tiny_artifact):
     assert cache[:, :, 1, :3].abs().sum() > 0 and cache[:, :, 2:].abs().sum() == 0
 
 
+def test_cuda_passes_compile_and_match_on_cpu(tiny_checkpoint, tiny_build, tiny_artifact, tmp_path):
+    """The CUDA target's pass list, route_decode_linears' torch.cond included, through AOTInductor
+    on the CPU: the build verifies, and steps on either side of the 16-row switch give the plain
+    build's logits. (The CUDA kernels behind the cond are tested on the GPU machine.)"""
+    from llama_aot.compiler.config import DEFAULT_PASSES
+    from llama_aot.compiler.model import kv_cache_shape
+    from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+
+    build = dataclasses.replace(tiny_build, passes=DEFAULT_PASSES["cuda"])
+    manifest = build_artifact(tiny_checkpoint, build, tmp_path / "routed", Progress(io.StringIO()))
+    assert {"name": "route_decode_linears", "matches": 4} in manifest["passes"]
+    routed, plain = load_artifact(tmp_path / "routed"), load_artifact(tiny_artifact)
+    cfg = plain.model_config
+    for rows in (1, 16, 17, 40):
+        inputs = build_step_inputs([SequenceChunk(tuple(range(3, 3 + rows)), 0, tuple(range(1, 12)), True)],
+                                   build.block_size)
+        logits = [program(*[inputs[n] for n in INPUT_NAMES], torch.zeros(kv_cache_shape(cfg, 12, build.block_size)))
+                  for program in (routed, plain)]
+        torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
 def test_step_time_does_not_grow_with_the_kv_cache(tiny_artifact):
     """The KV write must update the cache in place: a program that copies the cache around the
     write costs time proportional to the cache, which serving sizes to most of memory."""
