@@ -27,7 +27,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
           "lm_head": (128256, 4096)}
 REPS = 24
 L2_BYTES = 60 << 20
-VARIANTS = [Tiles(bn, bk, 3) for bn in (16, 32, 64) for bk in (256, 512, 1024)]  # 8 warps never won (matmul-20261130-154214)
+# 8 warps never won in matmul-20261130-154214.
+VARIANTS = [Tiles(bn, bk, 3) for bn in (16, 32, 64) for bk in (256, 512, 1024)]
 
 
 def graph_time_us(fn_for, copies: int) -> float:

@@ -1,8 +1,9 @@
 """`x @ W.T` for a decode step's few rows.
 
 The op exists for the CUDA target, where its kernel (kernels/triton_decode_linear.py) reads the
-weight once without cuBLAS's split-K reduce. passes/route_decode_linears.py sends a matmul here only when the step has at most
-MAX_ROWS rows, so every caller can rely on that bound. On CPU the body is the reference.
+weight once without cuBLAS's split-K reduce. passes/route_decode_linears.py sends a matmul here
+only when the step has at most MAX_ROWS rows, so every caller can rely on that bound. On CPU the
+body is the reference.
 """
 import importlib.util
 

@@ -295,8 +295,9 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
     Why: torch's argmax of a single row ran as one 27 us kernel for Llama 3's 128K vocabulary on
     the H200, in a 4.6 ms decode step; split into groups, the first stage spreads the row over as
-    many thread blocks as there are groups, and both stages take 13.8 us (bench/matmul.py). Each row is still reduced on its own, so the result
-    does not depend on the batch. A vocabulary with no divisor in range keeps the single argmax."""
+    many thread blocks as there are groups, and both stages take 13.8 us (bench/matmul.py). Each
+    row is still reduced on its own, so the result does not depend on the batch. A vocabulary
+    with no divisor in range keeps the single argmax."""
     vocab = logits.shape[-1]
     group = _argmax_group(vocab)
     if group is None:

@@ -141,8 +141,8 @@ def test_cuda_passes_compile_and_match_on_cpu(tiny_checkpoint, tiny_build, tiny_
     for rows in (1, 16, 17, 40):
         inputs = build_step_inputs([SequenceChunk(tuple(range(3, 3 + rows)), 0, tuple(range(1, 12)), True)],
                                    build.block_size)
-        logits = [program(*[inputs[n] for n in INPUT_NAMES], torch.zeros(kv_cache_shape(cfg, 12, build.block_size)))
-                  for program in (routed, plain)]
+        cache_shape = kv_cache_shape(cfg, 12, build.block_size)
+        logits = [program(*[inputs[n] for n in INPUT_NAMES], torch.zeros(cache_shape)) for program in (routed, plain)]
         torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
 
 
