@@ -18,6 +18,7 @@ the distribution the request actually asked for.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from itertools import chain
@@ -307,6 +308,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return (best * group + index.gather(-1, best)).squeeze(-1)
 
 
+@functools.cache  # a Python scan of up to vocab / 8 candidates: once per vocabulary, not per step
 def _argmax_group(vocab: int) -> int | None:
     """The smallest divisor of `vocab` from ARGMAX_GROUP up that leaves at least 8 groups."""
     return next((g for g in range(ARGMAX_GROUP, vocab // 8 + 1) if vocab % g == 0), None)
