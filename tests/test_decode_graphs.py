@@ -117,11 +117,17 @@ def test_padded_decode_gives_the_unpadded_logits(artifact):
     assert torch.equal(padded.cache[:, :, 1:], plain.cache[:, :, 1:])
 
 
+def gpu_build(build, **changes):
+    """`build` as a CUDA build config would read, with `changes`, for resolving runtime flags on a
+    machine without a GPU (BuildConfig itself refuses the cuda target there)."""
+    return types.SimpleNamespace(**{**build.to_dict(), "target": "cuda", **changes})
+
+
 def test_kv_cache_on_a_gpu_is_sized_from_the_memory_free_now(artifact, monkeypatch):
     """Memory another process holds (or our weights, loaded first) counts against the fraction; a
     GPU too full for one request is refused with the free memory in the message."""
     cfg, build = artifact.model_config, artifact.build_config
-    on_gpu = types.SimpleNamespace(**{**build.to_dict(), "target": "cuda"})  # BuildConfig refuses cuda here
+    on_gpu = gpu_build(build)
     block_bytes = RuntimeConfig(kv_cache_blocks=600).resolve(cfg, on_gpu, 0).block_bytes
     total = 1000 * block_bytes
     every_request_at_full_context = 1 + build.max_num_seqs * -(-build.context_length // build.block_size)
@@ -136,8 +142,7 @@ def test_kv_cache_on_a_gpu_is_sized_from_the_memory_free_now(artifact, monkeypat
 
 def test_cuda_graph_flags_resolve_against_the_artifact(artifact):
     cfg, build = artifact.model_config, artifact.build_config
-    on_gpu = types.SimpleNamespace(**{**build.to_dict(), "target": "cuda"})  # BuildConfig refuses cuda here
-    big_gpu = types.SimpleNamespace(**{**vars(on_gpu), "max_num_seqs": 256, "max_num_tokens": 512})
+    on_gpu, big_gpu = gpu_build(build), gpu_build(build, max_num_seqs=256, max_num_tokens=512)
 
     def graph_bs(build, **flags):
         return RuntimeConfig(kv_cache_blocks=600, **flags).resolve(cfg, build, 0).cuda_graph_max_bs
