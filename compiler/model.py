@@ -77,7 +77,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q = ops.rope_write_kv(q, k, v, cos, sin, kv_cache, self.layer, batch.slots)
         o = ops.paged_attention(q, kv_cache, self.layer, batch.block_tables, batch.context_lens,
-                                batch.query_index, batch.positions, self.head_dim ** -0.5)
+                                batch.query_index, batch.positions, batch.arrivals, self.head_dim ** -0.5)
         return self.o_proj(o.view(n, self.num_heads * self.head_dim))
 
 
@@ -114,11 +114,12 @@ class Backbone(nn.Module):
 
 
 class BatchInputs:
-    """The metadata tensors of one step, named; see kernels/paged_attention.py for their meaning."""
+    """The metadata tensors of one step, named, and the attention kernel's per-step scratch
+    (`arrivals`); see kernels/paged_attention.py for their meaning."""
 
-    def __init__(self, positions, slots, block_tables, context_lens, query_index):
+    def __init__(self, positions, slots, block_tables, context_lens, query_index, arrivals):
         self.positions, self.slots, self.block_tables = positions, slots, block_tables
-        self.context_lens, self.query_index = context_lens, query_index
+        self.context_lens, self.query_index, self.arrivals = context_lens, query_index, arrivals
 
 
 class Llama(nn.Module):
@@ -137,7 +138,9 @@ class Llama(nn.Module):
 
     def forward(self, tokens, positions, slots, block_tables, context_lens, query_index, logits_index,
                 kv_cache):
-        batch = BatchInputs(positions, slots, block_tables, context_lens, query_index)
+        arrivals = torch.zeros(block_tables.shape[0], self.config.num_kv_heads, dtype=torch.int32,
+                               device=tokens.device)
+        batch = BatchInputs(positions, slots, block_tables, context_lens, query_index, arrivals)
         x = self.model.embed_tokens(tokens)
         freqs = positions.float()[:, None] * self.rope_inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
