@@ -54,11 +54,10 @@ def time_attention(batch: int, context: int, prefill: int = 0, calls: int = 20, 
     from llama_aot.kernels.triton_paged_attention import paged_attention_triton
 
     q, cache, step = _step(batch, context, prefill, torch.Generator().manual_seed(0))
-    arrivals = torch.zeros(len(step["context_lens"]), KV_HEADS, dtype=torch.int32, device="cuda")
 
     def call():
         return paged_attention_triton(q, cache, 0, step["block_tables"], step["context_lens"], step["query_index"],
-                                      step["positions"], arrivals, HEAD_DIM ** -0.5, **tile)
+                                      step["positions"], HEAD_DIM ** -0.5, **tile)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         call()  # compiles, and allocates outside the graph's pool

@@ -77,7 +77,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q = ops.rope_write_kv(q, k, v, cos, sin, kv_cache, self.layer, batch.slots)
         o = ops.paged_attention(q, kv_cache, self.layer, batch.block_tables, batch.context_lens,
-                                batch.query_index, batch.positions, batch.arrivals, self.head_dim ** -0.5)
+                                batch.query_index, batch.positions, self.head_dim ** -0.5)
         return self.o_proj(o.view(n, self.num_heads * self.head_dim))
 
 
@@ -114,12 +114,11 @@ class Backbone(nn.Module):
 
 
 class BatchInputs:
-    """The metadata tensors of one step, named, and the attention kernel's per-step scratch
-    (`arrivals`); see kernels/paged_attention.py for their meaning."""
+    """The metadata tensors of one step, named; see kernels/paged_attention.py for their meaning."""
 
-    def __init__(self, positions, slots, block_tables, context_lens, query_index, arrivals):
+    def __init__(self, positions, slots, block_tables, context_lens, query_index):
         self.positions, self.slots, self.block_tables = positions, slots, block_tables
-        self.context_lens, self.query_index, self.arrivals = context_lens, query_index, arrivals
+        self.context_lens, self.query_index = context_lens, query_index
 
 
 class Llama(nn.Module):
@@ -138,9 +137,7 @@ class Llama(nn.Module):
 
     def forward(self, tokens, positions, slots, block_tables, context_lens, query_index, logits_index,
                 kv_cache):
-        arrivals = torch.zeros(block_tables.shape[0], self.config.num_kv_heads, dtype=torch.int32,
-                               device=tokens.device)
-        batch = BatchInputs(positions, slots, block_tables, context_lens, query_index, arrivals)
+        batch = BatchInputs(positions, slots, block_tables, context_lens, query_index)
         x = self.model.embed_tokens(tokens)
         freqs = positions.float()[:, None] * self.rope_inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)

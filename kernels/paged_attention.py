@@ -11,12 +11,6 @@ A decode-only batch has Q == 1, so the reference pays for padding only when pref
 In such a step token b is sequence b's, at position `context_lens[b] - 1` (build_step_inputs and the
 decode graphs' pad rows both lay it out so); the CUDA kernel reads neither `query_index` nor
 `positions` then, which takes two dependent loads off the start of every decode program.
-
-`arrivals [B, num_kv_heads]` (int32) is scratch for the CUDA decode kernel, whose splits count
-themselves there so that the last one merges (kernels/triton_paged_attention.py). It must be zero
-on entry, and every call leaves it zero, so the model allocates one per step for all its layers
-instead of one memset per layer. It is declared mutated because the kernel writes it; the
-reference does not touch it.
 """
 import importlib.util
 
@@ -31,7 +25,7 @@ else:  # CPU-only installs: the reference is the CPU path
 
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                               block_tables: torch.Tensor, context_lens: torch.Tensor,
-                              query_index: torch.Tensor, positions: torch.Tensor, arrivals: torch.Tensor,
+                              query_index: torch.Tensor, positions: torch.Tensor,
                               scale: float) -> torch.Tensor:
     """Gathers each sequence's context once per KV head and attends its queries to it; the query
     heads that share a KV head are stacked into the matmul instead of repeating K and V."""
@@ -62,9 +56,9 @@ def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, layer: in
     return flat[:num_tokens]
 
 
-@triton_op("llama_aot::paged_attention", mutates_args={"arrivals"})
+@triton_op("llama_aot::paged_attention", mutates_args=())
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                    arrivals: torch.Tensor, scale: float) -> torch.Tensor:
+                    scale: float) -> torch.Tensor:
     impl = paged_attention_triton if q.is_cuda else paged_attention_reference
-    return impl(q, kv_cache, layer, block_tables, context_lens, query_index, positions, arrivals, scale)
+    return impl(q, kv_cache, layer, block_tables, context_lens, query_index, positions, scale)

@@ -12,19 +12,12 @@ sequence's context (flash-decoding):
   batch + cdiv(tokens, BLOCK_Q) programs cover them all; a program finds its sequence by counting
   the tile starts at or below its number (a decode-only step maps program b to sequence b);
 - the context is cut into ranges (splits) processed by separate programs, so a single long decode
-  still fills the GPU; each split keeps an online softmax (running max, sum, accumulator), and the
-  splits are merged by log-sum-exp weights into the output, in the query dtype;
-- in a decode step the merge happens inside the attention kernel: a split that has keys stores its
-  partial result and counts itself in `arrivals` (one int32 per sequence and KV head), and the
-  split that arrives last merges them all and sets the count back to 0. Splits past the context
-  return at once. Launches are what a short-context decode step is made of, and this takes one
-  per layer out (a torch merge had been two Inductor kernels; a merge kernel is still one). The
-  atomic's acq_rel order, after a barrier over the program's own stores, makes every split's
-  partials visible to the last one;
-- a step with a prefill chunk keeps a second kernel, one program per (token, head), for the merge:
-  its tiles' rows belong to many tokens, which the separate launch spreads over the GPU. A row
-  that sees no key in its split (the split lies past its position) stores only its max (-inf) and
-  sum, and the merge gives it no weight;
+  still fills the GPU; each split keeps an online softmax (running max, sum, accumulator) and a
+  second kernel merges the splits by log-sum-exp weights, one program per (token, head), writing
+  the output in the query dtype (a torch merge became two Inductor kernels: one launch more per
+  layer, and launches are what a short-context decode step is made of). A row that sees no key in
+  its split (the split lies past its context, or past its position in a prefill chunk) stores only
+  its max (-inf) and sum, and the merge skips its accumulator;
 - keys are gathered through the block table page by page, so the cache is never copied. The key
   loop is a `while`: a `for` that Triton could software-pipeline (2 stages) measured slower on
   the H200 (5.3 -> 6.4 us per layer at 128-token context, 8K-context decode 5.47 -> 5.66 ms per
@@ -100,27 +93,22 @@ def _query_tile(tile, QueryIndex, batch, q_len, BLOCK_Q: tl.constexpr, SEQ_SCAN:
 
 @triton.jit
 def _paged_attention_kernel(
-        Q, KV, BlockTables, ContextLens, QueryIndex, Positions, Acc, Max, Sum, Out, Arrivals,
+        Q, KV, BlockTables, ContextLens, QueryIndex, Positions, Acc, Max, Sum,
         layer, num_tokens, batch, q_len,
         stride_qt, stride_qh, stride_kl, stride_kkv, stride_kb, stride_ks, stride_kh,
-        stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt, stride_ot, stride_oh, splits,
+        stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt, splits,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, SEQ_SCAN: tl.constexpr,
-        SPLITS_PAD: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, SEQ_SCAN: tl.constexpr):
     kv_head, split = tl.program_id(1), tl.program_id(2)
     seq, q_tile = _query_tile(tl.program_id(0), QueryIndex, batch, q_len, BLOCK_Q, SEQ_SCAN)
     if seq >= batch:  # the grid's bound is loose; a tile past a sequence's tokens has no live row
-        return
-    context = tl.load(ContextLens + seq)
-    chunk = tl.cdiv(tl.cdiv(context, splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    if (start >= context) & (q_len == 1):  # a decode split past the context: not counted, not merged
         return
 
     rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
     q_slot = q_tile * BLOCK_Q + rows // GROUP_PAD
     group = rows % GROUP_PAD
     live = (q_slot < q_len) & (group < GROUP)
+    context = tl.load(ContextLens + seq)
     if q_len == 1:  # a decode step: token b is sequence b's, at its last position (see paged_attention.py)
         token = (seq + q_slot).to(tl.int64)  # the types the loads below give
         pos = tl.where(live, context - 1, -1).to(tl.int64)
@@ -134,6 +122,8 @@ def _paged_attention_kernel(
                 mask=live[:, None], other=0.0)
 
     visible_end = tl.minimum(context, tl.max(pos, 0) + 1)
+    chunk = tl.cdiv(tl.cdiv(context, splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
     end = tl.minimum(start + chunk, visible_end)
 
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
@@ -155,62 +145,39 @@ def _paged_attention_kernel(
     keyed = live & (m_i > float("-inf"))  # rows that saw no key of this split leave the merge only their max
     tl.store(Acc + acc_rows[:, None] + dims[None, :], acc, mask=keyed[:, None])
 
-    if q_len == 1:  # the last of the sequence's splits to arrive merges them (see the module docstring)
-        tl.debug_barrier()  # all of this program's stores before its arrival
-        arrival = Arrivals + seq * tl.num_programs(1) + kv_head
-        live_splits = tl.cdiv(context, chunk)
-        if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == live_splits - 1:
-            tl.store(arrival, 0)  # zero again for the next layer's call
-            for g in tl.static_range(GROUP):
-                _merge_row(Acc, Max, Sum, Out, seq, kv_head * GROUP + g, live_splits, stride_as, stride_at,
-                           stride_ah, stride_ms, stride_mt, stride_ot, stride_oh, SPLITS_PAD, HEAD_DIM)
-
-
-@triton.jit
-def _merge_row(Acc, Max, Sum, Out, token, head, num_splits, stride_as, stride_at, stride_ah, stride_ms,
-               stride_mt, stride_ot, stride_oh, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """out = sum_s acc_s * exp(m_s - m) / sum_s l_s * exp(m_s - m) over splits [0, num_splits), with
-    m the largest m_s. A split that saw no key has m_s = -inf and l_s = 0 and weighs nothing; its
-    accumulator may never have been stored, so it is loaded (in one round trip with the maxima)
-    but not used. Every row has a live split, since a query always sees its own key. The loads
-    skip L1 (.cg): in the decode kernel, other programs wrote these partials."""
-    splits = tl.arange(0, SPLITS_PAD)
-    dims = tl.arange(0, HEAD_DIM)
-    real = splits < num_splits
-    m = tl.load(Max + splits * stride_ms + token * stride_mt + head, mask=real, other=float("-inf"),
-                cache_modifier=".cg")
-    l = tl.load(Sum + splits * stride_ms + token * stride_mt + head, mask=real, other=0.0, cache_modifier=".cg")
-    acc = tl.load(Acc + splits[:, None] * stride_as + token * stride_at + head * stride_ah + dims[None, :],
-                  mask=real[:, None], other=0.0, cache_modifier=".cg")
-    w = tl.exp(m - tl.max(m, 0))
-    keyed = tl.where((m > float("-inf"))[:, None], acc, 0.0)
-    out = tl.sum(keyed * w[:, None], 0) / tl.sum(l * w, 0)
-    tl.store(Out + token * stride_ot + head * stride_oh + dims, out.to(Out.dtype.element_ty))
-
 
 @triton.jit
 def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, stride_ms, stride_mt,
                          stride_ot, stride_oh, num_splits, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The merge of a step with a prefill chunk: one program per (token, head)."""
-    _merge_row(Acc, Max, Sum, Out, tl.program_id(0), tl.program_id(1), num_splits, stride_as, stride_at,
-               stride_ah, stride_ms, stride_mt, stride_ot, stride_oh, SPLITS_PAD, HEAD_DIM)
+    """out = sum_s acc_s * exp(m_s - m) / sum_s l_s * exp(m_s - m), with m the largest m_s. A split
+    that saw no key has m_s = -inf and l_s = 0 and weighs nothing, so its accumulator, which may
+    never have been stored, is not read; every row has a live split, since a query always sees its
+    own key."""
+    token, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    real = splits < num_splits
+    m = tl.load(Max + splits * stride_ms + token * stride_mt + head, mask=real, other=float("-inf"))
+    l = tl.load(Sum + splits * stride_ms + token * stride_mt + head, mask=real, other=0.0)
+    w = tl.exp(m - tl.max(m, 0))
+    acc = tl.load(Acc + splits[:, None] * stride_as + token * stride_at + head * stride_ah + dims[None, :],
+                  mask=(m > float("-inf"))[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(Out + token * stride_ot + head * stride_oh + dims, out.to(Out.dtype.element_ty))
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                           arrivals: torch.Tensor, scale: float, splits: int | None = None,
-                           decode_tile: tuple[int, int] = DECODE_TILE,
+                           scale: float, splits: int | None = None, decode_tile: tuple[int, int] = DECODE_TILE,
                            chunk_tile: tuple[int, int] = CHUNK_TILE) -> torch.Tensor:
-    """`arrivals` is an int32 [batch, KV heads] of zeros, left zero (see the module docstring).
-    `splits` is how many ranges a context is cut into (default: `split_count`, at most
+    """`splits` is how many ranges a context is cut into (default: `split_count`, at most
     MAX_SPLITS); `decode_tile` is the (rows, keys per step) tile of a step where every sequence
     brings one token, `chunk_tile` that of a step with a prefill chunk. The op uses the defaults,
     bench/attention.py times others.
 
-    Both attention launches, and the chunk step's merge, are made with the other kind of step's
-    grid empty: the step's kind is a symbolic size in the exported program (query_index's width),
-    so it is computed into the grid rather than branched on, and AOTInductor's launcher, like
-    Triton's, skips a launch with no programs."""
+    Both kernels are launched, one of them with an empty grid: the step's kind is a symbolic size
+    in the exported program (query_index's width), so it is computed into the grid rather than
+    branched on, and AOTInductor's launcher, like Triton's, skips a launch with no programs."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[4], kv_cache.shape[3]
     batch, q_len = query_index.shape
@@ -219,28 +186,27 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
     decode_only = 1 - torch.sym_min(q_len - 1, 1)  # 1 when q_len is 1, else 0
     if splits is None:
         splits = split_count(batch, decode_only)
-    # A symbolic count (the exported program's) is known only to be at most MAX_SPLITS.
-    splits_pad = triton.next_power_of_2(splits if isinstance(splits, int) else MAX_SPLITS)
     acc = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
     maxes = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     sums = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
     q, query_index = q.contiguous(), query_index.contiguous()
     decode_q, chunk_q = (max(1, rows // group_pad) for rows, _ in (decode_tile, chunk_tile))
     launches = ((decode_tile[1], decode_q, batch * decode_only),  # program b holds sequence b's token
                 (chunk_tile[1], chunk_q, (batch + triton.cdiv(num_tokens, chunk_q)) * (1 - decode_only)))
     for block_n, block_q, programs in launches:
         wrap_triton(_paged_attention_kernel)[(programs, num_kv_heads, splits)](
-            q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums, out, arrivals,
+            q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums,
             layer, num_tokens, batch, q_len,
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
             kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
-            acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
-            out.stride(0), out.stride(1), splits,
+            acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), splits,
             BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
             BLOCK_N=block_n, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
-            SEQ_SCAN=SEQ_SCAN, SPLITS_PAD=splits_pad)
-    wrap_triton(_merge_splits_kernel)[(num_tokens * (1 - decode_only), num_heads)](
+            SEQ_SCAN=SEQ_SCAN)
+    out = torch.empty_like(q)
+    # A symbolic count (the exported program's) is known only to be at most MAX_SPLITS.
+    splits_pad = triton.next_power_of_2(splits if isinstance(splits, int) else MAX_SPLITS)
+    wrap_triton(_merge_splits_kernel)[(num_tokens, num_heads)](
         acc, maxes, sums, out, acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1),
         out.stride(0), out.stride(1), splits, SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, num_warps=1)
     return out

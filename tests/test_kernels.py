@@ -53,9 +53,8 @@ def test_paged_attention_matches_naive(case):
     new_v = torch.cat([v[s:] for v, (s, _) in zip(full_v, case)])
     write_kv_reference(cache, 0, new_k, new_v, step["slots"])
     q = torch.randn(step["tokens"].shape[0], HEADS, HEAD_DIM, generator=gen)
-    arrivals = torch.zeros(len(case), KV_HEADS, dtype=torch.int32)
     out = paged_attention_reference(q, cache, 0, step["block_tables"], step["context_lens"],
-                                    step["query_index"], step["positions"], arrivals, HEAD_DIM ** -0.5)
+                                    step["query_index"], step["positions"], HEAD_DIM ** -0.5)
     expected = torch.cat([naive_attention(qs, k, v, s) for qs, k, v, (s, _) in
                           zip(q.split([n for _, n in case]), full_k, full_v, case)])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
