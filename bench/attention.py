@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llama_aot.bench.decode import copy_bandwidth
+from llama_aot.bench.graph_timing import graph_time_us
 from llama_aot.bench.paged_layout import blocks_for, scattered_step
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
@@ -47,33 +48,15 @@ def _step(batch: int, context: int, prefill: int, gen: torch.Generator):
     return q, cache, step
 
 
-def time_attention(batch: int, context: int, prefill: int = 0, calls: int = 20, replays: int = 5, **tile) -> float:
-    """Microseconds per call: `calls` calls captured in one CUDA graph, timed by CUDA events over
-    `replays` replays. `tile` (splits, decode_tile, chunk_tile) goes to the kernel; its defaults
-    are the op's."""
+def time_attention(batch: int, context: int, prefill: int = 0, **tile) -> float:
+    """Microseconds per call, graph-timed (bench/graph_timing.py). `tile` (splits, decode_tile,
+    chunk_tile) goes to the kernel; its defaults are the op's."""
     from llama_aot.kernels.triton_paged_attention import paged_attention_triton
 
     q, cache, step = _step(batch, context, prefill, torch.Generator().manual_seed(0))
-
-    def call():
-        return paged_attention_triton(q, cache, 0, step["block_tables"], step["context_lens"], step["query_index"],
-                                      step["positions"], HEAD_DIM ** -0.5, **tile)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        call()  # compiles, and allocates outside the graph's pool
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * replays)
+    return graph_time_us(lambda _: paged_attention_triton(
+        q, cache, 0, step["block_tables"], step["context_lens"], step["query_index"], step["positions"],
+        HEAD_DIM ** -0.5, **tile))
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,8 @@ Llama-3.1-8B weight shapes, at decode batch sizes; and the greedy argmax against
 
     python -m llama_aot.bench.matmul [--m 1,8,16] [--shapes o,down,...] [--out-dir DIR]
 
-Each timing replays a CUDA graph of REPS calls that cycle through enough weight copies to exceed
-L2, so the weight streams from HBM as in a real step. Reported: microseconds per call (cuBLAS's
+Each timing replays a CUDA graph of calls that cycle through enough weight copies to exceed L2
+(bench/graph_timing.py), so the weight streams from HBM as in a real step. Reported: microseconds per call (cuBLAS's
 split-K reduce kernel included where it runs one), weight GB/s, the shipped tiles (`TILES`)
 and the best variant tried.
 """
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from llama_aot.bench.graph_timing import graph_time_us
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
 from llama_aot.kernels.decode_linear import MAX_ROWS
@@ -25,33 +26,9 @@ from llama_aot.runtime.sampling import greedy_tokens
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
-REPS = 24
 L2_BYTES = 60 << 20
 # 8 warps never won in matmul-20261130-154214.
 VARIANTS = [Tiles(bn, bk, 3) for bn in (16, 32, 64) for bk in (256, 512, 1024)]
-
-
-def graph_time_us(fn_for, copies: int) -> float:
-    """Median microseconds per call of `fn_for(i)` over a captured graph of REPS calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(copies):
-            fn_for(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(REPS):
-            fn_for(i % copies)
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / REPS)
-    return sorted(times)[len(times) // 2]
 
 
 def time_shape(name: str, n: int, k: int, m: int, weights: list[torch.Tensor]) -> list[dict]:
