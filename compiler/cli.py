@@ -11,19 +11,9 @@ import time
 import warnings
 from pathlib import Path
 
-from llama_aot.compiler.config import SUPPORTED_DTYPES, TARGETS, BuildConfig
+from llama_aot.compiler.config import SUPPORTED_DTYPES, TARGET_DEFAULTS, TARGETS, BuildConfig
 from llama_aot.compiler.errors import BuildError, CLIParser
 from llama_aot.runtime.artifact import ArtifactError
-
-DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
-# Step sizes a GPU serves best with. Serving the 8B config on the H200 from an artifact built for
-# 2048 tokens per step (bench/NOTES.md, session 7), 8000-token prompts at c=64 had a median TTFT
-# of 795 ms, against 5993 ms from one built for 512 a run earlier (that run's code lacked two
-# decode-speed changes; such a prompt now prefills in 4 steps, not 16). A 2048-token chunk stretches
-# the decode steps it shares (p95 ITL there 119 against 57 ms); `llama-serve
-# --chunked-prefill-size` trades it back per server. 128 sequences fit the sweep's c=100.
-DEFAULT_STEP = {"cpu": (512, 64), "cuda": (2048, 128)}  # (max tokens, max sequences) per step
-
 
 def parse_args(argv):
     p = CLIParser(prog="llama-compile", description=__doc__.splitlines()[0])
@@ -31,11 +21,14 @@ def parse_args(argv):
     p.add_argument("--target", choices=TARGETS, default="cpu")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     p.add_argument("--fp8", action="store_true", help="FP8 weights and KV cache")
-    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
-    def by_target(i):
-        return ", ".join(f"{step[i]} on {target}" for target, step in DEFAULT_STEP.items())
-    p.add_argument("--max-num-tokens", type=int, help=f"largest number of tokens in one step (default: {by_target(0)})")
-    p.add_argument("--max-num-seqs", type=int, help=f"largest number of sequences in one step (default: {by_target(1)})")
+    def by_target(field):
+        return ", ".join(f"{getattr(defaults, field)} on {target}" for target, defaults in TARGET_DEFAULTS.items())
+    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, help=f"compute dtype (default: {by_target('dtype')})")
+    p.add_argument("--max-num-tokens", type=int,
+                   help=f"largest number of tokens in one step (default: {by_target('max_num_tokens')})")
+    p.add_argument("--max-num-seqs", type=int,
+                   help=f"largest number of sequences in one step (default: {by_target('max_num_seqs')}, "
+                        "at most --max-num-tokens)")
     p.add_argument("--context-length", type=int, default=0, help="longest sequence (default: the model's)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--max-autotune", action="store_true", help="autotune GEMMs at build time (cuda)")
@@ -44,24 +37,15 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def step_limits(target: str, max_num_tokens: int | None, max_num_seqs: int | None) -> tuple[int, int]:
-    """(tokens, sequences) per step: the flags, else the target's DEFAULT_STEP; sequences are
-    capped at tokens, since each running sequence needs a token of every step."""
-    default_tokens, default_seqs = DEFAULT_STEP[target]
-    tokens = default_tokens if max_num_tokens is None else max_num_tokens
-    return tokens, min(default_seqs if max_num_seqs is None else max_num_seqs, tokens)
-
-
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)  # "Triton not available" on CPU
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
     start = time.perf_counter()
-    tokens, seqs = step_limits(args.target, args.max_num_tokens, args.max_num_seqs)
     try:
-        build = BuildConfig(target=args.target, dtype=args.dtype or DEFAULT_DTYPE[args.target],
+        build = BuildConfig(target=args.target, dtype=args.dtype,
                             weight_quant="fp8" if args.fp8 else "none", tp=args.tp,
-                            max_num_tokens=tokens, max_num_seqs=seqs,
+                            max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs,
                             context_length=args.context_length, block_size=args.block_size,
                             max_autotune=args.max_autotune)
         from llama_aot.compiler.build import build_artifact

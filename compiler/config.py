@@ -90,10 +90,30 @@ class ModelConfig:
         return _from_dict(cls, data, "model config")
 
 
-# The graph passes each target runs, by name (passes/__init__.py orders them). route_decode_linears
-# picks a CUDA kernel for small steps; on CPU its two branches would be the same matmul.
-DEFAULT_PASSES = {"cpu": ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")}
-DEFAULT_PASSES["cuda"] = DEFAULT_PASSES["cpu"] + ("route_decode_linears",)
+@dataclass(frozen=True)
+class TargetDefaults:
+    """What a build for a target gets where neither a flag nor the caller says otherwise. One
+    table, so that `llama-compile` and a BuildConfig made in Python build the same artifact."""
+
+    dtype: str
+    max_num_tokens: int  # per step
+    max_num_seqs: int  # per step; capped at max_num_tokens
+    passes: tuple[str, ...]  # by name; passes/__init__.py orders them
+
+
+_FUSIONS = ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")
+TARGET_DEFAULTS = {
+    "cpu": TargetDefaults("float32", 512, 64, _FUSIONS),
+    # Step sizes a GPU serves best with. Serving the 8B config on the H200 from an artifact built for
+    # 2048 tokens per step (bench/NOTES.md, session 7), 8000-token prompts at c=64 had a median TTFT
+    # of 795 ms, against 5993 ms from one built for 512 a run earlier (that run's code lacked two
+    # decode-speed changes; such a prompt now prefills in 4 steps, not 16). A 2048-token chunk
+    # stretches the decode steps it shares (p95 ITL there 119 against 57 ms); `llama-serve
+    # --chunked-prefill-size` trades it back per server. 128 sequences fit the sweep's c=100.
+    # route_decode_linears picks a CUDA kernel for small steps; on CPU its two branches would be
+    # the same matmul.
+    "cuda": TargetDefaults("bfloat16", 2048, 128, _FUSIONS + ("route_decode_linears",)),
+}
 
 
 @dataclass(frozen=True)
@@ -101,21 +121,29 @@ class BuildConfig:
     """How one artifact is built. The seams for later targets (cuda, fp8, tp) are here so that a
     flag is refused by name until its implementation lands, never silently ignored."""
 
+    # None: the target's TARGET_DEFAULTS, filled in on construction.
     target: str = "cpu"
-    dtype: str = "float32"
+    dtype: str | None = None
     weight_quant: str = "none"
     kv_dtype: str = "auto"
     tp: int = 1
-    max_num_tokens: int = 512
-    max_num_seqs: int = 64
+    max_num_tokens: int | None = None
+    max_num_seqs: int | None = None
     block_size: int = 16
     context_length: int = 0
     max_autotune: bool = False
-    passes: tuple[str, ...] | None = None  # None: the target's DEFAULT_PASSES
+    passes: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise BuildError(f"--target {self.target}: unknown target; choose one of {', '.join(TARGETS)}")
+        defaults = TARGET_DEFAULTS[self.target]
+        for name in ("dtype", "max_num_tokens", "passes"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(defaults, name))
+        if self.max_num_seqs is None:
+            object.__setattr__(self, "max_num_seqs", min(defaults.max_num_seqs, self.max_num_tokens))
+        object.__setattr__(self, "passes", tuple(self.passes))
         if self.target == "cuda" and not _cuda_available():
             raise BuildError("--target cuda needs a CUDA GPU on the build machine: AOTInductor compiles for "
                              "the GPU it runs on, so build on the machine that will serve")
@@ -138,14 +166,14 @@ class BuildConfig:
         if self.max_num_tokens < 8:
             raise BuildError(f"--max-num-tokens {self.max_num_tokens}: must be at least 8")
         if not 2 <= self.max_num_seqs <= self.max_num_tokens:
-            raise BuildError(f"max_num_seqs {self.max_num_seqs}: must be between 2 and max_num_tokens")
+            raise BuildError(f"--max-num-seqs {self.max_num_seqs}: must be between 2 and --max-num-tokens "
+                             f"({self.max_num_tokens}), since every sequence in a step brings a token")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise BuildError(f"block size {self.block_size}: must be a power of two")
         if self.max_autotune and self.target != "cuda":
             raise BuildError("--max-autotune tunes GPU kernels; it needs --target cuda")
         if self.context_length < 0:
             raise BuildError(f"--context-length {self.context_length}: must be positive")
-        object.__setattr__(self, "passes", tuple(DEFAULT_PASSES[self.target] if self.passes is None else self.passes))
 
     def resolved(self, model: ModelConfig) -> "BuildConfig":
         """Fill the context length from the model when the user gave none, and refuse one the
@@ -184,4 +212,4 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-__all__ = ["ModelConfig", "BuildConfig", "RopeScaling", "torch_dtype"]
+__all__ = ["ModelConfig", "BuildConfig", "RopeScaling", "TARGET_DEFAULTS", "torch_dtype"]

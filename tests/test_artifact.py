@@ -129,11 +129,11 @@ def test_cuda_passes_compile_and_match_on_cpu(tiny_checkpoint, tiny_build, tiny_
     """The CUDA target's pass list, route_decode_linears' torch.cond included, through AOTInductor
     on the CPU: the build verifies, and steps on either side of the 16-row switch give the plain
     build's logits. (The CUDA kernels behind the cond are tested on the GPU machine.)"""
-    from llama_aot.compiler.config import DEFAULT_PASSES
+    from llama_aot.compiler.config import TARGET_DEFAULTS
     from llama_aot.compiler.model import kv_cache_shape
     from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
 
-    build = dataclasses.replace(tiny_build, passes=DEFAULT_PASSES["cuda"])
+    build = dataclasses.replace(tiny_build, passes=TARGET_DEFAULTS["cuda"].passes)
     manifest = build_artifact(tiny_checkpoint, build, tmp_path / "routed", Progress(io.StringIO()))
     assert {"name": "route_decode_linears", "matches": 4} in manifest["passes"]
     routed, plain = load_artifact(tmp_path / "routed"), load_artifact(tiny_artifact)

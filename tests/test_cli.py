@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from llama_aot.compiler.cli import main, step_limits
+from llama_aot.compiler.cli import main
+from llama_aot.compiler.config import BuildConfig
 
 
 def assert_refused(capsys, argv, *needles):
@@ -42,14 +43,30 @@ def test_unimplemented_or_invalid_flags_are_refused(capsys, tmp_path, flags, nee
     assert_nothing_left(tmp_path, "out")
 
 
-def test_step_sizes_default_by_target_and_follow_the_flags():
-    """A GPU artifact takes 2048-token, 128-sequence steps unless told otherwise; sequences never
-    outnumber tokens, whichever flag set them."""
-    assert step_limits("cpu", None, None) == (512, 64)
-    assert step_limits("cuda", None, None) == (2048, 128)
-    assert step_limits("cuda", 256, None) == (256, 128)
-    assert step_limits("cuda", 64, None) == (64, 64)
-    assert step_limits("cpu", None, 8) == (512, 8)
+def test_defaults_follow_the_target_and_the_flags(monkeypatch):
+    """A GPU artifact is bf16 with 2048-token, 128-sequence steps unless told otherwise, whether
+    the build comes from the CLI or from Python; default sequences never outnumber tokens."""
+    from llama_aot.compiler import config
+
+    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+
+    def sizes(**kw):
+        build = BuildConfig(**kw)
+        return build.dtype, build.max_num_tokens, build.max_num_seqs
+
+    assert sizes() == ("float32", 512, 64)
+    assert sizes(target="cuda") == ("bfloat16", 2048, 128)
+    assert sizes(target="cuda", max_num_tokens=256) == ("bfloat16", 256, 128)
+    assert sizes(target="cuda", max_num_tokens=64) == ("bfloat16", 64, 64)
+    assert sizes(max_num_seqs=8, dtype="bfloat16") == ("bfloat16", 512, 8)
+    assert BuildConfig(target="cuda").passes[-1] == "route_decode_linears"
+    assert "route_decode_linears" not in BuildConfig().passes
+
+
+def test_more_sequences_than_tokens_is_refused(capsys, tmp_path):
+    assert_refused(capsys, ["--max-num-tokens", "16", "--max-num-seqs", "32", "-o", str(tmp_path / "out")],
+                   "--max-num-seqs 32", "--max-num-tokens (16)")
+    assert_nothing_left(tmp_path, "out")
 
 
 def test_unknown_flag_is_one_line(capsys):

@@ -188,7 +188,7 @@ def cuda_artifact(tiny_checkpoint, tmp_path_factory):
     from llama_aot.compiler.config import BuildConfig
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-cuda"
-    build_artifact(tiny_checkpoint, BuildConfig(target="cuda", **TINY_BUILD), out)
+    build_artifact(tiny_checkpoint, BuildConfig(target="cuda", dtype="float32", **TINY_BUILD), out)
     return out
 
 

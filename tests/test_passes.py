@@ -8,7 +8,7 @@ import torch
 from torch.export.graph_signature import InputKind
 
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
-from llama_aot.compiler.config import DEFAULT_PASSES
+from llama_aot.compiler.config import TARGET_DEFAULTS
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.model import build_model
 from llama_aot.compiler.errors import BuildError
@@ -103,7 +103,7 @@ def test_route_decode_linears_branches_agree(exported, num_tokens):
 
 def test_cuda_pipeline_routes_both_residual_projections_after_the_fusions(exported):
     ep, build = exported
-    routed, reports = run_pipeline(ep, DEFAULT_PASSES["cuda"])
+    routed, reports = run_pipeline(ep, TARGET_DEFAULTS["cuda"].passes)
     assert [(r.name, r.matches) for r in reports][-1] == ("route_decode_linears", 2 * LAYERS)
     (logits_a, _), (logits_b, _) = run(ep, build), run(routed, build)
     torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-6)
