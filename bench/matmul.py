@@ -4,9 +4,9 @@ Llama-3.1-8B weight shapes, at decode batch sizes; and the greedy argmax against
     python -m llama_aot.bench.matmul [--m 1,8,16] [--shapes o,down,...] [--out-dir DIR]
 
 Each timing replays a CUDA graph of calls that cycle through enough weight copies to exceed L2
-(bench/graph_timing.py), so the weight streams from HBM as in a real step. Reported: microseconds per call (cuBLAS's
-split-K reduce kernel included where it runs one), weight GB/s, the shipped tiles (`TILES`)
-and the best variant tried.
+(bench/graph_timing.py), so the weight streams from HBM as in a real step. Reported:
+microseconds per call (cuBLAS's split-K reduce kernel included where it runs one), weight GB/s,
+the shipped tiles (`TILES`) and the best variant tried.
 """
 from __future__ import annotations
 
