@@ -119,9 +119,9 @@ TARGET_DEFAULTS = {
 @dataclass(frozen=True)
 class BuildConfig:
     """How one artifact is built. The seams for later targets (cuda, fp8, tp) are here so that a
-    flag is refused by name until its implementation lands, never silently ignored."""
+    flag is refused by name until its implementation lands, never silently ignored. A field left
+    None (dtype, step sizes, passes) takes the target's TARGET_DEFAULTS on construction."""
 
-    # None: the target's TARGET_DEFAULTS, filled in on construction.
     target: str = "cpu"
     dtype: str | None = None
     weight_quant: str = "none"
