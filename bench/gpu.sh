@@ -18,6 +18,7 @@
 # The full run takes ~19 minutes on an H200 (the sweep ~10), past one device call's 10: start it detached
 #   setsid bash bench/gpu.sh > /tmp/gpu.log 2>&1 < /dev/null &
 # and read /tmp/gpu.log from the following calls. Results land in $RESULTS, work files in $WORK.
+# The log's last line is always "=== done (+N s, exit S)", a failed stage's too: wait for it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LAYERS=${LAYERS:-32}
@@ -28,6 +29,7 @@ INPUTS=${INPUTS:-.device-inputs}
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stage() { echo "=== $1 (+$(( $(date +%s) - t0 )) s)"; }
+trap 'status=$?; echo "=== done (+$(( $(date +%s) - t0 )) s, exit $status)"' EXIT
 mkdir -p "$WORK" "$RESULTS"
 NAME="llama-3.1-8b$([[ $LAYERS != 32 ]] && echo "-${LAYERS}layers")"
 CKPT=$WORK/$NAME-random ART=$WORK/$NAME-cuda ART32=$WORK/$NAME-cuda-fp32
@@ -54,7 +56,7 @@ if [[ ${KERNEL_TABLES:-1} == 1 ]]; then
   python3 -m llama_aot.bench.matmul --out-dir "$RESULTS"
 fi
 
-[[ ${BUILD:-1} == 1 ]] || { stage done; exit 0; }
+[[ ${BUILD:-1} == 1 ]] || exit 0
 
 [[ -f $INPUTS/tokenizer.json ]] && TOKENIZER=(--tokenizer "$INPUTS/tokenizer.json") || TOKENIZER=()
 if [[ ! -f $CKPT/config.json ]]; then
@@ -123,4 +125,3 @@ if [[ ${SWEEP:-1} == 1 ]]; then
     ${SCENARIOS:+--scenarios "$SCENARIOS"} --plot --out-dir "$RESULTS"
   kill $SERVER
 fi
-stage done
