@@ -1,6 +1,6 @@
 """`llama-bench`: speed and accuracy measurements, each written to bench/results/ as JSON.
 
-    llama-bench decode --artifact DIR [--checkpoint HF_DIR] --batch 1,8,32 --context 128,2048,8192
+    llama-bench decode --artifact DIR [--artifact DIR2 ...] [--checkpoint HF_DIR] --batch 1,8,32 --context 128,2048,8192
     llama-bench serve --base-url URL --tokenizer DIR [--dataset random|sharegpt] [--num-prompts N]
         [--max-concurrency C] [--request-rate R] [--chat] [--output-file F.jsonl] [--plot]
     llama-bench sweep --base-url URL --tokenizer DIR [--scale F] [--scenarios A,B] [--context-len N] [--plot]
@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from llama_aot.bench.paired import COMPARE_ROUNDS, REPEATS
 from llama_aot.compiler.errors import CLIParser
 
 
@@ -73,7 +74,12 @@ def parse_args(argv):
     p = CLIParser(prog="llama-bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("decode", help="decode ms/token, tok/s and bandwidth, against HF static+compile")
-    d.add_argument("--artifact", type=Path, required=True)
+    d.add_argument("--artifact", type=Path, action="append", required=True,
+                   help="an artifact directory; give it again to time several in alternation, each against the "
+                        "first (give the first twice to see how much two loaded copies of one program differ)")
+    d.add_argument("--rounds", type=_positive_int,
+                   help=f"timed runs per artifact and shape; the best is reported (default: {REPEATS} for one "
+                        f"artifact, {COMPARE_ROUNDS} when comparing)")
     d.add_argument("--checkpoint", type=Path, help="HF checkpoint of the same weights, for the HF baseline")
     d.add_argument("--batch", type=_ints, default=[1])
     d.add_argument("--context", type=_ints, default=[128])
@@ -119,19 +125,60 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _decode_device_type(args) -> str:
+    """Checks every artifact's manifest and target before anything is loaded or timed (the HF
+    baseline, which runs first so that its model is freed before ours load, takes minutes), and
+    returns the one device type they share."""
+    from llama_aot.bench.datasets import BenchInputError
+    from llama_aot.runtime.artifact import ArtifactError, check_target, read_manifest
+
+    devices = set()
+    try:
+        for path in args.artifact:
+            if not path.is_dir():
+                raise ArtifactError(f"{path}: no such artifact directory")
+            manifest = read_manifest(path)
+            check_target(path, manifest, manifest["target"]["device_type"])
+            devices.add(manifest["target"]["device_type"])
+    except ArtifactError as e:
+        raise BenchInputError(str(e)) from None
+    if len(devices) > 1:
+        raise BenchInputError(f"the artifacts are built for different devices ({', '.join(sorted(devices))}); "
+                              "compare artifacts of one target")
+    device_type = devices.pop()
+    if args.checkpoint is not None and device_type != "cuda":
+        raise BenchInputError("the HF baseline (--checkpoint) is HF with torch.compile's CUDA graphs: "
+                              "it needs a CUDA artifact")
+    return device_type
+
+
+def _against_first(first, first_result, result) -> tuple[dict, str]:
+    """The record's `against_first` entry and the line that reports it."""
+    from llama_aot.bench.paired import paired_difference
+
+    d = paired_difference(list(first_result.round_ms_per_token), list(result.round_ms_per_token))
+    line = (f"  against #0: median {d.median:+.3f} ms/token ({d.median / first_result.ms_per_token:+.1%}) "
+            f"over {len(d.differences)} rounds (each {min(d.differences):+.3f} .. {max(d.differences):+.3f}), "
+            f"p = {d.p_value:.3f}: {d.verdict()}")
+    return {"artifact": str(first.path), "median_ms_per_token_difference": d.median,
+            "round_differences": list(d.differences), "p_value": d.p_value}, line
+
+
 def run_decode(args) -> int:
     import torch
 
+    from llama_aot.bench.datasets import BenchInputError
     from llama_aot.bench.decode import copy_bandwidth, hf_decode_ms, measure_decode
     from llama_aot.bench.results import save_results
     from llama_aot.compiler.package import git_sha
-    from llama_aot.runtime.artifact import load_artifact
+    from llama_aot.runtime.artifact import ArtifactError, load_artifact
 
-    if not torch.cuda.is_available():
-        print("llama-bench: error: decode benchmarks need a CUDA GPU", file=sys.stderr)
-        return 2
-    device = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
+    rounds = args.rounds or (REPEATS if len(args.artifact) == 1 else COMPARE_ROUNDS)
+    if len(args.artifact) > 1 and rounds < 2:
+        raise BenchInputError("comparing artifacts needs --rounds of at least 2")
+    device_type = _decode_device_type(args)
+    device = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
+    bandwidth = copy_bandwidth(device_type, 1 << 30 if device_type == "cuda" else 1 << 27)
     print(f"{device}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     baselines = {}
     if args.checkpoint is not None:
@@ -140,21 +187,31 @@ def run_decode(args) -> int:
         for b, c in shapes:
             baselines[(b, c)] = hf_decode_ms(args.checkpoint, b, c, args.new_tokens)
             print(f"HF static+compile batch {b} context {c}: {baselines[(b, c)]:.2f} ms/token")
-    artifact = load_artifact(args.artifact, device="cuda", single_threaded=not args.no_cuda_graph)
+    try:
+        artifacts = [load_artifact(path, single_threaded=not args.no_cuda_graph) for path in args.artifact]
+    except ArtifactError as e:
+        raise BenchInputError(str(e)) from None
     records = []
     for b in args.batch:
         for c in args.context:
-            r = measure_decode(artifact, b, c, args.new_tokens, cuda_graph=not args.no_cuda_graph, bandwidth=bandwidth)
+            results = measure_decode(artifacts, b, c, args.new_tokens, not args.no_cuda_graph, bandwidth, rounds)
             base = baselines.get((b, c))
-            records.append({"device": device, "git_sha": git_sha(), "model": args.model_name,
-                            "dtype": artifact.build_config.dtype, "batch": b, "context": c,
-                            "ms_per_token": r.ms_per_token, "tok_per_s": r.tok_per_s,
-                            "bandwidth_fraction": r.bandwidth_fraction,
-                            "baseline": {"name": "hf-transformers-static-cache-torch-compile", "ms_per_token": base}
-                            if base is not None else None})
-            speedup = f", {base / r.ms_per_token:.2f}x HF" if base else ""
-            print(f"batch {b:3d} context {c:5d}: {r.ms_per_token:6.2f} ms/token, {r.tok_per_s:8.1f} tok/s, "
-                  f"{r.bandwidth_fraction:.0%} of copy bandwidth{speedup}")
+            for i, (artifact, r) in enumerate(zip(artifacts, results)):
+                records.append({"device": device, "git_sha": git_sha(), "model": args.model_name,
+                                "dtype": artifact.build_config.dtype, "batch": b, "context": c,
+                                "ms_per_token": r.ms_per_token, "tok_per_s": r.tok_per_s,
+                                "bandwidth_fraction": r.bandwidth_fraction,
+                                "baseline": {"name": "hf-transformers-static-cache-torch-compile", "ms_per_token": base}
+                                if base is not None else None,
+                                "artifact": str(artifact.path), "artifact_git_sha": artifact.manifest["producer"]["git_sha"],
+                                "round_ms_per_token": list(r.round_ms_per_token)})
+                speedup = f", {base / r.ms_per_token:.2f}x HF" if base else ""
+                name = f"#{i} {artifact.path.name}: " if len(artifacts) > 1 else ""
+                print(f"{name}batch {b:3d} context {c:5d}: {r.ms_per_token:6.2f} ms/token, {r.tok_per_s:8.1f} tok/s, "
+                      f"{r.bandwidth_fraction:.0%} of copy bandwidth{speedup}")
+                if artifact is not artifacts[0]:
+                    records[-1]["against_first"], line = _against_first(artifacts[0], results[0], r)
+                    print(line)
     print(save_results("decode", records, args.out_dir))
     return 0
 

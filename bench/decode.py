@@ -3,7 +3,8 @@
 For each (batch, context) it prefills `batch` random prompts of `context` tokens (not timed), then
 times `new_tokens` greedy decode steps, each fed the previous step's argmax (the runtime's
 `greedy_tokens`). Both sides report the best of REPEATS timed runs: a single run moved HF's figure
-by 5% between two calls on one machine.
+by 5% between two calls on one machine. Several artifacts are timed in alternation, round by
+round, and each later one is compared with the first pair by pair (bench/paired.py).
 The step's inputs are advanced on the device from precomputed tables, as the runtime's decode
 runner does, so the loop measures the program, not Python; with --cuda-graph the step is one graph
 replay.
@@ -19,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_aot.bench.paired import REPEATS
 from llama_aot.compiler.model import kv_cache_shape
 from llama_aot.runtime.sampling import greedy_tokens
 from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
-
-REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,16 @@ class DecodeResult:
     tok_per_s: float
     bytes_per_step: int
     bandwidth_fraction: float
+    round_ms_per_token: tuple[float, ...] = ()  # every timed run's, in order; ms_per_token is the least
+
+
+def artifact_device(artifact) -> str:
+    return artifact.manifest["target"]["device_type"]
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
@@ -42,11 +52,11 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(10):
         dst.copy_(src)
-    torch.cuda.synchronize()
+    synchronize(device)
     return 2 * nbytes * 10 / (time.perf_counter() - start)
 
 
@@ -83,7 +93,7 @@ class DecodeLoop:
 def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_graph: bool,
                    seed: int = 0) -> DecodeLoop:
     cfg, build = artifact.model_config, artifact.build_config
-    device, bs = "cuda", build.block_size
+    device, bs = artifact_device(artifact), build.block_size
     per_seq = -(-(context + new_tokens) // bs)
     tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
     cache = torch.zeros(kv_cache_shape(cfg, 1 + batch * per_seq, bs), dtype=getattr(torch, build.kv_dtype),
@@ -124,26 +134,46 @@ def decode_steps(loop: DecodeLoop, new_tokens: int) -> None:
             loop.set_step(i + 1, greedy_tokens(logits))
 
 
-def measure_decode(artifact, batch: int, context: int, new_tokens: int, cuda_graph: bool,
-                   bandwidth: float, seed: int = 0) -> DecodeResult:
-    cfg = artifact.model_config
-    loop = prepare_decode(artifact, batch, context, new_tokens, cuda_graph, seed)
+def measure_decode(artifacts: list, batch: int, context: int, new_tokens: int, cuda_graph: bool,
+                   bandwidth: float, rounds: int = REPEATS, seed: int = 0) -> list[DecodeResult]:
+    """Times each artifact `rounds` times on the same prompts, taking turns: even rounds in the
+    given order, odd rounds reversed, so that over an even number of rounds each later artifact
+    runs as often before the first as after it. One untimed run of
+    each comes first: on the CPU, an artifact compared with itself was 10% slower in the first
+    round when it was timed cold. Keeps every artifact's prefilled batch (and KV cache) in memory
+    at once."""
+    loops = [prepare_decode(a, batch, context, new_tokens, cuda_graph and artifact_device(a) == "cuda", seed)
+             for a in artifacts]
+    seconds = [[] for _ in artifacts]
 
-    def timed_run():
-        torch.cuda.synchronize()
+    def timed_run(i):
+        device = artifact_device(artifacts[i])
+        synchronize(device)
         start = time.perf_counter()
-        decode_steps(loop, new_tokens)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+        decode_steps(loops[i], new_tokens)
+        synchronize(device)
+        seconds[i].append(time.perf_counter() - start)
 
     with torch.inference_mode():
-        step_s = min(timed_run() for _ in range(REPEATS)) / new_tokens
+        for loop in loops:
+            decode_steps(loop, new_tokens)
+        for r in range(rounds):
+            for i in (range(len(artifacts)) if r % 2 == 0 else reversed(range(len(artifacts)))):
+                timed_run(i)
+    return [_result(a, loop, batch, context, new_tokens, runs, bandwidth)
+            for a, loop, runs in zip(artifacts, loops, seconds)]
+
+
+def _result(artifact, loop: DecodeLoop, batch: int, context: int, new_tokens: int, runs: list[float],
+            bandwidth: float) -> DecodeResult:
+    cfg = artifact.model_config
+    step_s = min(runs) / new_tokens
     weights = artifact.weight_bytes
     embed = cfg.vocab_size * cfg.hidden_size * loop.cache.element_size()
     kv_read = batch * (context + new_tokens // 2) * 2 * cfg.num_layers * cfg.kv_size * loop.cache.element_size()
     bytes_per_step = weights - embed + kv_read
     return DecodeResult(batch, context, step_s * 1e3, batch / step_s, bytes_per_step,
-                        bytes_per_step / step_s / bandwidth)
+                        bytes_per_step / step_s / bandwidth, tuple(t / new_tokens * 1e3 for t in runs))
 
 
 def _capture(fn):

@@ -10,6 +10,10 @@
 #   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
 #                                       (default: llama-compile's for cuda, 128 and 2048)
 #   SCENARIOS=random-1000-1000-c100,sharegpt-100 bash ...   some sweep scenarios, in this order
+#   BASELINE_TREE=.baseline bash ...    also build an artifact from another source tree (prepare it here
+#                                       with `git archive main | tar -x -C .baseline` and carry it) and
+#                                       time them in alternating rounds: the baseline twice (how much
+#                                       two copies of one program differ), then this tree's
 # What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
 # `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
 # and a ShareGPT subset. Without it the checkpoint gets a byte-level stand-in tokenizer and the
@@ -89,6 +93,18 @@ llama-compile --model "$CKPT" --target cuda ${SEQS:+--max-num-seqs "$SEQS"} ${TO
 echo "compile wall time: $(( $(date +%s) - start )) s"
 [[ $PARALLEL == 1 ]] && wait $FP32
 
+ARTIFACTS=(--artifact "$ART")
+if [[ -n ${BASELINE_TREE:-} ]]; then
+  # One editable install at a time: the baseline's code builds the baseline, then this tree's is back.
+  stage "baseline artifact from $BASELINE_TREE"
+  BASE_ART=$WORK/$NAME-cuda-baseline
+  ( cd "$BASELINE_TREE" && python3 -m pip install -q --no-deps --no-build-isolation -e . ) \
+    && llama-compile --model "$CKPT" --target cuda -o "$BASE_ART"; built=$?
+  python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+  [[ $built == 0 ]] || exit 1
+  ARTIFACTS=(--artifact "$BASE_ART" --artifact "$BASE_ART" --artifact "$ART")
+fi
+
 # The stages run from the quickest to the longest, so a run cut short by the device's time keeps
 # the most results.
 if [[ ${BENCH:-1} == 1 ]]; then
@@ -106,9 +122,9 @@ fi
 
 if [[ ${BENCH:-1} == 1 ]]; then
   stage "llama-bench decode"
-  llama-bench decode --artifact "$ART" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
+  llama-bench decode "${ARTIFACTS[@]}" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
     --out-dir "$RESULTS"
-  llama-bench decode --artifact "$ART" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
+  llama-bench decode "${ARTIFACTS[@]}" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
   stage "profile: batch 1, context 128"
   python3 -m llama_aot.bench.profile_step "$ART" --batch 1 --context 128
 fi
