@@ -138,10 +138,9 @@ def measure_decode(artifacts: list, batch: int, context: int, new_tokens: int, c
                    bandwidth: float, rounds: int = REPEATS, seed: int = 0) -> list[DecodeResult]:
     """Times each artifact `rounds` times on the same prompts, taking turns: even rounds in the
     given order, odd rounds reversed, so that over an even number of rounds each later artifact
-    runs as often before the first as after it. One untimed run of
-    each comes first: on the CPU, an artifact compared with itself was 10% slower in the first
-    round when it was timed cold. Keeps every artifact's prefilled batch (and KV cache) in memory
-    at once."""
+    runs as often before the first as after it. One untimed run of each comes first: without it,
+    on the CPU, an artifact compared with itself came out 10% slower than its copy, most of that
+    in one round. Keeps every artifact's prefilled batch (and KV cache) in memory at once."""
     loops = [prepare_decode(a, batch, context, new_tokens, cuda_graph and artifact_device(a) == "cuda", seed)
              for a in artifacts]
     seconds = [[] for _ in artifacts]

@@ -68,8 +68,9 @@ def paired_difference(base: list[float], other: list[float], seed: int = 0) -> P
     if len(base) < 2:
         raise ValueError("a paired difference needs at least 2 rounds")
     diffs = tuple(o - b for b, o in zip(base, other))
-    ranks = [abs(r) for r in signed_ranks(diffs)]
-    observed = abs(sum(signed_ranks(diffs)))
+    signed = signed_ranks(diffs)
+    ranks, observed = [abs(r) for r in signed], abs(sum(signed))
+
     def as_extreme(signs) -> bool:  # ranks are multiples of 1/2, so the sums compare exactly
         return abs(sum(s * r for s, r in zip(signs, ranks))) >= observed
 
