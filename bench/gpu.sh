@@ -10,10 +10,11 @@
 #   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
 #                                       (default: llama-compile's for cuda, 128 and 2048)
 #   SCENARIOS=random-1000-1000-c100,sharegpt-100 bash ...   some sweep scenarios, in this order
-#   BASELINE_TREE=.baseline bash ...    also build an artifact from another source tree (prepare it here
-#                                       with `git archive main | tar -x -C .baseline` and carry it) and
-#                                       time them in alternating rounds: the baseline twice (how much
-#                                       two copies of one program differ), then this tree's
+#   BASELINE_TREE=.baseline bash ...    also build an artifact from another source tree and time them
+#                                       in alternating rounds: the baseline twice (how much two copies
+#                                       of one program differ), then this tree's. Prepare it here with
+#                                       `mkdir .baseline && git archive main | tar -x -C .baseline &&
+#                                       git rev-parse main > .baseline/GIT_SHA`, and carry it.
 # What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
 # `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
 # and a ShareGPT subset. Without it the checkpoint gets a byte-level stand-in tokenizer and the
@@ -99,7 +100,8 @@ if [[ -n ${BASELINE_TREE:-} ]]; then
   stage "baseline artifact from $BASELINE_TREE"
   BASE_ART=$WORK/$NAME-cuda-baseline
   ( cd "$BASELINE_TREE" && python3 -m pip install -q --no-deps --no-build-isolation -e . ) \
-    && llama-compile --model "$CKPT" --target cuda -o "$BASE_ART"; built=$?
+    && LLAMA_AOT_GIT_SHA=$(cat "$BASELINE_TREE/GIT_SHA" 2>/dev/null || echo "unknown-baseline") \
+       llama-compile --model "$CKPT" --target cuda -o "$BASE_ART"; built=$?
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
   [[ $built == 0 ]] || exit 1
   ARTIFACTS=(--artifact "$BASE_ART" --artifact "$BASE_ART" --artifact "$ART")
