@@ -10,11 +10,13 @@
 #   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
 #                                       (default: llama-compile's for cuda, 128 and 2048)
 #   SCENARIOS=random-1000-1000-c100,sharegpt-100 bash ...   some sweep scenarios, in this order
-#   BASELINE_TREE=.baseline bash ...    also build an artifact from another source tree and time them
-#                                       in alternating rounds: the baseline twice (how much two copies
-#                                       of one program differ), then this tree's. Prepare it here with
-#                                       `mkdir .baseline && git archive main | tar -x -C .baseline &&
-#                                       git rev-parse main > .baseline/GIT_SHA`, and carry it.
+#   BASELINE_TREES=".trees/main .trees/b" bash ...   also build an artifact from each of these source
+#                                       trees and time them all in alternating rounds: the first tree's
+#                                       twice (how much two copies of one program differ), the others',
+#                                       then this tree's, each against the first. This tree's ops must
+#                                       cover theirs. Prepare each here with `mkdir -p .trees/main && git
+#                                       archive main | tar -x -C .trees/main && git rev-parse main >
+#                                       .trees/main/GIT_SHA`, and carry .trees.
 # What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
 # `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
 # and a ShareGPT subset. Without it the checkpoint gets a byte-level stand-in tokenizer and the
@@ -94,18 +96,20 @@ llama-compile --model "$CKPT" --target cuda ${SEQS:+--max-num-seqs "$SEQS"} ${TO
 echo "compile wall time: $(( $(date +%s) - start )) s"
 [[ $PARALLEL == 1 ]] && wait $FP32
 
-ARTIFACTS=(--artifact "$ART")
-if [[ -n ${BASELINE_TREE:-} ]]; then
-  # One editable install at a time: the baseline's code builds the baseline, then this tree's is back.
-  stage "baseline artifact from $BASELINE_TREE"
-  BASE_ART=$WORK/$NAME-cuda-baseline
-  ( cd "$BASELINE_TREE" && python3 -m pip install -q --no-deps --no-build-isolation -e . ) \
-    && LLAMA_AOT_GIT_SHA=$(cat "$BASELINE_TREE/GIT_SHA" 2>/dev/null || echo "unknown-baseline") \
-       llama-compile --model "$CKPT" --target cuda -o "$BASE_ART"; built=$?
+ARTIFACTS=()
+for tree in ${BASELINE_TREES:-}; do
+  # One editable install at a time: each tree's code builds its artifact, then this tree's is back.
+  stage "baseline artifact from $tree"
+  base_art=$WORK/$NAME-cuda-$(basename "$tree")
+  ( cd "$tree" && python3 -m pip install -q --no-deps --no-build-isolation -e . ) \
+    && LLAMA_AOT_GIT_SHA=$(cat "$tree/GIT_SHA" 2>/dev/null || echo "unknown-$(basename "$tree")") \
+       llama-compile --model "$CKPT" --target cuda -o "$base_art"; built=$?
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
   [[ $built == 0 ]] || exit 1
-  ARTIFACTS=(--artifact "$BASE_ART" --artifact "$BASE_ART" --artifact "$ART")
-fi
+  ARTIFACTS+=(--artifact "$base_art")
+  [[ ${#ARTIFACTS[@]} == 2 ]] && ARTIFACTS+=(--artifact "$base_art")  # the first baseline twice
+done
+ARTIFACTS+=(--artifact "$ART")
 
 # The stages run from the quickest to the longest, so a run cut short by the device's time keeps
 # the most results.
