@@ -31,7 +31,7 @@ def artifact_logits(artifact, tokens: list[int]) -> torch.Tensor:
     build, cfg = artifact.build_config, artifact.model_config
     blocks = -(-len(tokens) // build.block_size)
     table = tuple(range(1, 1 + blocks))  # block 0 stays free, as the runtime keeps it
-    device = artifact.manifest["target"]["device_type"]
+    device = artifact.device_type
     cache = torch.zeros(kv_cache_shape(cfg, 1 + blocks, build.block_size), dtype=torch_dtype(build.kv_dtype),
                         device=device)
     rows = []
@@ -76,7 +76,7 @@ def evaluate(args) -> dict:
         raise BenchInputError(str(e)) from None
     if not (args.checkpoint / "config.json").is_file():
         raise BenchInputError(f"{args.checkpoint}: not an HF checkpoint (no config.json)")
-    device = artifact.manifest["target"]["device_type"]
+    device = artifact.device_type
     hf = LlamaForCausalLM.from_pretrained(args.checkpoint, torch_dtype=torch.float32).to(device).eval()
     tokenizer = load_tokenizer(args.artifact)
     context = artifact.build_config.context_length
@@ -120,7 +120,7 @@ def evaluate(args) -> dict:
         with torch.no_grad():
             ppl_hf.append(perplexity(hf(torch.tensor([ids], device=device)).logits[0].cpu(), ids))
     mean_a, mean_h = sum(ppl_artifact) / len(texts), sum(ppl_hf) / len(texts)
-    record = {"device": artifact.manifest["target"].get("device_name") or artifact.manifest["target"]["device_type"],
+    record = {"device": artifact.manifest["target"].get("device_name") or artifact.device_type,
               "git_sha": git_sha(), "artifact": str(args.artifact), "checkpoint": str(args.checkpoint),
               "dtype": artifact.build_config.dtype, "prompts": len(prompts), "new_tokens": new_tokens,
               "greedy_agreement": agree / total, "identical_continuations": identical,

@@ -130,16 +130,10 @@ def _decode_device_type(args) -> str:
     baseline, which runs first so that its model is freed before ours load, takes minutes), and
     returns the one device type they share."""
     from llama_aot.bench.datasets import BenchInputError
-    from llama_aot.runtime.artifact import ArtifactError, check_target, read_manifest
+    from llama_aot.runtime.artifact import ArtifactError, checked_manifest
 
-    devices = set()
     try:
-        for path in args.artifact:
-            if not path.is_dir():
-                raise ArtifactError(f"{path}: no such artifact directory")
-            manifest = read_manifest(path)
-            check_target(path, manifest, manifest["target"]["device_type"])
-            devices.add(manifest["target"]["device_type"])
+        devices = {checked_manifest(path)[1] for path in args.artifact}
     except ArtifactError as e:
         raise BenchInputError(str(e)) from None
     if len(devices) > 1:

@@ -37,10 +37,6 @@ class DecodeResult:
     round_ms_per_token: tuple[float, ...] = ()  # every timed run's, in order; ms_per_token is the least
 
 
-def artifact_device(artifact) -> str:
-    return artifact.manifest["target"]["device_type"]
-
-
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -93,7 +89,7 @@ class DecodeLoop:
 def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_graph: bool,
                    seed: int = 0) -> DecodeLoop:
     cfg, build = artifact.model_config, artifact.build_config
-    device, bs = artifact_device(artifact), build.block_size
+    device, bs = artifact.device_type, build.block_size
     per_seq = -(-(context + new_tokens) // bs)
     tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
     cache = torch.zeros(kv_cache_shape(cfg, 1 + batch * per_seq, bs), dtype=getattr(torch, build.kv_dtype),
@@ -141,12 +137,12 @@ def measure_decode(artifacts: list, batch: int, context: int, new_tokens: int, c
     runs as often before the first as after it. One untimed run of each comes first: without it,
     on the CPU, an artifact compared with itself came out 10% slower than its copy, most of that
     in one round. Keeps every artifact's prefilled batch (and KV cache) in memory at once."""
-    loops = [prepare_decode(a, batch, context, new_tokens, cuda_graph and artifact_device(a) == "cuda", seed)
+    loops = [prepare_decode(a, batch, context, new_tokens, cuda_graph and a.device_type == "cuda", seed)
              for a in artifacts]
     seconds = [[] for _ in artifacts]
 
     def timed_run(i):
-        device = artifact_device(artifacts[i])
+        device = artifacts[i].device_type
         synchronize(device)
         start = time.perf_counter()
         decode_steps(loops[i], new_tokens)

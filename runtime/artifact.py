@@ -168,6 +168,11 @@ class Artifact:
         return BuildConfig.from_dict(build)
 
     @property
+    def device_type(self) -> str:
+        """The device type it was built for, and loaded onto unless the caller chose another."""
+        return self.manifest["target"]["device_type"]
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of distinct weight tensors (tied names share one)."""
         unique = {id(t): t for t in self.weights.values()}.values()
@@ -221,15 +226,22 @@ def open_program(path: Path, device: str = "cpu", rank: int = 0, single_threaded
     return program, weights
 
 
-def load_artifact(path: str | Path, device: str | None = None, rank: int = 0,
-                  single_threaded: bool = False) -> Artifact:
-    """Checks and loads an artifact onto `device` (default: the device type it was built for)."""
-    path = Path(path)
+def checked_manifest(path: Path, device: str | None = None) -> tuple[dict[str, Any], str]:
+    """The manifest of the artifact at `path` and the device it will run on (default: the device
+    type it was built for), once this machine is known to run it; reads no other file."""
     if not path.is_dir():
         raise ArtifactError(f"{path}: no such artifact directory")
     manifest = read_manifest(path)
     device = device or manifest["target"]["device_type"]
     check_target(path, manifest, device)
+    return manifest, device
+
+
+def load_artifact(path: str | Path, device: str | None = None, rank: int = 0,
+                  single_threaded: bool = False) -> Artifact:
+    """Checks and loads an artifact onto `device` (default: the device type it was built for)."""
+    path = Path(path)
+    manifest, device = checked_manifest(path, device)
     if weights_file(rank) not in manifest["files"]:
         raise ArtifactError(f"{path}: manifest.json lists no {weights_file(rank)}; rebuild the artifact")
     every_rank = frozenset(weights_file(r) for r in range(manifest["target"]["world_size"]))

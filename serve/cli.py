@@ -93,7 +93,7 @@ def build_server(args):
     tokenizer = template.tokenizer if template else Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
     resolved = runtime.resolve(artifact.model_config, artifact.build_config, artifact.weight_bytes)
     engine_start = time.perf_counter()
-    engine = Engine(artifact, resolved, tokenizer, device=artifact.manifest["target"]["device_type"])
+    engine = Engine(artifact, resolved, tokenizer, device=artifact.device_type)
     engine_s = time.perf_counter() - engine_start
     warmup = engine.warmup()
     engine.start()
