@@ -1,9 +1,12 @@
 """Session-wide fixtures: each test model is converted and compiled once per pytest session.
 
 Builds go through the real build cache, pointed at a session temporary directory unless
-LLAMA_AOT_CACHE is already set (set it to reuse compiled test models across local runs).
+LLAMA_AOT_CACHE is already set (set it to reuse compiled test models across local runs). The
+temporary cache holds about 1 GB of compiled models and is removed when the session ends: left
+behind, a hundred runs filled the CI machine's disk.
 """
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 TINY_BUILD = dict(max_num_tokens=64, max_num_seqs=8, context_length=256, block_size=4)
+_SESSION_CACHE: list[str] = []  # the build cache this session made, if it made one
 
 
 def pytest_configure(config):
@@ -22,6 +26,12 @@ def pytest_configure(config):
         import tempfile
 
         os.environ["LLAMA_AOT_CACHE"] = tempfile.mkdtemp(prefix="llama-aot-test-cache-")
+        _SESSION_CACHE.append(os.environ["LLAMA_AOT_CACHE"])
+
+
+def pytest_unconfigure(config):
+    for path in _SESSION_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
