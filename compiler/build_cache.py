@@ -10,6 +10,7 @@ stored is never evicted, whatever the budget.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -63,9 +64,10 @@ def lookup(key: str, target: str) -> Path | None:
         manifest = read_manifest(entry)
         check_target(entry, manifest, target)
         check_files(entry, manifest)
-        os.utime(entry)
     except (ArtifactError, OSError):
         return None
+    with contextlib.suppress(OSError):  # a read-only shared cache still serves hits
+        os.utime(entry)
     return entry
 
 

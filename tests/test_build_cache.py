@@ -85,3 +85,17 @@ def test_a_build_evicts_orphans_over_budget(monkeypatch, tiny_checkpoint, tiny_b
     log = progress.stream.getvalue()
     assert "cache hit" in log and "evicted from-an-olde" in log
     assert sorted(p.name for p in (build_cache.cache_root() / "builds").iterdir()) == [key]
+
+
+def test_a_read_only_cache_still_serves_hits(monkeypatch, tiny_checkpoint, tiny_build, tiny_artifact, tmp_path):
+    """A cache shared read-only (a team's, or a container's baked-in one) cannot be marked as used
+    or written, and must still give hits."""
+    ckpt = open_checkpoint(tiny_checkpoint)
+    key = input_hash(ckpt, tiny_build.resolved(ckpt.config))
+    assert build_cache.lookup(key, tiny_build.target) is not None
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(build_cache.os, "utime", refuse)
+    assert build_cache.lookup(key, tiny_build.target) == build_cache.entry_path(key)
