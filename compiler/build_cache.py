@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
 
 from llama_aot.compiler.errors import BuildError
-from llama_aot.runtime.artifact import ArtifactError, check_files, check_target, read_manifest
+from llama_aot.runtime.artifact import ArtifactError, check_files, checked_manifest
 
 MAX_GB_ENV = "LLAMA_AOT_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 64.0  # four 8B bf16 builds whose artifacts were deleted or replaced
@@ -61,9 +62,7 @@ def lookup(key: str, target: str) -> Path | None:
     """The complete entry for `key` built for `target`, marked as just used; None on a miss."""
     entry = entry_path(key)
     try:
-        manifest = read_manifest(entry)
-        check_target(entry, manifest, target)
-        check_files(entry, manifest)
+        check_files(entry, checked_manifest(entry, target)[0])
     except (ArtifactError, OSError):
         return None
     with contextlib.suppress(OSError):  # a read-only shared cache still serves hits
@@ -91,8 +90,8 @@ def exclusive_bytes(entry: Path) -> int:
     """Bytes that only this entry holds: files with no other hard link (an artifact's)."""
     total = 0
     for path in entry.rglob("*"):
-        st = path.lstat()
-        if path.is_file() and not path.is_symlink() and st.st_nlink == 1:
+        st = path.lstat()  # one stat per file; a symlink is not a regular file here
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
             total += st.st_size
     return total
 
