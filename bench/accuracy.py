@@ -18,28 +18,25 @@ import random
 import torch
 
 from llama_aot.bench.datasets import BenchInputError, load_conversations, load_tokenizer
-from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+from llama_aot.artifacts.kv_layout import KVCacheLayout
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
 
 PROMPT_TOKENS = 64
 
 
 def artifact_logits(artifact, tokens: list[int]) -> torch.Tensor:
     """Logits for every position of one sequence, prefilled in chunks of the build's token budget."""
-    from llama_aot.compiler.config import torch_dtype
-    from llama_aot.compiler.model import kv_cache_shape
-
-    build, cfg = artifact.build_config, artifact.model_config
-    blocks = -(-len(tokens) // build.block_size)
+    build, layout = artifact.build_config, KVCacheLayout.of(artifact.model_config, artifact.build_config)
+    blocks = layout.blocks_for(len(tokens))
     table = tuple(range(1, 1 + blocks))  # block 0 stays free, as the runtime keeps it
     device = artifact.device_type
-    cache = torch.zeros(kv_cache_shape(cfg, 1 + blocks, build.block_size), dtype=torch_dtype(build.kv_dtype),
-                        device=device)
+    cache = layout.allocate(1 + blocks, device)
     rows = []
     for start in range(0, len(tokens), build.max_num_tokens):
         chunk = SequenceChunk(tuple(tokens[start:start + build.max_num_tokens]), start, table, all_logits=True)
         inputs = build_step_inputs([chunk], build.block_size, device)
         with torch.no_grad():
-            rows.append(artifact(*[inputs[n] for n in INPUT_NAMES], cache).float().cpu())
+            rows.append(call_step(artifact.step, inputs, cache).float().cpu())
     return torch.cat(rows)
 
 
@@ -68,7 +65,8 @@ def evaluate(args) -> dict:
 
     from llama_aot.bench.results import save_results
     from llama_aot.compiler.package import git_sha
-    from llama_aot.runtime.artifact import ArtifactError, load_artifact
+    from llama_aot.artifacts.errors import ArtifactError
+    from llama_aot.runtime.artifact import load_artifact
 
     try:
         artifact = load_artifact(args.artifact)
@@ -120,7 +118,7 @@ def evaluate(args) -> dict:
         with torch.no_grad():
             ppl_hf.append(perplexity(hf(torch.tensor([ids], device=device)).logits[0].cpu(), ids))
     mean_a, mean_h = sum(ppl_artifact) / len(texts), sum(ppl_hf) / len(texts)
-    record = {"device": artifact.manifest["target"].get("device_name") or artifact.device_type,
+    record = {"device": artifact.manifest.target.get("device_name") or artifact.device_type,
               "git_sha": git_sha(), "artifact": str(args.artifact), "checkpoint": str(args.checkpoint),
               "dtype": artifact.build_config.dtype, "prompts": len(prompts), "new_tokens": new_tokens,
               "greedy_agreement": agree / total, "identical_continuations": identical,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from llama_aot.bench.paired import COMPARE_ROUNDS, REPEATS
-from llama_aot.compiler.errors import CLIParser
+from llama_aot.artifacts.errors import CLIParser
 
 
 def _ints(text: str) -> list[int]:
@@ -130,7 +130,8 @@ def _decode_device_type(args) -> str:
     baseline, which runs first so that its model is freed before ours load, takes minutes), and
     returns the one device type they share."""
     from llama_aot.bench.datasets import BenchInputError
-    from llama_aot.runtime.artifact import ArtifactError, checked_manifest
+    from llama_aot.artifacts.errors import ArtifactError
+    from llama_aot.artifacts.manifest import checked_manifest
 
     try:
         devices = {checked_manifest(path)[1] for path in args.artifact}
@@ -165,7 +166,8 @@ def run_decode(args) -> int:
     from llama_aot.bench.decode import copy_bandwidth, hf_decode_ms, measure_decode
     from llama_aot.bench.results import save_results
     from llama_aot.compiler.package import git_sha
-    from llama_aot.runtime.artifact import ArtifactError, load_artifact
+    from llama_aot.artifacts.errors import ArtifactError
+    from llama_aot.runtime.artifact import load_artifact
 
     rounds = args.rounds or (REPEATS if len(args.artifact) == 1 else COMPARE_ROUNDS)
     if len(args.artifact) > 1 and rounds < 2:
@@ -197,7 +199,7 @@ def run_decode(args) -> int:
                                 "bandwidth_fraction": r.bandwidth_fraction,
                                 "baseline": {"name": "hf-transformers-static-cache-torch-compile", "ms_per_token": base}
                                 if base is not None else None,
-                                "artifact": str(artifact.path), "artifact_git_sha": artifact.manifest["producer"]["git_sha"],
+                                "artifact": str(artifact.path), "artifact_git_sha": artifact.manifest.producer["git_sha"],
                                 "round_ms_per_token": list(r.round_ms_per_token)})
                 speedup = f", {base / r.ms_per_token:.2f}x HF" if base else ""
                 name = f"#{i} {artifact.path.name}: " if len(artifacts) > 1 else ""
@@ -248,13 +250,14 @@ def build_requests(args, cfg, dataset: str, num_prompts: int, input_len: int = 0
 
 def device_of(tokenizer_dir: Path) -> str:
     """The served device, from the artifact's manifest when --tokenizer is the artifact directory."""
-    import json
+    from llama_aot.artifacts.errors import ArtifactError
+    from llama_aot.artifacts.manifest import read_manifest
 
     try:
-        target = json.loads((tokenizer_dir / "manifest.json").read_text())["target"]
-        return target.get("device_name") or target["device_type"]
-    except (OSError, ValueError, KeyError, TypeError):
+        target = read_manifest(tokenizer_dir).target
+    except ArtifactError:
         return "unknown"
+    return target.get("device_name") or target["device_type"]
 
 
 def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool, label: str):

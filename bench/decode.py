@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from llama_aot.bench.paired import REPEATS
-from llama_aot.compiler.model import kv_cache_shape
 from llama_aot.runtime.sampling import greedy_tokens
-from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+from llama_aot.artifacts.kv_layout import KVCacheLayout
+from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs, call_step
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _prefill(artifact, cache, prompts, tables, block_size, budget, device):
                 done[i] += n
                 left -= n
         inputs = build_step_inputs(chunks, block_size, device)
-        logits = artifact(*[inputs[n] for n in INPUT_NAMES], cache)
+        logits = call_step(artifact.step, inputs, cache)
         for row, i in enumerate(owners):
             last[i] = logits[row]
     return torch.stack(last)
@@ -90,10 +90,10 @@ def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_gra
                    seed: int = 0) -> DecodeLoop:
     cfg, build = artifact.model_config, artifact.build_config
     device, bs = artifact.device_type, build.block_size
-    per_seq = -(-(context + new_tokens) // bs)
+    layout = KVCacheLayout.of(cfg, build)
+    per_seq = layout.blocks_for(context + new_tokens)
     tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
-    cache = torch.zeros(kv_cache_shape(cfg, 1 + batch * per_seq, bs), dtype=getattr(torch, build.kv_dtype),
-                        device=device)
+    cache = layout.allocate(1 + batch * per_seq, device)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, cfg.vocab_size, (context,), generator=gen).tolist() for _ in range(batch)]
     with torch.inference_mode():
@@ -112,7 +112,7 @@ def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_gra
             step["slots"].copy_(slot_all[i])
             step["context_lens"].fill_(context + i + 1)
 
-        run = lambda: artifact(*args)  # noqa: E731
+        run = lambda: artifact.step(*args)  # noqa: E731
         if cuda_graph:
             run = _capture(run)
         set_step(0, first)

@@ -29,24 +29,22 @@ def stand_in_tokenizer():
     return tokenizer
 
 
-class _StandInArtifact:
-    """What Engine reads from an artifact, and a program that costs nothing: each call returns one
-    row per requested logit, peaked on a token that changes every step."""
+class _StandInRunner:
+    """What Engine reads from a model runner, with steps that cost nothing: each returns one row per
+    sampled sequence, peaked on a token that changes every step."""
 
-    def __init__(self):
-        from llama_aot.compiler.config import BuildConfig, ModelConfig
+    def __init__(self, runtime):
+        from llama_aot.artifacts.config import ModelConfig
 
+        self.runtime, self.device = runtime, "cpu"
         self.model_config = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=1,
                                         num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-5,
                                         rope_theta=1e4, max_position_embeddings=1 << 14, tie_word_embeddings=True)
-        self.build_config = BuildConfig()
         self.calls = 0
 
-    def __call__(self, *inputs):
-        from llama_aot.runtime.step_inputs import INPUT_NAMES
-
+    def execute(self, plan):
         self.calls += 1
-        logits = torch.zeros(inputs[INPUT_NAMES.index("logits_index")].shape[0], VOCAB)
+        logits = torch.zeros(len(plan.sample_rows) or len(plan.chunks), VOCAB)
         logits[:, 97 + self.calls % 26] = 1.0
         return logits
 
@@ -59,12 +57,12 @@ def measure(batch: int, tokens: int, prompt_len: int = 200) -> tuple[float, floa
     from llama_aot.runtime.sampling import SamplingParams
 
     tokenizer = stand_in_tokenizer()
-    artifact = _StandInArtifact()
     blocks = -(-(prompt_len + tokens) // 16)
-    runtime = ResolvedRuntime(max_running_requests=batch, chunked_prefill_size=max(512, batch),
+    runtime = ResolvedRuntime(max_num_seqs=batch, max_num_tokens=max(512, batch),
                               context_length=prompt_len + tokens + 16, num_blocks=1 + batch * blocks, block_size=16,
                               block_bytes=0, enable_prefix_caching=False)
-    engine = Engine(artifact, runtime, tokenizer)
+    runner = _StandInRunner(runtime)
+    engine = Engine(runner, tokenizer)
     emitting = [0.0]
     emit = engine._emit_pending
 
@@ -86,7 +84,7 @@ def measure(batch: int, tokens: int, prompt_len: int = 200) -> tuple[float, floa
             engine.submit(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True), sink)
         for _ in range(batch):
             finished.acquire()
-        return (time.perf_counter() - start) / artifact.calls, emitting[0] / artifact.calls
+        return (time.perf_counter() - start) / runner.calls, emitting[0] / runner.calls
     finally:
         engine.shutdown()
 

@@ -106,6 +106,8 @@ for tree in ${BASELINE_TREES:-}; do
        llama-compile --model "$CKPT" --target cuda -o "$base_art"; built=$?
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
   [[ $built == 0 ]] || exit 1
+  # A tree from before manifest format 3 wrote format 2; this tree's loader reads only format 3.
+  grep -q '"format_version": 2' "$base_art/manifest.json" && { python3 -m llama_aot.bench.format2 "$base_art" || exit 1; }
   ARTIFACTS+=(--artifact "$base_art")
   [[ ${#ARTIFACTS[@]} == 2 ]] && ARTIFACTS+=(--artifact "$base_art")  # the first baseline twice
 done

@@ -28,7 +28,7 @@ class _StandInEngine:
         from llama_aot.runtime.engine import EngineStats
 
         self.tokenizer, self.stats, self.step_s, self.steps = tokenizer, EngineStats(), step_s, 0
-        self.artifact = type("Artifact", (), {"model_config": type("Config", (), {"vocab_size": 256})()})()
+        self.runner = type("Runner", (), {"model_config": type("Config", (), {"vocab_size": 256})()})()
         self.runtime = type("Runtime", (), {"context_length": 1 << 16})()
         self._running: dict[str, list] = {}
         self._lock = threading.Lock()

@@ -6,7 +6,7 @@ blocks, drawn from a random permutation of the others, so block tables are neith
 ordered, and returns `build_step_inputs` for one step that adds the new tokens."""
 import torch
 
-from llama_aot.runtime.step_inputs import SequenceChunk, build_step_inputs
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs
 
 
 def _blocks(start: int, n: int, block_size: int) -> int:

@@ -1,7 +1,7 @@
 """Whether one artifact decodes faster than another by more than the machine's noise.
 
 The kernel changes weighed for issue 4 were worth 0.01-0.05 ms a step, while one artifact's
-batch-1 step moved between 4.55 and 4.67 ms from one H200 session to the next (bench/NOTES.md).
+batch-1 step moved between 4.55 and 4.67 ms from one H200 session to the next (docs/measuring.md, "Noise between sessions").
 Figures from separate runs cannot settle such a change. `llama-bench decode` given several
 artifacts times them in alternation in one process, so that each round's pair of runs shares the
 machine's state, and compares them round by round.

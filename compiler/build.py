@@ -22,22 +22,25 @@ from pathlib import Path
 
 import torch
 
+from llama_aot.artifacts.config import BuildConfig, torch_dtype
+from llama_aot.artifacts.manifest import STEP_PROGRAM, Manifest, ProgramSpec, read_manifest
+from llama_aot.artifacts.program import attach_weights, load_package
+from llama_aot.artifacts.step_abi import STEP_INPUTS
+from llama_aot.artifacts.target import describe_host
+from llama_aot.artifacts.weights_file import read_weights, write_weights
 from llama_aot.compiler import build_cache
 from llama_aot.compiler.checkpoint import Checkpoint, fingerprint, load_weights, open_checkpoint
-from llama_aot.compiler.config import BuildConfig, torch_dtype
 from llama_aot.compiler.errors import BuildError
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.lower import lower, program_constants
 from llama_aot.compiler.model import build_model
-from llama_aot.compiler.package import copy_tokenizer, write_manifest, write_weights
+from llama_aot.compiler.package import copy_tokenizer, write_manifest
 from llama_aot.compiler.verify import verify
-from llama_aot.passes import run_pipeline
-from llama_aot.runtime.artifact import PROGRAM_FILE, describe_host, open_program, read_manifest
+from llama_aot.passes.pipeline import PassContext, run_pipeline
 
-# The source that decides what a build produces: the compile path, and the two runtime modules it
-# uses (the artifact format and the step-input conventions). Serving code is not part of the key,
-# so changing the scheduler does not invalidate compiled models.
-BUILD_SOURCES = ("compiler", "passes", "kernels", "runtime/artifact.py", "runtime/step_inputs.py")
+# The source that decides what a build produces: the compile path and the contract it writes.
+# Serving code is not part of the key, so changing the scheduler does not invalidate compiled models.
+BUILD_SOURCES = ("artifacts", "compiler", "passes", "kernels")
 
 
 class Progress:
@@ -61,11 +64,17 @@ def source_hash() -> str:
     digest = hashlib.sha256()
     for source in BUILD_SOURCES:
         package, _, module = source.partition("/")
-        root = Path(importlib.import_module(f"llama_aot.{package}").__file__).parent
+        root = _package_dir(package)
         for f in sorted(root.rglob("*.py")) if not module else [root / module]:
             digest.update(f"{package}/{f.relative_to(root)}".encode())
             digest.update(f.read_bytes())
     return digest.hexdigest()
+
+
+def _package_dir(package: str) -> Path:
+    """The folder of `llama_aot.<package>`: a namespace package (see pyproject.toml), so it has a
+    search path rather than a `__file__`."""
+    return next(Path(p) for p in importlib.import_module(f"llama_aot.{package}").__path__ if Path(p).is_dir())
 
 
 def input_hash(ckpt: Checkpoint, build: BuildConfig) -> str:
@@ -102,23 +111,26 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress) -> dict:
+def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress) -> Manifest:
+    step = ProgramSpec.named(STEP_PROGRAM, STEP_INPUTS, build.tp)
     with progress.stage("load weights"):
         model = build_model(ckpt.config, load_weights(ckpt, torch_dtype(build.dtype))).to(build.target)
     with progress.stage("export"):
         ep = export_model(model, build)
     with progress.stage("passes"):
-        ep, reports = run_pipeline(ep, build.passes)
+        ep, reports = run_pipeline(ep, PassContext(build))
         for r in reports:
-            print(f"[llama-compile]   {r.name}: {r.matches} matches", file=progress.stream)
+            print(f"[llama-compile]   {r.phase}/{r.name}: {r.matches} matches", file=progress.stream)
     with progress.stage("lower (AOTInductor)"):
-        lower(ep, tmp / PROGRAM_FILE, build.max_autotune)
+        lower(ep, tmp / step.package, build.max_autotune)
     with progress.stage("write weights"):
-        write_weights(tmp, program_constants(ep))
+        write_weights(tmp / step.weights[0], program_constants(ep))
         copy_tokenizer(ckpt.tokenizer_files, tmp)
         del ep
     with progress.stage("verify"):
-        program, weights = open_program(tmp, build.target)
+        program = load_package(tmp / step.package)
+        weights = read_weights(tmp / step.weights[0], build.target)
+        attach_weights(program, weights, tmp / step.weights[0])
         result = verify(model, program, build)
         del program, weights
     if not result["passed"]:
@@ -129,14 +141,22 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
             f"{result['tolerance']['greedy_agreement']}); no artifact was written")
     print(f"[llama-compile]   verified: relative logit error {result['relative_error']:.2e}, "
           f"greedy agreement {result['greedy_agreement']:.3f}", file=progress.stream)
-    return write_manifest(tmp, model=ckpt.config.to_dict(), build={**build.to_dict(), "input_hash": key},
-                          passes=[r.to_dict() for r in reports], verification=result, world_size=build.tp)
+    return write_manifest(tmp, model=ckpt.config, build=build, input_hash=key, programs=[step],
+                          passes=[r.to_dict() for r in reports], verification=result)
+
+
+def check_build_machine(build: BuildConfig) -> None:
+    """Refuses a build this machine cannot make, before any work."""
+    if build.target == "cuda" and not torch.cuda.is_available():
+        raise BuildError("--target cuda needs a CUDA GPU on the build machine: AOTInductor compiles for "
+                         "the GPU it runs on, so build on the machine that will serve")
 
 
 def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,
-                   progress: Progress | None = None, use_cache: bool = True) -> dict:
+                   progress: Progress | None = None, use_cache: bool = True) -> Manifest:
     """Builds (or fetches from the cache) the artifact for `checkpoint_dir` into `out_dir` and
     returns its manifest."""
+    check_build_machine(build)
     progress = progress or Progress()
     with progress.stage("open checkpoint"):
         ckpt = open_checkpoint(checkpoint_dir)

@@ -18,8 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from llama_aot.artifacts.digest import check_files
+from llama_aot.artifacts.errors import ArtifactError
+from llama_aot.artifacts.manifest import checked_manifest
 from llama_aot.compiler.errors import BuildError
-from llama_aot.runtime.artifact import ArtifactError, check_files, checked_manifest
 
 MAX_GB_ENV = "LLAMA_AOT_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 64.0  # four 8B bf16 builds whose artifacts were deleted or replaced
@@ -62,7 +64,7 @@ def lookup(key: str, target: str) -> Path | None:
     """The complete entry for `key` built for `target`, marked as just used; None on a miss."""
     entry = entry_path(key)
     try:
-        check_files(entry, checked_manifest(entry, target)[0])
+        check_files(entry, checked_manifest(entry, target)[0].files)
     except (ArtifactError, OSError):
         return None
     with contextlib.suppress(OSError):  # a read-only shared cache still serves hits

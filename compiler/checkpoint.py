@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from llama_aot.compiler.config import ModelConfig, RopeScaling
+from llama_aot.artifacts.config import ModelConfig, RopeScaling
+from llama_aot.artifacts.errors import ConfigError
 from llama_aot.compiler.errors import BuildError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -121,7 +122,7 @@ def model_config_from_hf(hf: dict, generation_config: dict | None = None) -> Mod
     try:
         theta, scaling = _rope(hf)
         return ModelConfig(rope_theta=theta, rope_scaling=scaling, **fields)
-    except BuildError as e:
+    except (BuildError, ConfigError) as e:
         raise e if str(e).startswith("config.json") else BuildError(f"config.json: {e}") from None
 
 

@@ -11,9 +11,9 @@ import time
 import warnings
 from pathlib import Path
 
-from llama_aot.compiler.config import SUPPORTED_DTYPES, TARGET_DEFAULTS, TARGETS, BuildConfig
-from llama_aot.compiler.errors import BuildError, CLIParser
-from llama_aot.runtime.artifact import ArtifactError
+from llama_aot.artifacts.config import SUPPORTED_DTYPES, TARGET_DEFAULTS, TARGETS, BuildConfig
+from llama_aot.artifacts.errors import ArtifactError, CLIParser, ConfigError
+from llama_aot.compiler.errors import BuildError
 
 def parse_args(argv):
     p = CLIParser(prog="llama-compile", description=__doc__.splitlines()[0])
@@ -48,20 +48,24 @@ def main(argv=None) -> int:
                             max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs,
                             context_length=args.context_length, block_size=args.block_size,
                             max_autotune=args.max_autotune)
-        from llama_aot.compiler.build import build_artifact
+        from llama_aot.compiler.build import build_artifact, check_build_machine
         from llama_aot.compiler.gguf_import import default_checkpoint
+
+        check_build_machine(build)
 
         checkpoint = args.model if args.model is not None else default_checkpoint()
         out = args.output or Path("artifacts") / f"{checkpoint.name.lower()}-{build.target}-{build.dtype}"
         manifest = build_artifact(checkpoint, build, out, use_cache=not args.no_cache)
-    except (BuildError, ArtifactError) as e:
+    except (BuildError, ConfigError, ArtifactError) as e:
         print(f"llama-compile: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llama-compile: interrupted; nothing was written", file=sys.stderr)
         return 130
-    passes = ", ".join(f"{p['name']}={p['matches']}" for p in manifest["passes"])
-    print(f"{out}: {manifest['target']['device_type']} {manifest['target']['arch']}, passes: {passes}; "
+    passes = ", ".join(f"{p['name']}={p['matches']}" for p in manifest.passes)
+    programs = ", ".join(p.name for p in manifest.programs)
+    print(f"{out}: {manifest.device_type} {manifest.target['arch']}, {manifest.world_size} rank(s), "
+          f"programs: {programs}; passes: {passes}; "
           f"built in {time.perf_counter() - start:.1f} s")
     return 0
 

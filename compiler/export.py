@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch.export import Dim, ExportedProgram
 
-from llama_aot.compiler.config import BuildConfig, torch_dtype
-from llama_aot.compiler.model import Llama, kv_cache_shape
-from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+from llama_aot.artifacts.config import BuildConfig
+from llama_aot.artifacts.kv_layout import KVCacheLayout
+from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs
+from llama_aot.compiler.model import Llama
 
 
 def example_inputs(build: BuildConfig, model: Llama) -> tuple[torch.Tensor, ...]:
@@ -24,8 +25,7 @@ def example_inputs(build: BuildConfig, model: Llama) -> tuple[torch.Tensor, ...]
     chunks = [SequenceChunk(tuple(range(1, 5)), 0, tuple(range(1, 1 + table)), all_logits=True),
               SequenceChunk(tuple(range(5, 8)), 0, tuple(range(1 + table, 1 + 2 * table)))]
     step = build_step_inputs(chunks, bs, build.target)
-    shape = kv_cache_shape(model.config, 2 * table + 2, bs)
-    kv_cache = torch.zeros(shape, dtype=torch_dtype(build.kv_dtype), device=build.target)
+    kv_cache = KVCacheLayout.of(model.config, build).allocate(2 * table + 2, build.target)
     return tuple(step[name] for name in INPUT_NAMES) + (kv_cache,)
 
 

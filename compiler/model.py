@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import llama_aot.kernels  # noqa: F401  (registers torch.ops.llama_aot)
-from llama_aot.compiler.config import ModelConfig
+import llama_aot.kernels.ops  # noqa: F401  (registers torch.ops.llama_aot)
+from llama_aot.artifacts.config import ModelConfig
 
 ops = torch.ops.llama_aot
 
@@ -146,10 +146,6 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, batch, kv_cache)
         x = self.model.norm(x)
         return self.lm_head(x[logits_index]).float()
-
-
-def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    return (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Llama:

@@ -1,13 +1,11 @@
-"""Writing an artifact's files: weights per rank, the tokenizer, and the manifest last.
+"""Writing an artifact's files besides the programs: the tokenizer, and the manifest last.
 
-The manifest is written after every other file, with each file's size and chunked sha256
-(runtime/weights_loader.py documents the format; the loader checks with the same `hash_file`), so
-a directory with a manifest is complete by construction and the loader can prove nothing changed
-since.
+The manifest (artifacts/manifest.py) is written after every other file, with each file's digest
+(artifacts/digest.py), so a directory with a manifest is complete by construction and the loader
+can prove nothing changed since.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,26 +13,11 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from llama_aot.runtime.artifact import FORMAT_VERSION, TIED_WEIGHTS_KEY, describe_host, hash_files, weights_file
-
-
-def write_weights(out_dir: Path, constants: dict[str, torch.Tensor], rank: int = 0) -> str:
-    """Saves each distinct tensor once; names that share storage with an earlier one (tied
-    embeddings) are recorded as aliases, since safetensors refuses shared storage."""
-    unique, tied, seen = {}, {}, {}
-    for name in sorted(constants):
-        t = constants[name]
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key in seen:
-            tied[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = t.contiguous().cpu()
-    name = weights_file(rank)
-    save_file(unique, str(out_dir / name), metadata={TIED_WEIGHTS_KEY: json.dumps(tied)})
-    return name
+from llama_aot.artifacts.config import BuildConfig, ModelConfig
+from llama_aot.artifacts.digest import hash_files
+from llama_aot.artifacts.manifest import MANIFEST_FILE, Manifest, ProgramSpec
+from llama_aot.artifacts.target import describe_host
 
 
 def copy_tokenizer(files: dict[str, Path], out_dir: Path) -> list[str]:
@@ -69,20 +52,13 @@ def git_sha() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def write_manifest(out_dir: Path, *, model: dict, build: dict, passes: list[dict], verification: dict,
-                   world_size: int = 1) -> dict:
-    names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json")
-    target = describe_host(build["target"])
-    target["world_size"] = world_size
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "producer": producer(),
-        "target": target,
-        "model": model,
-        "build": build,
-        "passes": passes,
-        "verification": verification,
-        "files": hash_files(out_dir, names),
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+def write_manifest(out_dir: Path, *, model: ModelConfig, build: BuildConfig, input_hash: str,
+                   programs: list[ProgramSpec], passes: list[dict], verification: dict) -> Manifest:
+    """Hashes every file now in `out_dir` and writes the manifest over them; returns it."""
+    names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    target = {**describe_host(build.target), "world_size": build.tp}
+    manifest = Manifest(producer=producer(), target=target, model=model, build=build, input_hash=input_hash,
+                        programs=tuple(programs), quantization={}, passes=tuple(passes),
+                        verification=verification, files=hash_files(out_dir, names))
+    manifest.write(out_dir)
     return manifest

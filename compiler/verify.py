@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from llama_aot.compiler.config import BuildConfig, torch_dtype
-from llama_aot.compiler.model import Llama, kv_cache_shape
-from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+from llama_aot.artifacts.config import BuildConfig
+from llama_aot.artifacts.kv_layout import KVCacheLayout
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
+from llama_aot.compiler.model import Llama
 
 PROMPT_LENGTHS = (5, 37, 18)
 DECODE_STEPS = 8
@@ -32,10 +33,10 @@ def _prompts(vocab_size: int, context_length: int, seed: int) -> list[list[int]]
 def verify(eager: Llama, compiled, build: BuildConfig, seed: int = 0) -> dict:
     cfg, bs = eager.config, build.block_size
     prompts = _prompts(cfg.vocab_size, build.context_length, seed)[:build.max_num_seqs]
-    per_seq = -(-(max(map(len, prompts)) + DECODE_STEPS) // bs)
+    layout = KVCacheLayout.of(cfg, build)
+    per_seq = layout.blocks_for(max(map(len, prompts)) + DECODE_STEPS)
     tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
-    shape = kv_cache_shape(cfg, 1 + len(prompts) * per_seq, bs)
-    caches = [torch.zeros(shape, dtype=torch_dtype(build.kv_dtype), device=build.target) for _ in range(2)]
+    caches = [layout.allocate(1 + len(prompts) * per_seq, build.target) for _ in range(2)]
 
     eager_rows, compiled_rows = [], []
     cached = [0] * len(prompts)
@@ -58,10 +59,9 @@ def verify(eager: Llama, compiled, build: BuildConfig, seed: int = 0) -> dict:
                 budget -= len(toks)
         chunks = [SequenceChunk(tuple(t), start, tables[i], all_logits=True) for i, start, t in step]
         inputs = build_step_inputs(chunks, bs, build.target)
-        args = [inputs[n] for n in INPUT_NAMES]
         with torch.no_grad():
-            eager_rows.append(eager(*args, caches[0]).cpu())
-            compiled_rows.append(compiled(*args, caches[1]).cpu())
+            eager_rows.append(call_step(eager, inputs, caches[0]).cpu())
+            compiled_rows.append(call_step(compiled, inputs, caches[1]).cpu())
         for (i, _, t), rows in zip(step, eager_rows[-1].split([len(t) for _, _, t in step])):
             last[i] = rows[-1]
 

@@ -1,10 +1,24 @@
-"""Custom ops the model and the passes call: `torch.ops.llama_aot.*`.
+"""Custom ops (`torch.ops.llama_aot.*`), each with a plain-torch reference; importing
+`llama_aot.kernels.ops` registers them.
 
-Each op is a `torch.library.triton_op`. Export keeps it as one node (so passes can see and match
-it), and Inductor traces into its body when it lowers the program. On CPU the body is the plain-torch
-reference, which Inductor compiles to C++; the CUDA target adds Triton launches through `wrap_triton`
-behind the same op, so the graph and the artifact format do not change between targets.
-
-Importing this package registers the ops; the runtime imports it before loading an artifact.
+This folder is also importable as a top-level `kernels` whenever the directory holding this
+checkout is on sys.path (`python -m ...` or `python -m pytest` from the repository root), where it
+would hide the `kernels` distribution that transformers imports (transformers >= 5.25 depends on
+it). Imported under that name, this module steps aside: it loads the installed distribution in its
+place, or fails as a missing module would. tests/test_packaging.py checks it from the root.
 """
-from llama_aot.kernels import decode_linear, kv_cache, paged_attention, rms_norm  # noqa: F401  (registers ops)
+import sys as _sys
+
+if __name__ == "kernels":
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _path = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout]
+    _spec = _machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _installed = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _installed  # the import system returns what sys.modules holds
+    _spec.loader.exec_module(_installed)

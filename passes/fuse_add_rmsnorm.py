@@ -13,12 +13,14 @@ import operator
 import torch
 
 from llama_aot.passes.matching import is_call, match_rms_norm
+from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.program import ProgramEditor
 
 aten = torch.ops.aten
 
 
-def fuse_add_rmsnorm(ep):
+@graph_pass(phase="fuse")
+def fuse_add_rmsnorm(ep, ctx: PassContext) -> PassResult:
     editor = ProgramEditor(ep)
     matches = 0
     for node in list(editor.graph.nodes):
@@ -39,4 +41,4 @@ def fuse_add_rmsnorm(ep):
         node.replace_all_uses_with(normed)
         h.replace_all_uses_with(summed)
         matches += 1
-    return editor.finish(), matches
+    return PassResult(editor.finish(), matches, editor.new_weights)

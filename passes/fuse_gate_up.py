@@ -9,6 +9,7 @@ gate rows first.
 import torch
 
 from llama_aot.passes.matching import common_module, is_call, sibling_linears
+from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.program import ProgramEditor
 
 aten = torch.ops.aten
@@ -24,7 +25,8 @@ def _gate_and_up(pair):
     return None
 
 
-def fuse_gate_up(ep):
+@graph_pass(phase="fuse")
+def fuse_gate_up(ep, ctx: PassContext) -> PassResult:
     editor = ProgramEditor(ep)
     matches = 0
     for group in sibling_linears(editor):
@@ -34,4 +36,4 @@ def fuse_gate_up(ep):
             continue
         editor.fuse_linears(ordered, f"{module}.gate_up_proj.weight")
         matches += 1
-    return editor.finish(), matches
+    return PassResult(editor.finish(), matches, editor.new_weights)

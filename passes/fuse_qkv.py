@@ -11,12 +11,14 @@ the attention ops; the fused weight is `<attention module>.qkv_proj.weight`.
 import torch
 
 from llama_aot.passes.matching import common_module, reaches, sibling_linears
+from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.program import ProgramEditor
 
 _ATTENTION = (torch.ops.llama_aot.rope_write_kv.default, torch.ops.llama_aot.paged_attention.default)
 
 
-def fuse_qkv(ep):
+@graph_pass(phase="fuse")
+def fuse_qkv(ep, ctx: PassContext) -> PassResult:
     editor = ProgramEditor(ep)
     matches = 0
     for group in sibling_linears(editor):
@@ -27,4 +29,4 @@ def fuse_qkv(ep):
             continue
         editor.fuse_linears(group, f"{module}.qkv_proj.weight")
         matches += 1
-    return editor.finish(), matches
+    return PassResult(editor.finish(), matches, editor.new_weights)

@@ -4,7 +4,8 @@ An exported program keeps its parameters in three places that must agree: placeh
 the graph, input specs in the graph signature, and tensors in the state dict. Passes that change
 weights (fusing matmuls, quantizing, sharding) go through `ProgramEditor`, which keeps the three
 consistent and drops weights no node uses any more, so that no pass can emit a program whose
-signature names a weight the artifact lacks.
+signature names a weight the artifact lacks. `new_weights` holds the weights the edit added (a
+pass result's `weights`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class ProgramEditor:
         self._specs = {s.arg.name: s for s in sig.input_specs if isinstance(s.arg, TensorArgument)}
         self._placeholders = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
         self._fake_mode = detect_fake_mode([n.meta.get("val") for n in self._placeholders.values()])
+        self.new_weights: dict[str, torch.Tensor] = {}
 
     @property
     def fake_mode(self):
@@ -56,6 +58,7 @@ class ProgramEditor:
             node = self.graph.placeholder("p_" + name.replace(".", "_"))
         node.meta["val"] = self._fake_mode.from_tensor(value, static_shapes=True)
         self.state_dict[name] = torch.nn.Parameter(value, requires_grad=False)
+        self.new_weights[name] = self.state_dict[name]
         self._specs[node.name] = InputSpec(InputKind.PARAMETER, TensorArgument(node.name), name)
         return node
 
@@ -92,6 +95,7 @@ class ProgramEditor:
         for node in list(self.graph.nodes):
             if node.op == "placeholder" and not node.users and self._specs[node.name].kind == InputKind.PARAMETER:
                 self.state_dict.pop(self._specs[node.name].target, None)
+                self.new_weights.pop(self._specs[node.name].target, None)
                 self.graph.erase_node(node)
         self.graph.lint()
         self.gm.recompile()

@@ -25,12 +25,14 @@ from torch.fx import Graph, GraphModule, Node
 
 from llama_aot.kernels.decode_linear import MAX_ROWS
 from llama_aot.passes.matching import is_call
+from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.program import ProgramEditor
 
 aten = torch.ops.aten
 
 
-def route_decode_linears(ep):
+@graph_pass(phase="route")
+def route_decode_linears(ep, ctx: PassContext) -> PassResult:
     editor = ProgramEditor(ep)
     matches = 0
     for node in list(editor.graph.nodes):
@@ -38,7 +40,7 @@ def route_decode_linears(ep):
                 and editor.weight_name(node.args[1]) is not None and _writes_residual(node):
             _route(editor, node, matches)
             matches += 1
-    return editor.finish(), matches
+    return PassResult(editor.finish(), matches, editor.new_weights)
 
 
 def _writes_residual(linear: Node) -> bool:

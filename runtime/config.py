@@ -2,21 +2,28 @@
 
 The artifact fixes upper bounds (its compiled program accepts at most `max_num_tokens` tokens and
 `max_num_seqs` sequences per step, and block tables for its context length); the runtime config
-picks values within them. Limits follow SGLang's flag names where it has them.
+picks values within them. Each limit has one name from the build config to the scheduler
+(`max_num_seqs`, `max_num_tokens`); only `llama-serve`'s flags use SGLang's names for them, and
+errors name the flag the user typed (FLAGS).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-from llama_aot.compiler.config import BuildConfig, ModelConfig, torch_dtype
+from llama_aot.artifacts.config import BuildConfig, ModelConfig
+from llama_aot.artifacts.errors import ConfigError
+from llama_aot.artifacts.kv_layout import KVCacheLayout
 
 
 DEFAULT_MEM_FRACTION = {"cuda": 0.85, "cpu": 0.1}
 DEFAULT_CUDA_GRAPH_MAX_BS = 160  # SGLang's largest default bucket: beyond it, launches no longer dominate
+FLAGS = {"max_num_seqs": "--max-running-requests", "max_num_tokens": "--chunked-prefill-size",
+         "context_length": "--context-length", "kv_cache_blocks": "--kv-cache-blocks",
+         "cuda_graph_max_bs": "--cuda-graph-max-bs"}
 
 
-class RuntimeConfigError(ValueError):
+class RuntimeConfigError(ConfigError):
     """A runtime setting the artifact or the machine cannot honour; worded for a CLI user."""
 
 
@@ -24,10 +31,10 @@ class RuntimeConfigError(ValueError):
 class RuntimeConfig:
     """0 means "the artifact's value" for the limits, and "size from memory" for the cache;
     `mem_fraction_static` None means 0.85 of a GPU, 0.1 of a CPU machine's RAM.
-    `cuda_graph_max_bs` 0 means max_running_requests, capped at 160; CPU artifacts never use graphs."""
+    `cuda_graph_max_bs` 0 means max_num_seqs, capped at 160; CPU artifacts never use graphs."""
 
-    max_running_requests: int = 0
-    chunked_prefill_size: int = 0
+    max_num_seqs: int = 0
+    max_num_tokens: int = 0
     context_length: int = 0
     mem_fraction_static: float | None = None
     kv_cache_blocks: int = 0
@@ -36,33 +43,31 @@ class RuntimeConfig:
     cuda_graph_max_bs: int = 0
 
     def __post_init__(self):
-        for name in ("max_running_requests", "chunked_prefill_size", "context_length", "kv_cache_blocks",
-                     "cuda_graph_max_bs"):
+        for name, flag in FLAGS.items():
             if getattr(self, name) < 0:
-                raise RuntimeConfigError(f"--{name.replace('_', '-')} must not be negative")
+                raise RuntimeConfigError(f"{flag} must not be negative")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise RuntimeConfigError(f"--mem-fraction-static {self.mem_fraction_static}: must be in (0, 1)")
 
     def resolve(self, model: ModelConfig, build: BuildConfig, weight_bytes: int) -> "ResolvedRuntime":
         """Checks the settings against the artifact and sizes the KV cache."""
-        def within(name, value, limit):
+        def within(name):
+            value, limit = getattr(self, name), getattr(build, name)
             if value > limit:
-                raise RuntimeConfigError(f"--{name} {value} exceeds what the artifact was compiled for "
+                raise RuntimeConfigError(f"{FLAGS[name]} {value} exceeds what the artifact was compiled for "
                                          f"({limit}); rebuild it with a larger limit or lower the flag")
             return value or limit
 
-        seqs = within("max-running-requests", self.max_running_requests, build.max_num_seqs)
-        chunk = within("chunked-prefill-size", self.chunked_prefill_size, build.max_num_tokens)
-        context = within("context-length", self.context_length, build.context_length)
+        seqs, chunk, context = within("max_num_seqs"), within("max_num_tokens"), within("context_length")
         if chunk < seqs:
             raise RuntimeConfigError(f"--chunked-prefill-size {chunk} is below --max-running-requests {seqs}: "
                                      "each running request needs room for a token in every step")
         if self.cuda_graph_max_bs > seqs:
             raise RuntimeConfigError(f"--cuda-graph-max-bs {self.cuda_graph_max_bs} exceeds --max-running-requests "
                                      f"{seqs}, the largest batch a step can hold; lower it")
-        block_bytes = (model.num_layers * 2 * build.block_size * model.num_kv_heads * model.head_dim
-                       * torch_dtype(build.kv_dtype).itemsize)
-        needed = 1 + seqs * -(-context // build.block_size)
+        layout = KVCacheLayout.of(model, build)
+        block_bytes = layout.block_bytes
+        needed = 1 + seqs * layout.blocks_for(context)
         memory = ""
         if self.kv_cache_blocks:
             blocks = self.kv_cache_blocks
@@ -70,7 +75,7 @@ class RuntimeConfig:
             fraction = self.mem_fraction_static or DEFAULT_MEM_FRACTION[build.target]
             budget, memory = _kv_budget(build.target, fraction, weight_bytes)
             blocks = min(needed, budget // block_bytes)
-        min_blocks = 1 + -(-context // build.block_size)
+        min_blocks = 1 + layout.blocks_for(context)
         if blocks < min_blocks:
             raise RuntimeConfigError(
                 f"the KV cache would hold {max(blocks, 0)} blocks but one {context}-token request needs "
@@ -79,7 +84,7 @@ class RuntimeConfig:
         graph_bs = 0
         if build.target == "cuda" and not self.disable_cuda_graph:
             graph_bs = self.cuda_graph_max_bs or min(seqs, DEFAULT_CUDA_GRAPH_MAX_BS)
-        return ResolvedRuntime(max_running_requests=seqs, chunked_prefill_size=chunk, context_length=context,
+        return ResolvedRuntime(max_num_seqs=seqs, max_num_tokens=chunk, context_length=context,
                                num_blocks=blocks, block_size=build.block_size, block_bytes=block_bytes,
                                enable_prefix_caching=self.enable_prefix_caching, cuda_graph_max_bs=graph_bs)
 
@@ -88,8 +93,8 @@ class RuntimeConfig:
 class ResolvedRuntime:
     """The settings the engine runs with; `cuda_graph_max_bs` 0 means decode runs eagerly."""
 
-    max_running_requests: int
-    chunked_prefill_size: int
+    max_num_seqs: int
+    max_num_tokens: int
     context_length: int
     num_blocks: int
     block_size: int

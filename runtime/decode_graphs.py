@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk
+from llama_aot.artifacts.kv_layout import slot_of
+from llama_aot.artifacts.step_abi import SequenceChunk, call_step
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -39,7 +40,7 @@ def is_decode_step(chunks: list[SequenceChunk]) -> bool:
 
 class DecodeGraphs:
     """Runs decode steps of up to `max(buckets)` sequences, padded to a bucket, through `program`
-    (an artifact, or anything called as `program(*inputs, kv_cache)`), writing into `kv_cache`.
+    (a step program, or anything the step ABI can call), writing into `kv_cache`.
 
     Without `capture()` each padded step runs the program eagerly on the static buffers; after
     it, each bucket's step is a graph replay. The logits returned by a replay live in the graph's
@@ -123,7 +124,7 @@ class DecodeGraphs:
 
     def _call(self, bucket: int) -> torch.Tensor:
         with torch.inference_mode():
-            return self.program(*[self._static[n][:bucket] for n in INPUT_NAMES], self.kv_cache)
+            return call_step(self.program, {n: t[:bucket] for n, t in self._static.items()}, self.kv_cache)
 
     def _fill(self, chunks: list[SequenceChunk], bucket: int) -> None:
         """Writes the step's rows, then pad rows up to `bucket`, and sends what changed to the
@@ -140,7 +141,7 @@ class DecodeGraphs:
                                  f"within {self.width} blocks")
             tokens.append(c.tokens[0])
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            slots.append(slot_of(table, pos, bs))
         self._host_vectors[:, :bucket] = torch.tensor([tokens + [0] * pad, positions + [0] * pad,
                                                        slots + [0] * pad])
         self._host_lens[:bucket] = torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32)

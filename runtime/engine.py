@@ -4,20 +4,17 @@ Callers (the HTTP server's event loop, tests) never touch the scheduler, the cac
 They `submit` a request with a sink, a callable the engine invokes from its thread with each
 `RequestOutput`, and may `abort` it at any time; both only enqueue a command, so the event loop is
 never blocked by a model step. The loop drains commands, schedules a step, runs the compiled
-program, samples, and turns tokens into text with stop checks.
+step through the model runner (runtime/model_runner.py, which owns programs, cache and graphs),
+samples, and turns tokens into text with stop checks.
 
 A step's text goes out while the next step runs. Once step N is sampled and committed, the loop
 schedules and launches step N+1, and only then detokenizes N's tokens, checks stop strings and
 calls the sinks, whose wake-ups set the HTTP thread to work; the device computes meanwhile instead
-of idling through that CPU work. (Before, serving on the H200 spent 0.5 ms per step beyond the
-program's own time at one stream, and 2-3 ms at 16.)
+of idling through that CPU work.
 Whatever a token alone decides (EOS, a stop token id, max_tokens, a full context) retires its
 sequence before the next schedule, so no step runs past it. A stop string is found a step later:
 its sequence may sit in step N+1, whose token for it is then dropped (commit skips finished
 sequences), and an abort that arrives meanwhile likewise drops the outputs still pending.
-
-On CUDA, decode-only steps replay CUDA graphs captured by `warmup` (runtime/decode_graphs.py); the
-artifact must then have been loaded with `single_threaded=True`. Other steps run the program eagerly.
 """
 from __future__ import annotations
 
@@ -30,17 +27,12 @@ from typing import Callable
 
 import torch
 
-from llama_aot.compiler.config import torch_dtype
-from llama_aot.compiler.model import kv_cache_shape
-from llama_aot.runtime.artifact import Artifact
 from llama_aot.runtime.block_manager import BlockManager
-from llama_aot.runtime.config import ResolvedRuntime, RuntimeConfigError
-from llama_aot.runtime.decode_graphs import DecodeGraphs, batch_buckets
 from llama_aot.runtime.detokenizer import IncrementalDetokenizer, StopChecker
+from llama_aot.runtime.model_runner import ModelRunner, StepPlan
 from llama_aot.runtime.sampling import Sampler, SamplingParams, make_generator
 from llama_aot.runtime.scheduler import Scheduler, SchedulerConfig
 from llama_aot.runtime.sequence import Sequence
-from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
@@ -90,16 +82,6 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
-class Warmup:
-    """What `Engine.warmup` did: the first step's duration, and the batch sizes it captured as
-    CUDA graphs (none on CPU or with graphs disabled) with the seconds capture took."""
-
-    first_step_s: float
-    graph_batch_sizes: tuple[int, ...] = ()
-    capture_s: float = 0.0
-
-
-@dataclass(frozen=True)
 class _Pending:
     """A sampled token whose text and sink call wait for the next step's launch."""
 
@@ -115,37 +97,18 @@ class _Commands:
     wake: threading.Event = field(default_factory=threading.Event)
 
 
-def _allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: str,
-                       runtime: ResolvedRuntime) -> torch.Tensor:
-    """The zeroed cache, or a RuntimeConfigError saying which flag to lower: a cache sized by
-    --kv-cache-blocks, or memory taken between sizing and allocating, must not end the server in a
-    traceback. (A CPU allocation that fails says "can't allocate memory" in a plain RuntimeError.)"""
-    try:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    except RuntimeError as e:  # torch.OutOfMemoryError is one
-        if not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
-            raise
-    raise RuntimeConfigError(
-        f"the KV cache of {runtime.num_blocks} blocks ({runtime.num_blocks * runtime.block_bytes / 2**30:.2f} "
-        f"GiB) does not fit in the {device}'s free memory; lower --kv-cache-blocks or --mem-fraction-static")
-
-
 class Engine:
-    def __init__(self, artifact: Artifact, runtime: ResolvedRuntime, tokenizer, device: str = "cpu"):
-        self.artifact, self.runtime, self.tokenizer, self.device = artifact, runtime, tokenizer, device
-        cfg, build = artifact.model_config, artifact.build_config
-        self.eos_token_ids = tuple(cfg.eos_token_ids)
-        self.kv_cache = _allocate_kv_cache(kv_cache_shape(cfg, runtime.num_blocks, runtime.block_size),
-                                           torch_dtype(build.kv_dtype), device, runtime)
+    """Continuous batching over a `ModelRunner`; `runner.warmup()` before `start()`."""
+
+    def __init__(self, runner: ModelRunner, tokenizer):
+        self.runner, self.runtime, self.tokenizer, self.device = runner, runner.runtime, tokenizer, runner.device
+        runtime = self.runtime
+        self.eos_token_ids = tuple(runner.model_config.eos_token_ids)
         self.blocks = BlockManager(runtime.num_blocks, runtime.block_size, runtime.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=runtime.max_running_requests,
-                                                   max_num_batched_tokens=runtime.chunked_prefill_size,
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=runtime.max_num_seqs,
+                                                   max_num_tokens=runtime.max_num_tokens,
                                                    max_model_len=runtime.context_length), self.blocks)
         self.sampler = Sampler()
-        self.decode_graphs = None
-        if runtime.cuda_graph_max_bs and self.kv_cache.is_cuda:
-            self.decode_graphs = DecodeGraphs(artifact, self.kv_cache, batch_buckets(runtime.cuda_graph_max_bs),
-                                              runtime.block_size, runtime.context_length)
         self._requests: dict[str, _Request] = {}
         self._pending: list[_Pending] = []
         self._commands = _Commands()
@@ -177,20 +140,6 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._commands.queue.put(("abort", request_id))
         self._commands.wake.set()
-
-    def warmup(self) -> Warmup:
-        """Runs one step of one token through the program before serving, so that the first
-        request does not pay for lazy initialisation, then captures the decode graphs. The
-        token's K/V go to the reserved block 0, which no request reads."""
-        inputs = build_step_inputs([SequenceChunk((0,), 0, (0,))], self.runtime.block_size, self.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            self.artifact(*[inputs[n] for n in INPUT_NAMES], self.kv_cache)
-        first_step_s = time.perf_counter() - start
-        if self.decode_graphs is None:
-            return Warmup(first_step_s)
-        capture_s = self.decode_graphs.capture()
-        return Warmup(first_step_s, self.decode_graphs.captured, capture_s)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="llama-aot-engine", daemon=True)
@@ -259,7 +208,7 @@ class Engine:
         items = step.sampled_items()
         # Taken before emitting: a request that a stop string ends there still has its row here.
         states = [self._requests[item.seq.request_id] for item in items]
-        logits = self._forward(step)
+        logits = self.runner.execute(StepPlan(tuple(step.chunks()), tuple(step.sample_rows)))
         self._emit_pending()  # the previous step's text, while the device runs this one
         if not items:  # only mid-prompt chunks: nothing to sample yet
             self.scheduler.commit(step, {})
@@ -281,19 +230,6 @@ class Engine:
         for p in pending:
             if self._requests.get(p.state.seq.request_id) is p.state:
                 self._emit(p.state, p.token, p.logprob, p.top)
-
-    def _forward(self, step) -> torch.Tensor:
-        """The logits of the step's sampled rows (all rows if it samples none): a graph replay for
-        a decode step that fits a bucket, else an eager call that skips unsampled rows' LM head."""
-        chunks = step.chunks()
-        graphs = self.decode_graphs
-        if graphs is not None and len(step.sample_rows) == len(chunks) and graphs.bucket_for(chunks):
-            return graphs.run(chunks)
-        inputs = build_step_inputs(chunks, self.runtime.block_size, self.device)
-        if step.sample_rows:
-            inputs["logits_index"] = inputs["logits_index"][list(step.sample_rows)]
-        with torch.inference_mode():
-            return self.artifact(*[inputs[n] for n in INPUT_NAMES], self.kv_cache)
 
     def _emit(self, state: _Request, token: int, logprob, top) -> None:
         delta = state.detokenizer.add(token)

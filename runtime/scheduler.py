@@ -31,19 +31,19 @@ from itertools import count
 
 from llama_aot.runtime.block_manager import BlockManager
 from llama_aot.runtime.sequence import Sequence, SequenceStatus
-from llama_aot.runtime.step_inputs import SequenceChunk
+from llama_aot.artifacts.step_abi import SequenceChunk
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """`max_num_batched_tokens` is the step's token budget and `max_num_seqs` its batch size; both
+    """`max_num_tokens` is the step's token budget and `max_num_seqs` its batch size; both
     must not exceed what the compiled program accepts (the artifact's max_num_tokens and
     max_num_seqs), and `max_model_len` must fit its block tables. `max_prefill_chunk` caps one
     sequence's prefill piece per step (default: the whole budget). `watermark` is the fraction of
     the cache admission leaves free for running sequences to grow into."""
 
     max_num_seqs: int
-    max_num_batched_tokens: int
+    max_num_tokens: int
     max_model_len: int
     max_prefill_chunk: int | None = None
     watermark: float = 0.01
@@ -51,17 +51,17 @@ class SchedulerConfig:
     def __post_init__(self):
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs {self.max_num_seqs}: must be at least 1")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
+        if self.max_num_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_tokens {self.max_num_tokens} is below "
                              f"max_num_seqs {self.max_num_seqs}: every running sequence needs room "
                              "for its decode token in each step; raise the budget or lower the seqs")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len {self.max_model_len}: must be at least 2")
         if self.max_prefill_chunk is None:
-            object.__setattr__(self, "max_prefill_chunk", self.max_num_batched_tokens)
-        if not 1 <= self.max_prefill_chunk <= self.max_num_batched_tokens:
+            object.__setattr__(self, "max_prefill_chunk", self.max_num_tokens)
+        if not 1 <= self.max_prefill_chunk <= self.max_num_tokens:
             raise ValueError(f"max_prefill_chunk {self.max_prefill_chunk}: must be between 1 and "
-                             f"max_num_batched_tokens ({self.max_num_batched_tokens})")
+                             f"max_num_tokens ({self.max_num_tokens})")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark {self.watermark}: must be a fraction in [0, 1)")
 
@@ -189,7 +189,7 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         """The next step; empty only when nothing is queued. A step that is never committed (the
         model failed, say) advances no sequence, so the next `schedule` computes its tokens again."""
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.max_num_tokens
         items: list[ScheduledItem] = []
         preempted = False
 

@@ -18,12 +18,7 @@ little-endian header length, a JSON header with dtype, shape and data_offsets, t
 is parsed from the verified bytes themselves. On a mismatch the buffer is dropped before anything
 refers to it.
 
-The digest (one manifest entry per file, written and checked through `hash_file`):
-    {"size": bytes, "chunk_size": C, "root_sha256": hex}
-    hex = sha256(sha256(chunk 0) || sha256(chunk 1) || ...)
-over the raw 32-byte digests of consecutive C-byte chunks (the last may be shorter; an empty file
-has none). Chunk digests let many threads hash one file, the single root keeps the manifest small,
-and the size refuses a truncated file before any read. It is not `sha256sum`'s value.
+The digest is the manifest's (artifacts/digest.py), computed here on the chunks as they stream past.
 
 Alignment: Inductor's Triton kernels assume 16-byte aligned weights (torch._inductor.utils.ALIGNMENT),
 and cuBLAS streams a weight fastest from a 128-byte boundary. On CUDA the file sits in its buffer
@@ -41,43 +36,19 @@ import math
 import mmap
 import os
 import queue
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-CHUNK_SIZE = 16 << 20
+from llama_aot.artifacts.digest import CHUNK_SIZE, DigestMismatch, hash_chunks, map_chunks, root, threads
+
 CUDA_ALIGNMENT = 16  # what a CUDA tensor must have, or it is copied out
 CUDA_DATA_ALIGNMENT = 256  # where the data section starts, for the matmuls' speed
-MAX_THREADS = 16
 STAGING_PER_THREAD = 2
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
           "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class DigestMismatch(Exception):
-    """The file's bytes are not the ones its expected digest describes (modified, corrupt or cut)."""
-
-
-def _threads() -> int:
-    """One reader per core the process may use, capped: past ~16 the disk or PCIe is the limit."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_THREADS, cores))
-
-
-def hash_file(path: Path, chunk_size: int = CHUNK_SIZE) -> dict:
-    """The file's manifest entry (see the module docstring)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        _, digests = _map_to_host(f, size, chunk_size, verify=True)
-    return {"size": size, "chunk_size": chunk_size, "root_sha256": _root(digests)}
-
-
-def file_matches(path: Path, expected: dict) -> bool:
-    return path.stat().st_size == expected["size"] and hash_file(path, expected["chunk_size"]) == expected
 
 
 def load_safetensors(path: Path, device: str | torch.device,
@@ -107,7 +78,7 @@ def _read_verified(path: Path, device: str | torch.device, expected: dict | None
             digests = _stream_to_cuda(f.fileno(), data, chunk_size, verify=expected is not None)
         else:
             data, digests = _map_to_host(f, size, chunk_size, verify=expected is not None)
-    if expected is not None and _root(digests) != expected["root_sha256"]:
+    if expected is not None and root(digests) != expected["root_sha256"]:
         del data  # the traceback keeps this frame alive: let the memory go now
         raise DigestMismatch(f"{path}: contents differ from the manifest's digest")
     return data
@@ -118,14 +89,14 @@ def _map_to_host(f, size: int, chunk_size: int, verify: bool) -> tuple[torch.Ten
     if size == 0:
         return torch.empty(0, dtype=torch.uint8), []
     mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    digests = _hash_chunks(mapping, chunk_size) if verify else []
+    digests = hash_chunks(mapping, chunk_size) if verify else []
     return torch.frombuffer(mapping, dtype=torch.uint8), digests  # the tensor keeps the mapping open
 
 
 def _stream_to_cuda(fd: int, data: torch.Tensor, chunk_size: int, verify: bool) -> list[bytes]:
     """Reads through pinned staging buffers: pinned so the copies run asynchronously, registered
     here (not taken from torch's pinned-memory cache) so they are unpinned and freed at the end."""
-    count = min(STAGING_PER_THREAD * _threads(), max(1, math.ceil(data.numel() / chunk_size)))
+    count = min(STAGING_PER_THREAD * threads(), max(1, math.ceil(data.numel() / chunk_size)))
     host = torch.empty(count * chunk_size, dtype=torch.uint8)
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(host.data_ptr(), host.numel(), 1)) != 0:  # 1: portable, any device
@@ -152,33 +123,10 @@ def _stream_to_cuda(fd: int, data: torch.Tensor, chunk_size: int, verify: bool) 
         return digest
 
     try:
-        return _map_chunks(data.numel(), chunk_size, read)
+        return map_chunks(data.numel(), chunk_size, read)
     finally:
         stream.synchronize()
         cudart.cudaHostUnregister(host.data_ptr())
-
-
-def _hash_chunks(buffer, chunk_size: int) -> list[bytes]:
-    view = memoryview(buffer)
-    try:
-        return _map_chunks(len(view), chunk_size, lambda offset, n: hashlib.sha256(view[offset:offset + n]).digest())
-    finally:
-        view.release()
-
-
-def _map_chunks(size: int, chunk_size: int, work: Callable[[int, int], bytes]) -> list[bytes]:
-    """work(offset, length) over the file's chunks on a thread pool, results in file order."""
-    if chunk_size <= 0:
-        raise ValueError(f"chunk size {chunk_size} must be positive")
-    spans = [(offset, min(chunk_size, size - offset)) for offset in range(0, size, chunk_size)]
-    if not spans:
-        return []
-    with ThreadPoolExecutor(max_workers=min(_threads(), len(spans))) as pool:
-        try:
-            return list(pool.map(lambda span: work(*span), spans))
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
 
 
 def _fill(fd: int, view: memoryview, offset: int) -> None:
@@ -188,10 +136,6 @@ def _fill(fd: int, view: memoryview, offset: int) -> None:
         if n == 0:
             raise DigestMismatch(f"file ended at byte {offset + done}, before its recorded size")
         done += n
-
-
-def _root(digests: list[bytes]) -> str:
-    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 def _tensors(path: Path, data: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -56,7 +56,7 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
     metrics = Metrics()
     token_text = R.TokenText(engine.tokenizer)
     model_name = config.served_model_name
-    vocab_size = engine.artifact.model_config.vocab_size
+    vocab_size = engine.runner.model_config.vocab_size
 
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key)

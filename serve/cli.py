@@ -13,11 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from llama_aot.compiler.errors import CLIParser
-
-from llama_aot.runtime.artifact import ArtifactError, read_manifest
+from llama_aot.artifacts.errors import ArtifactError, CLIParser, ConfigError
+from llama_aot.artifacts.manifest import read_manifest
 from llama_aot.runtime.config import RuntimeConfig, RuntimeConfigError
-
 
 
 def parse_args(argv):
@@ -73,29 +71,31 @@ def build_server(args):
 
     from llama_aot.runtime.artifact import load_artifact
     from llama_aot.runtime.engine import Engine
+    from llama_aot.runtime.model_runner import ModelRunner
     from llama_aot.serve.app import ServeConfig, create_app
     from llama_aot.serve.chat_template import load_chat_template
 
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
                          served_model_name=args.served_model_name or args.artifact.resolve().name,
                          tool_call_parser=args.tool_call_parser)
-    runtime = RuntimeConfig(max_running_requests=args.max_running_requests,
-                            chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
+    runtime = RuntimeConfig(max_num_seqs=args.max_running_requests,
+                            max_num_tokens=args.chunked_prefill_size, context_length=args.context_length,
                             mem_fraction_static=args.mem_fraction_static, kv_cache_blocks=args.kv_cache_blocks,
                             enable_prefix_caching=not args.disable_prefix_caching,
                             disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=args.cuda_graph_max_bs)
     _check_port(config.host, config.port)
     start = time.perf_counter()
     capturable = (not runtime.disable_cuda_graph and args.artifact.is_dir()  # else load_artifact says why
-                  and read_manifest(args.artifact)["target"]["device_type"] == "cuda")
+                  and read_manifest(args.artifact).device_type == "cuda")
     artifact = load_artifact(args.artifact, single_threaded=capturable)
     template = load_chat_template(args.artifact)
     tokenizer = template.tokenizer if template else Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
     resolved = runtime.resolve(artifact.model_config, artifact.build_config, artifact.weight_bytes)
     engine_start = time.perf_counter()
-    engine = Engine(artifact, resolved, tokenizer, device=artifact.device_type)
+    runner = ModelRunner(artifact, resolved)
+    engine = Engine(runner, tokenizer)
     engine_s = time.perf_counter() - engine_start
-    warmup = engine.warmup()
+    warmup = runner.warmup()
     engine.start()
     graphs = warmup.graph_batch_sizes
     captured = (f", captured {len(graphs)} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
     try:
         server, engine = build_server(args)
-    except (ArtifactError, RuntimeConfigError, ValueError) as e:
+    except (ArtifactError, ConfigError, ValueError) as e:
         print(f"llama-serve: error: {e}", file=sys.stderr)
         return 2
     try:

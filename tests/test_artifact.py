@@ -1,5 +1,6 @@
-"""The artifact's contract: a complete manifest, refusal of tampered files and foreign targets at
-load, and a build cache that makes an unchanged rebuild nearly free."""
+"""The artifact's contract: a complete format-3 manifest that lists its programs and ranks, refusal
+of tampered files, older formats and foreign targets at load, and a build cache that makes an
+unchanged rebuild nearly free."""
 import dataclasses
 import io
 import json
@@ -9,23 +10,33 @@ import time
 import pytest
 import torch
 
+from llama_aot.artifacts.digest import hash_file
+from llama_aot.artifacts.errors import ArtifactError
+from llama_aot.artifacts.kv_layout import KVCacheLayout
+from llama_aot.artifacts.manifest import KEYS, read_manifest
+from llama_aot.artifacts.step_abi import STEP_INPUTS, SequenceChunk, build_step_inputs, call_step
 from llama_aot.compiler.build import Progress, build_artifact, input_hash
 from llama_aot.compiler.checkpoint import open_checkpoint
-from llama_aot.runtime.artifact import MANIFEST_KEYS, ArtifactError, load_artifact
-from llama_aot.runtime.weights_loader import hash_file
+from llama_aot.runtime.artifact import load_artifact
 
 
 def test_manifest_layout(tiny_artifact, tiny_build):
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
-    assert list(manifest) == list(MANIFEST_KEYS)
+    assert list(manifest) == list(KEYS) and manifest["format_version"] == 3
     assert {"version", "git_sha", "torch", "triton"} <= set(manifest["producer"])
     assert {"device_type", "arch", "device_name", "world_size"} <= set(manifest["target"])
+    assert manifest["target"]["world_size"] == 1
+    assert manifest["programs"] == [{"name": "step", "package": "step.pt2", "inputs": list(STEP_INPUTS),
+                                     "weights": ["step.rank0.safetensors"]}]
+    assert manifest["quantization"] == {}
     build = manifest["build"]
     assert (build["dtype"], build["kv_dtype"], build["tp"], build["weight_quant"]) == ("float32", "float32", 1, "none")
     assert (build["max_num_tokens"], build["block_size"], build["context_length"]) == (64, 4, 256)
-    assert all(set(p) == {"name", "matches"} for p in manifest["passes"])
+    assert [(p["name"], p["phase"]) for p in manifest["passes"]] == [
+        ("fuse_qkv", "fuse"), ("fuse_gate_up", "fuse"), ("fuse_add_rmsnorm", "fuse")]
+    assert all(p["matches"] > 0 for p in manifest["passes"])
     assert manifest["verification"]["passed"]
-    assert set(manifest["files"]) == {"model.pt2", "rank0.safetensors", "tokenizer.json", "tokenizer_config.json",
+    assert set(manifest["files"]) == {"step.pt2", "step.rank0.safetensors", "tokenizer.json", "tokenizer_config.json",
                                       "generation_config.json"}
     for name, entry in manifest["files"].items():
         assert hash_file(tiny_artifact / name, entry["chunk_size"]) == entry
@@ -34,11 +45,11 @@ def test_manifest_layout(tiny_artifact, tiny_build):
 def test_weights_are_stored_under_post_pass_names(tiny_artifact):
     from safetensors import safe_open
 
-    with safe_open(str(tiny_artifact / "rank0.safetensors"), "pt") as f:
+    with safe_open(str(tiny_artifact / "step.rank0.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
     assert not any(n.endswith(".q_proj.weight") for n in names)
-    assert (tiny_artifact / "model.pt2").stat().st_size < 16 << 20  # code only, no weights inside
+    assert (tiny_artifact / "step.pt2").stat().st_size < 16 << 20  # code only, no weights inside
 
 
 @pytest.fixture
@@ -47,7 +58,7 @@ def artifact_copy(tiny_artifact, tmp_path):
     return shutil.copytree(tiny_artifact, tmp_path / "artifact", copy_function=shutil.copyfile)
 
 
-@pytest.mark.parametrize("name", ["rank0.safetensors", "tokenizer.json", "model.pt2"])
+@pytest.mark.parametrize("name", ["step.rank0.safetensors", "tokenizer.json", "step.pt2"])
 def test_tampered_files_are_refused(artifact_copy, name):
     """The weights are checked as they stream in, the other files before anything loads."""
     target = artifact_copy / name
@@ -58,11 +69,53 @@ def test_tampered_files_are_refused(artifact_copy, name):
         load_artifact(artifact_copy)
 
 
+def format2_manifest(manifest: dict) -> dict:
+    """What llama-compile wrote before format 3: one program, no program list, no quantization."""
+    old = {k: v for k, v in manifest.items() if k not in ("programs", "quantization", "input_hash")}
+    return {**old, "format_version": 2, "build": {**manifest["build"], "input_hash": manifest["input_hash"]},
+            "passes": [{"name": p["name"], "matches": p["matches"]} for p in manifest["passes"]]}
+
+
 def test_artifact_of_an_older_format_is_refused(artifact_copy):
     manifest = json.loads((artifact_copy / "manifest.json").read_text())
-    manifest["format_version"] = 1
+    (artifact_copy / "manifest.json").write_text(json.dumps(format2_manifest(manifest)))
+    with pytest.raises(ArtifactError, match=r"^\S+: artifact format 2, this runtime reads format 3; "
+                                            "rebuild it with this version of llama-compile$"):
+        load_artifact(artifact_copy)
+
+
+def test_format2_artifact_upgraded_for_the_benchmarks_loads_and_runs(artifact_copy):
+    """bench/format2.py lets gpu.sh time a tree from before format 3 against this one."""
+    from llama_aot.bench.format2 import upgrade
+
+    manifest = json.loads((artifact_copy / "manifest.json").read_text())
+    renames = {"step.pt2": "model.pt2", "step.rank0.safetensors": "rank0.safetensors"}
+    for new, old in renames.items():
+        (artifact_copy / new).rename(artifact_copy / old)
+    old_manifest = format2_manifest(manifest)
+    old_manifest["files"] = {renames.get(n, n): entry for n, entry in manifest["files"].items()}
+    (artifact_copy / "manifest.json").write_text(json.dumps(old_manifest))
+    upgrade(artifact_copy)
+    artifact = load_artifact(artifact_copy)
+    assert artifact.manifest.program("step").package == "model.pt2"
+    assert [p["phase"] for p in artifact.manifest.passes] == ["fuse"] * 3
+    layout = KVCacheLayout.of(artifact.model_config, artifact.build_config)
+    inputs = build_step_inputs([SequenceChunk((1, 2, 3), 0, (1,))], layout.block_size)
+    assert torch.isfinite(call_step(artifact.step, inputs, layout.allocate(4, "cpu"))).all()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["programs"][0].update(inputs=["tokens", "kv_cache"]), "program 'step' takes"),
+    (lambda m: m["programs"][0].update(name="draft"), "must name 'step'"),
+    (lambda m: m["programs"][0].update(weights=[]), "lists 0 weights files for world size 1"),
+    (lambda m: m["programs"][0].update(package="other.pt2"), "names files"),
+    (lambda m: m["build"].update(block_size=3), "invalid manifest"),
+])
+def test_inconsistent_manifest_is_refused(artifact_copy, edit, needle):
+    manifest = json.loads((artifact_copy / "manifest.json").read_text())
+    edit(manifest)
     (artifact_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="artifact format 1.*rebuild it with this version of llama-compile"):
+    with pytest.raises(ArtifactError, match=needle):
         load_artifact(artifact_copy)
 
 
@@ -99,7 +152,7 @@ def test_unchanged_rebuild_is_a_cache_hit(tiny_checkpoint, tiny_build, tiny_arti
     elapsed = time.perf_counter() - start
     assert "cache hit" in stream.getvalue() and "lower" not in stream.getvalue()
     assert elapsed < 10
-    assert manifest == json.loads((tiny_artifact / "manifest.json").read_text())
+    assert manifest == read_manifest(tiny_artifact)
     load_artifact(tmp_path / "again")
 
 
@@ -113,14 +166,11 @@ def test_cache_key_follows_the_inputs(tiny_checkpoint, tiny_build):
 
 
 def test_loaded_artifact_runs_a_step(tiny_artifact):
-    from llama_aot.compiler.model import kv_cache_shape
-    from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
-
     artifact = load_artifact(tiny_artifact)
     cfg, build = artifact.model_config, artifact.build_config
-    cache = torch.zeros(kv_cache_shape(cfg, 8, build.block_size))
+    cache = KVCacheLayout.of(cfg, build).allocate(8, "cpu")
     inputs = build_step_inputs([SequenceChunk((1, 2, 3), 0, (1,))], build.block_size)
-    logits = artifact(*[inputs[n] for n in INPUT_NAMES], cache)
+    logits = call_step(artifact.step, inputs, cache)
     assert logits.shape == (1, cfg.vocab_size) and torch.isfinite(logits).all()
     assert cache[:, :, 1, :3].abs().sum() > 0 and cache[:, :, 2:].abs().sum() == 0
 
@@ -129,40 +179,33 @@ def test_cuda_passes_compile_and_match_on_cpu(tiny_checkpoint, tiny_build, tiny_
     """The CUDA target's pass list, route_decode_linears' torch.cond included, through AOTInductor
     on the CPU: the build verifies, and steps on either side of the 16-row switch give the plain
     build's logits. (The CUDA kernels behind the cond are tested on the GPU machine.)"""
-    from llama_aot.compiler.config import TARGET_DEFAULTS
-    from llama_aot.compiler.model import kv_cache_shape
-    from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+    from llama_aot.artifacts.config import TARGET_DEFAULTS
 
     build = dataclasses.replace(tiny_build, passes=TARGET_DEFAULTS["cuda"].passes)
     manifest = build_artifact(tiny_checkpoint, build, tmp_path / "routed", Progress(io.StringIO()))
-    assert {"name": "route_decode_linears", "matches": 4} in manifest["passes"]
+    assert {"name": "route_decode_linears", "phase": "route", "matches": 4} in manifest.passes
     routed, plain = load_artifact(tmp_path / "routed"), load_artifact(tiny_artifact)
-    cfg = plain.model_config
+    layout = KVCacheLayout.of(plain.model_config, build)
     for rows in (1, 16, 17, 40):
         inputs = build_step_inputs([SequenceChunk(tuple(range(3, 3 + rows)), 0, tuple(range(1, 12)), True)],
                                    build.block_size)
-        cache_shape = kv_cache_shape(cfg, 12, build.block_size)
-        logits = [program(*[inputs[n] for n in INPUT_NAMES], torch.zeros(cache_shape)) for program in (routed, plain)]
+        logits = [call_step(a.step, inputs, layout.allocate(12, "cpu")) for a in (routed, plain)]
         torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
 
 
 def test_step_time_does_not_grow_with_the_kv_cache(tiny_artifact):
     """The KV write must update the cache in place: a program that copies the cache around the
     write costs time proportional to the cache, which serving sizes to most of memory."""
-    from llama_aot.compiler.model import kv_cache_shape
-    from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
-
     artifact = load_artifact(tiny_artifact)
-    cfg, bs = artifact.model_config, artifact.build_config.block_size
-    inputs = build_step_inputs([SequenceChunk((5,), 9, (1, 2, 3))], bs)
-    args = [inputs[n] for n in INPUT_NAMES]
+    layout = KVCacheLayout.of(artifact.model_config, artifact.build_config)
+    inputs = build_step_inputs([SequenceChunk((5,), 9, (1, 2, 3))], layout.block_size)
 
     def best_step_time(num_blocks):
-        cache = torch.zeros(kv_cache_shape(cfg, num_blocks, bs))
+        cache = layout.allocate(num_blocks, "cpu")
         times = []
         for _ in range(5):
             start = time.perf_counter()
-            artifact(*args, cache)
+            call_step(artifact.step, inputs, cache)
             times.append(time.perf_counter() - start)
         return min(times)
 

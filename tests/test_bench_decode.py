@@ -54,9 +54,9 @@ def test_a_slower_artifact_is_told_apart(tiny_artifact):
 
     def slow_program(*args):
         time.sleep(0.02)
-        return fast.program(*args)
+        return fast.step(*args)
 
-    slow = dataclasses.replace(fast, program=slow_program)
+    slow = dataclasses.replace(fast, programs={**fast.programs, "step": slow_program})
     a, b = measure_decode([fast, slow], batch=1, context=8, new_tokens=4, cuda_graph=False, bandwidth=1e9, rounds=6)
     assert len(a.round_ms_per_token) == len(b.round_ms_per_token) == 6
     assert a.ms_per_token == min(a.round_ms_per_token)

@@ -18,7 +18,7 @@ import torch
 
 from llama_aot.compiler.checkpoint import (expected_shapes, fingerprint, load_weights,
                                            model_config_from_hf, open_checkpoint)
-from llama_aot.compiler.config import RopeScaling
+from llama_aot.artifacts.config import RopeScaling
 from llama_aot.compiler.errors import BuildError
 from tiny_checkpoint import (build_tokenizer, tiny_hf_config, write_big_random_checkpoint,
                              write_tiny_llama)

@@ -1,12 +1,13 @@
 """The embedded default, SmolLM2-135M-Instruct, compiled with llama-compile's defaults: its pass
 report, its verification, and greedy parity with HF transformers' `generate` on the same
 dequantized weights (fp32), token for token."""
-import json
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from llama_aot.artifacts.kv_layout import KVCacheLayout
+from llama_aot.artifacts.manifest import read_manifest
 from llama_aot.runtime.artifact import load_artifact
 
 from generation import greedy_generate
@@ -23,14 +24,14 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def manifest(smollm2_artifact):
-    return json.loads((smollm2_artifact / "manifest.json").read_text())
+    return read_manifest(smollm2_artifact)
 
 
 def test_manifest_reports_fusions_per_layer(manifest):
-    assert manifest["model"]["num_layers"] == 30
-    matches = {p["name"]: p["matches"] for p in manifest["passes"]}
+    assert manifest.model.num_layers == 30
+    matches = {p["name"]: p["matches"] for p in manifest.passes}
     assert matches == {"fuse_qkv": 30, "fuse_gate_up": 30, "fuse_add_rmsnorm": 60}
-    assert manifest["verification"]["passed"] and manifest["verification"]["greedy_agreement"] == 1.0
+    assert manifest.verification["passed"] and manifest.verification["greedy_agreement"] == 1.0
 
 
 def test_greedy_chat_matches_hf_generate(smollm2_checkpoint, smollm2_artifact):
@@ -39,7 +40,8 @@ def test_greedy_chat_matches_hf_generate(smollm2_checkpoint, smollm2_artifact):
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for c in CHATS]
     artifact = load_artifact(smollm2_artifact)
-    ours = greedy_generate(artifact, artifact.model_config, prompts, NEW_TOKENS, artifact.build_config.block_size)
+    ours = greedy_generate(artifact.step, KVCacheLayout.of(artifact.model_config, artifact.build_config), prompts,
+                           NEW_TOKENS)
     eos = tokenizer.eos_token_id
     for chat, prompt, tokens in zip(CHATS, prompts, ours):
         with torch.no_grad():

@@ -12,9 +12,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.runtime.artifact import load_artifact
 from llama_aot.runtime.config import RuntimeConfig
 from llama_aot.runtime.engine import Engine
+from llama_aot.runtime.model_runner import ModelRunner
 from llama_aot.runtime.sampling import SamplingParams
 
 from generation import greedy_generate
@@ -37,16 +39,15 @@ def tokenizer(llama31_artifact):
 @pytest.fixture(scope="module")
 def reference(artifact):
     """Each prompt's greedy continuation, generated alone outside the engine."""
-    cfg, build = artifact.model_config, artifact.build_config
-    return [greedy_generate(artifact, cfg, [p], NEW_TOKENS, build.block_size, getattr(torch, build.kv_dtype))[0]
-            for p in PROMPTS]
+    layout = KVCacheLayout.of(artifact.model_config, artifact.build_config)
+    return [greedy_generate(artifact.step, layout, [p], NEW_TOKENS)[0] for p in PROMPTS]
 
 
 @pytest.fixture
 def engine(artifact, tokenizer):
     runtime = RuntimeConfig(kv_cache_blocks=64).resolve(artifact.model_config, artifact.build_config,
                                                         artifact.weight_bytes)
-    engine = Engine(artifact, runtime, tokenizer).start()
+    engine = Engine(ModelRunner(artifact, runtime), tokenizer).start()
     yield engine
     engine.shutdown()
 

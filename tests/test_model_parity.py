@@ -7,9 +7,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
-from llama_aot.compiler.model import build_model, kv_cache_shape
+from llama_aot.compiler.model import build_model
 from llama_aot.runtime.artifact import load_artifact
-from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
+from llama_aot.artifacts.kv_layout import KVCacheLayout
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
 
 from generation import greedy_generate
 
@@ -39,10 +40,14 @@ def sequences():
     return seqs
 
 
+def layout(cfg) -> KVCacheLayout:
+    return KVCacheLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, BLOCK, "float32")
+
+
 def run_schedule(model, cfg):
     seqs = sequences()
     tables = [tuple(range(1 + 20 * i, 21 + 20 * i)) for i in range(len(seqs))]
-    cache = torch.zeros(kv_cache_shape(cfg, 1 + 20 * len(seqs), BLOCK))
+    cache = layout(cfg).allocate(1 + 20 * len(seqs), "cpu")
     done = [0] * len(seqs)
     rows = {i: [] for i in range(len(seqs))}
     for step in SCHEDULE:
@@ -52,7 +57,7 @@ def run_schedule(model, cfg):
             done[i] += n
         inputs = build_step_inputs(chunks, BLOCK)
         with torch.no_grad():
-            logits = model(*[inputs[name] for name in INPUT_NAMES], cache)
+            logits = call_step(model, inputs, cache)
         for (i, _), part in zip(step, logits.split([n for _, n in step])):
             rows[i].append(part)
     return {i: torch.cat(r) for i, r in rows.items()}, done
@@ -65,7 +70,7 @@ def hf_logits(hf_model, seq):
 
 @pytest.mark.parametrize("which", ["eager", "compiled"])
 def test_logits_match_hf(which, hf_model, eager, tiny_artifact):
-    model = eager if which == "eager" else load_artifact(tiny_artifact)
+    model = eager if which == "eager" else load_artifact(tiny_artifact).step
     ours, lengths = run_schedule(model, eager.config)
     for i, seq in enumerate(sequences()):
         assert lengths[i] == len(seq)
@@ -78,7 +83,7 @@ def test_logits_match_hf(which, hf_model, eager, tiny_artifact):
 
 def test_greedy_tokens_match_hf_generate(hf_model, eager, tiny_artifact):
     prompts = PROMPTS[:3]
-    ours = greedy_generate(load_artifact(tiny_artifact), eager.config, prompts, 12, BLOCK)
+    ours = greedy_generate(load_artifact(tiny_artifact).step, layout(eager.config), prompts, 12)
     for prompt, tokens in zip(prompts, ours):
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,

@@ -1,23 +1,25 @@
 """Each pass on the tiny 2-layer model: its match count, the op counts it leaves, exact numerics,
 and weights that stay consistent with the program's signature. A pattern that stops matching
 fails here by its count, not silently in a slower artifact."""
+import dataclasses
 from collections import Counter
 
 import pytest
 import torch
 from torch.export.graph_signature import InputKind
 
+from llama_aot.artifacts.config import TARGET_DEFAULTS
+from llama_aot.artifacts.errors import ConfigError
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
-from llama_aot.compiler.config import TARGET_DEFAULTS
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.model import build_model
-from llama_aot.compiler.errors import BuildError
-from llama_aot.passes import PIPELINE, run_pipeline
 from llama_aot.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from llama_aot.passes.fuse_gate_up import fuse_gate_up
 from llama_aot.passes.fuse_qkv import fuse_qkv
+from llama_aot.passes.graph_pass import PHASES, PassContext
+from llama_aot.passes.pipeline import PIPELINE, run_pipeline
 from llama_aot.passes.route_decode_linears import route_decode_linears
-from llama_aot.runtime.step_inputs import INPUT_NAMES, SequenceChunk, build_step_inputs
 
 LAYERS = 2
 
@@ -44,21 +46,26 @@ def run(ep, build):
     outs = []
     for chunks in (chunks1, chunks2):
         inputs = build_step_inputs(chunks, build.block_size)
-        outs.append(module(*[inputs[n] for n in INPUT_NAMES], cache))
+        outs.append(call_step(module, inputs, cache))
     return torch.cat(outs), cache
 
 
-@pytest.mark.parametrize("fuse, matches, removed, added", [
-    (fuse_qkv, LAYERS, {"aten.linear.default": 2 * LAYERS}, {"aten.split_with_sizes.default": LAYERS}),
-    (fuse_gate_up, LAYERS, {"aten.linear.default": LAYERS}, {"aten.split_with_sizes.default": LAYERS}),
+@pytest.mark.parametrize("fuse, matches, removed, added, new_weights", [
+    (fuse_qkv, LAYERS, {"aten.linear.default": 2 * LAYERS}, {"aten.split_with_sizes.default": LAYERS},
+     {f"model.layers.{i}.self_attn.qkv_proj.weight" for i in range(LAYERS)}),
+    (fuse_gate_up, LAYERS, {"aten.linear.default": LAYERS}, {"aten.split_with_sizes.default": LAYERS},
+     {f"model.layers.{i}.mlp.gate_up_proj.weight" for i in range(LAYERS)}),
     (fuse_add_rmsnorm, 2 * LAYERS, {"aten.rsqrt.default": 2 * LAYERS, "aten.add.Tensor": 2 * LAYERS * 2},
-     {"llama_aot.add_rms_norm.default": 2 * LAYERS}),
-    (route_decode_linears, 2 * LAYERS, {"aten.linear.default": 2 * LAYERS}, {"cond": 2 * LAYERS}),
+     {"llama_aot.add_rms_norm.default": 2 * LAYERS}, set()),
+    (route_decode_linears, 2 * LAYERS, {"aten.linear.default": 2 * LAYERS}, {"cond": 2 * LAYERS}, set()),
 ])
-def test_pass_matches_counts_and_numerics(exported, fuse, matches, removed, added):
+def test_pass_matches_counts_and_numerics(exported, fuse, matches, removed, added, new_weights):
     ep, build = exported
-    after, found = fuse(ep)
-    assert found == matches
+    result = fuse(ep, PassContext(build))
+    after = result.program
+    assert result.matches == matches
+    assert set(result.weights) == new_weights
+    assert all(result.weights[n] is after.state_dict[n] for n in new_weights)
     before_ops, after_ops = op_counts(ep), op_counts(after)
     for op, n in removed.items():
         assert before_ops[op] - after_ops[op] == n, op
@@ -71,9 +78,10 @@ def test_pass_matches_counts_and_numerics(exported, fuse, matches, removed, adde
 
 def test_pipeline_keeps_weights_and_signature_consistent(exported):
     ep, build = exported
-    fused, reports = run_pipeline(ep, build.passes)
-    assert [(r.name, r.matches) for r in reports] == [("fuse_qkv", LAYERS), ("fuse_gate_up", LAYERS),
-                                                       ("fuse_add_rmsnorm", 2 * LAYERS)]
+    fused, reports = run_pipeline(ep, PassContext(build))
+    assert [r.to_dict() for r in reports] == [{"name": "fuse_qkv", "phase": "fuse", "matches": LAYERS},
+                                              {"name": "fuse_gate_up", "phase": "fuse", "matches": LAYERS},
+                                              {"name": "fuse_add_rmsnorm", "phase": "fuse", "matches": 2 * LAYERS}]
     params = {s.target for s in fused.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
     assert params == set(fused.state_dict)
     assert {f"model.layers.{i}.self_attn.qkv_proj.weight" for i in range(LAYERS)} <= params
@@ -92,30 +100,37 @@ def test_route_decode_linears_branches_agree(exported, num_tokens):
     give the unrouted program's logits (on CPU both are the reference matmul, so this checks the
     rewrite's wiring; the kernel is tested against the reference in test_decode_linear.py)."""
     ep, build = exported
-    routed, _ = route_decode_linears(ep)
+    routed = route_decode_linears(ep, PassContext(build)).program
     tokens = tuple(range(3, 3 + num_tokens))
     inputs = build_step_inputs([SequenceChunk(tokens, 0, tuple(range(1, 12)), True)], build.block_size)
     cache_shape = ep.example_inputs[0][-1].shape[:2] + (12,) + ep.example_inputs[0][-1].shape[3:]
-    logits = [program.module()(*[inputs[n] for n in INPUT_NAMES], torch.zeros(cache_shape))
-              for program in (ep, routed)]
+    logits = [call_step(program.module(), inputs, torch.zeros(cache_shape)) for program in (ep, routed)]
     torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=1e-6)
 
 
 def test_cuda_pipeline_routes_both_residual_projections_after_the_fusions(exported):
     ep, build = exported
-    routed, reports = run_pipeline(ep, TARGET_DEFAULTS["cuda"].passes)
-    assert [(r.name, r.matches) for r in reports][-1] == ("route_decode_linears", 2 * LAYERS)
+    routed, reports = run_pipeline(ep, PassContext(dataclasses.replace(build, passes=TARGET_DEFAULTS["cuda"].passes)))
+    assert [(r.name, r.phase, r.matches) for r in reports][-1] == ("route_decode_linears", "route", 2 * LAYERS)
     (logits_a, _), (logits_b, _) = run(ep, build), run(routed, build)
     torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-6)
 
 
 def test_pipeline_runs_only_enabled_passes_in_order(exported):
-    ep, _ = exported
-    _, reports = run_pipeline(ep, ("fuse_add_rmsnorm", "fuse_qkv"))
+    ep, build = exported
+    _, reports = run_pipeline(ep, PassContext(build), ("fuse_add_rmsnorm", "fuse_qkv"))
     assert [r.name for r in reports] == ["fuse_qkv", "fuse_add_rmsnorm"]
-    assert [name for name, _ in PIPELINE][:2] == ["fuse_qkv", "fuse_gate_up"]
-    with pytest.raises(BuildError, match="unknown passes"):
-        run_pipeline(ep, ("fuse_everything",))
+    assert [p.name for p in PIPELINE][:2] == ["fuse_qkv", "fuse_gate_up"]
+    with pytest.raises(ConfigError, match="unknown passes"):
+        run_pipeline(ep, PassContext(build), ("fuse_everything",))
+
+
+def test_pipeline_runs_in_phase_order():
+    """fuse -> quantize -> shard -> route: a pass listed before one of an earlier phase would match
+    a graph that the earlier phase has not produced yet."""
+    order = [PHASES.index(p.phase) for p in PIPELINE]
+    assert order == sorted(order)
+    assert {p.phase for p in PIPELINE} <= set(PHASES) and PHASES == ("fuse", "quantize", "shard", "route")
 
 
 def test_passes_are_pure(exported):

@@ -8,7 +8,7 @@ import pytest
 from llama_aot.runtime.block_manager import BlockManager
 from llama_aot.runtime.scheduler import Scheduler, SchedulerConfig
 from llama_aot.runtime.sequence import Sequence, SequenceStatus
-from llama_aot.runtime.step_inputs import build_step_inputs
+from llama_aot.artifacts.step_abi import build_step_inputs
 
 STOP = 13
 
@@ -55,7 +55,7 @@ class FakeModel:
 
 
 def make(num_blocks=64, block_size=4, prefix_caching=True, **cfg):
-    cfg = {"max_num_seqs": 4, "max_num_batched_tokens": 16, "max_model_len": 64} | cfg
+    cfg = {"max_num_seqs": 4, "max_num_tokens": 16, "max_model_len": 64} | cfg
     bm = BlockManager(num_blocks, block_size, prefix_caching)
     return Scheduler(SchedulerConfig(**cfg), bm), FakeModel(num_blocks, block_size)
 
@@ -63,7 +63,7 @@ def make(num_blocks=64, block_size=4, prefix_caching=True, **cfg):
 def check_step(sched, step):
     """The contract the engine and the model rely on, for every step."""
     bm, cfg = sched.block_manager, sched.config
-    assert step.num_tokens <= cfg.max_num_batched_tokens
+    assert step.num_tokens <= cfg.max_num_tokens
     assert len(step.items) <= cfg.max_num_seqs
     assert len({id(i.seq) for i in step.items}) == len(step.items)
     for item in step.items:
@@ -127,17 +127,17 @@ def random_requests(rng, n, max_model_len, prefixes):
 # -- config and admission control -----------------------------------------------------------------
 
 def test_config_validation():
-    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128)
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_tokens=32, max_model_len=128)
     assert cfg.max_prefill_chunk == 32
     with pytest.raises(ValueError, match="below max_num_seqs"):
-        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4, max_model_len=128)
+        SchedulerConfig(max_num_seqs=8, max_num_tokens=4, max_model_len=128)
     with pytest.raises(ValueError, match="max_prefill_chunk"):
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128,
+        SchedulerConfig(max_num_seqs=4, max_num_tokens=32, max_model_len=128,
                         max_prefill_chunk=64)
     with pytest.raises(ValueError, match="watermark"):
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, watermark=1.0)
+        SchedulerConfig(max_num_seqs=4, max_num_tokens=32, max_model_len=128, watermark=1.0)
     with pytest.raises(TypeError):
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, budget=3)
+        SchedulerConfig(max_num_seqs=4, max_num_tokens=32, max_model_len=128, budget=3)
 
 
 def test_requests_that_can_never_run_are_rejected():
@@ -159,7 +159,7 @@ def test_requests_that_can_never_run_are_rejected():
 
 
 def test_fifo_admission_does_not_let_small_requests_pass():
-    sched, model = make(num_blocks=11, block_size=4, max_num_batched_tokens=64, watermark=0.0)
+    sched, model = make(num_blocks=11, block_size=4, max_num_tokens=64, watermark=0.0)
     a = Sequence("a", [1] * 24, 30)                     # 6 of the 10 blocks
     sched.add(a)
     sched.commit(sched.schedule(), {a.seq_id: 5})
@@ -185,7 +185,7 @@ def test_watermark_is_waived_when_nothing_runs():
 # -- step composition -------------------------------------------------------------------------------
 
 def test_chunked_prefill_mixes_with_decodes_within_budget():
-    sched, model = make(max_num_batched_tokens=8, max_model_len=64)
+    sched, model = make(max_num_tokens=8, max_model_len=64)
     a = Sequence("a", [1, 2, 3], 40)
     sched.add(a)
     step = sched.schedule()
@@ -209,7 +209,7 @@ def test_chunked_prefill_mixes_with_decodes_within_budget():
 
 
 def test_prefill_chunk_cap_shares_the_budget():
-    sched, _ = make(max_num_batched_tokens=16, max_prefill_chunk=6, max_model_len=64)
+    sched, _ = make(max_num_tokens=16, max_prefill_chunk=6, max_model_len=64)
     for rid in "abc":
         sched.add(Sequence(rid, [1] * 10, 20))
     step = sched.schedule()
@@ -217,7 +217,7 @@ def test_prefill_chunk_cap_shares_the_budget():
 
 
 def test_max_num_seqs_bounds_the_batch():
-    sched, _ = make(max_num_seqs=2, max_num_batched_tokens=64)
+    sched, _ = make(max_num_seqs=2, max_num_tokens=64)
     for rid in "abc":
         sched.add(Sequence(rid, [1] * 3, 10))
     step = sched.schedule()
@@ -244,7 +244,7 @@ def test_batch_invariance_under_preemption_and_chunking(seed, prefix_caching):
     prefixes = [[rng.randrange(1, 97) for _ in range(rng.randrange(0, 20))] for _ in range(3)]
     requests = random_requests(rng, 14, 64, prefixes)
     sched, model = make(num_blocks=17, block_size=4, prefix_caching=prefix_caching,
-                        max_num_seqs=4, max_num_batched_tokens=12, max_prefill_chunk=8)
+                        max_num_seqs=4, max_num_tokens=12, max_prefill_chunk=8)
     outputs, _ = drive(sched, model, requests)
     for _, rid, prompt, max_total in requests:
         assert outputs[rid] == solo(prompt, max_total), rid
@@ -255,7 +255,7 @@ def test_batch_invariance_under_preemption_and_chunking(seed, prefix_caching):
 
 
 def test_preemption_takes_the_newest_and_keeps_its_outputs():
-    sched, model = make(num_blocks=7, block_size=4, max_num_batched_tokens=16, watermark=0.0)
+    sched, model = make(num_blocks=7, block_size=4, max_num_tokens=16, watermark=0.0)
     a, b = Sequence("a", [1] * 11, 16), Sequence("b", [2] * 11, 24)
     sched.add(a)
     sched.add(b)
@@ -286,13 +286,13 @@ def test_preemption_takes_the_newest_and_keeps_its_outputs():
 
 def test_abort_at_every_point_frees_everything():
     requests = [(0, "a", [3] * 9, 30), (0, "b", [3] * 8 + [4, 5], 30), (2, "c", [7] * 13, 30)]
-    base, model = make(num_blocks=13, block_size=4, max_num_batched_tokens=8, max_num_seqs=3)
+    base, model = make(num_blocks=13, block_size=4, max_num_tokens=8, max_num_seqs=3)
     _, num_steps = drive(base, model, requests)
     assert base.num_preemptions > 0
     for victim in "abc":
         for t in range(num_steps):
             for when in ("before_commit", "after_commit"):
-                sched, model = make(num_blocks=13, block_size=4, max_num_batched_tokens=8,
+                sched, model = make(num_blocks=13, block_size=4, max_num_tokens=8,
                                     max_num_seqs=3)
                 outputs, _ = drive(sched, model, requests, abort=(t, victim, when))
                 for _, rid, prompt, max_total in requests:

@@ -32,7 +32,7 @@ class ScriptedEngine:
         self.script = ""
         self.prompts: list[list[int]] = []
         self.stats = EngineStats()
-        self.artifact = type("A", (), {"model_config": type("C", (), {"vocab_size": vocab_size})()})()
+        self.runner = type("R", (), {"model_config": type("C", (), {"vocab_size": vocab_size})()})()
         self.runtime = type("R", (), {"context_length": 4096})()
 
     def submit(self, request_id, prompt_ids, params, sink):

@@ -9,11 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama_aot.compiler.package import write_weights
+from llama_aot.artifacts.digest import DigestMismatch, file_matches, hash_file
+from llama_aot.artifacts.errors import ArtifactError
+from llama_aot.artifacts.weights_file import read_weights, write_weights
 from llama_aot.runtime import weights_loader
-from llama_aot.runtime.artifact import ArtifactError, load_weights, weights_file
-from llama_aot.runtime.weights_loader import (CUDA_ALIGNMENT, CUDA_DATA_ALIGNMENT, DTYPES, DigestMismatch,
-                                              file_matches, hash_file, load_safetensors)
+from llama_aot.runtime.artifact import load_weights
+from llama_aot.runtime.weights_loader import CUDA_ALIGNMENT, CUDA_DATA_ALIGNMENT, DTYPES, load_safetensors
+
+WEIGHTS = "step.rank0.safetensors"
 
 SMALL_CHUNK = 4096
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -121,24 +124,24 @@ def test_a_truncated_file_is_refused(sample_file, device):
 
 def test_tied_aliases_are_restored_as_the_same_tensor_and_tampering_is_an_artifact_error(tmp_path):
     embed, norm = torch.randn(32, 8), torch.ones(8)
-    write_weights(tmp_path, {"model.embed_tokens.weight": embed, "lm_head.weight": embed, "model.norm.weight": norm})
-    path = tmp_path / weights_file(0)
-    weights = load_weights(tmp_path, 0, "cpu", hash_file(path))
-    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
-    assert torch.equal(weights["lm_head.weight"], embed) and torch.equal(weights["model.norm.weight"], norm)
+    path = tmp_path / WEIGHTS
+    write_weights(path, {"model.embed_tokens.weight": embed, "lm_head.weight": embed, "model.norm.weight": norm})
+    for weights in (load_weights(tmp_path, WEIGHTS, "cpu", hash_file(path)), read_weights(path, "cpu")):
+        assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+        assert torch.equal(weights["lm_head.weight"], embed) and torch.equal(weights["model.norm.weight"], norm)
     entry = hash_file(path)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="rank0.safetensors does not match the sha256.*rebuild or re-download"):
-        load_weights(tmp_path, 0, "cpu", entry)
+        load_weights(tmp_path, WEIGHTS, "cpu", entry)
 
 
 def test_a_header_that_does_not_fit_is_an_artifact_error(tmp_path):
     header = b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}'
-    (tmp_path / weights_file(0)).write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    (tmp_path / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
     with pytest.raises(ArtifactError, match="not a valid safetensors file.*rebuild the artifact"):
-        load_weights(tmp_path, 0, "cpu", hash_file(tmp_path / weights_file(0)))
+        load_weights(tmp_path, WEIGHTS, "cpu", hash_file(tmp_path / WEIGHTS))
 
 
 @pytest.mark.gpu

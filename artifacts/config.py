@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from llama_aot.compiler.errors import BuildError
+from llama_aot.artifacts.errors import ConfigError
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 TARGETS = ("cpu", "cuda")
@@ -20,7 +20,7 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise BuildError(f"{what}: unknown keys {unknown}; this build of llama-aot knows {sorted(names)}")
+        raise ConfigError(f"{what}: unknown keys {unknown}; this build of llama-aot knows {sorted(names)}")
     return cls(**data)
 
 
@@ -36,9 +36,9 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
-            raise BuildError(f"rope_scaling: invalid llama3 factors {self}")
+            raise ConfigError(f"rope_scaling: invalid llama3 factors {self}")
         if self.original_max_position_embeddings <= 0:
-            raise BuildError("rope_scaling: original_max_position_embeddings must be positive")
+            raise ConfigError("rope_scaling: original_max_position_embeddings must be positive")
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,14 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise BuildError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_heads % self.num_kv_heads:
-            raise BuildError(f"model config: num_heads ({self.num_heads}) is not a multiple of "
+            raise ConfigError(f"model config: num_heads ({self.num_heads}) is not a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
-            raise BuildError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+            raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise BuildError("model config: rms_norm_eps and rope_theta must be positive")
+            raise ConfigError("model config: rms_norm_eps and rope_theta must be positive")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", _from_dict(RopeScaling, self.rope_scaling, "rope_scaling"))
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
@@ -98,20 +98,17 @@ class TargetDefaults:
     dtype: str
     max_num_tokens: int  # per step
     max_num_seqs: int  # per step; capped at max_num_tokens
-    passes: tuple[str, ...]  # by name; passes/__init__.py orders them
+    passes: tuple[str, ...]  # by name; passes/pipeline.py orders them
 
 
 _FUSIONS = ("fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm")
 TARGET_DEFAULTS = {
     "cpu": TargetDefaults("float32", 512, 64, _FUSIONS),
-    # Step sizes a GPU serves best with. Serving the 8B config on the H200 from an artifact built for
-    # 2048 tokens per step (bench/NOTES.md, session 7), 8000-token prompts at c=64 had a median TTFT
-    # of 795 ms, against 5993 ms from one built for 512 a run earlier (that run's code lacked two
-    # decode-speed changes; such a prompt now prefills in 4 steps, not 16). A 2048-token chunk
-    # stretches the decode steps it shares (p95 ITL there 119 against 57 ms); `llama-serve
-    # --chunked-prefill-size` trades it back per server. 128 sequences fit the sweep's c=100.
-    # route_decode_linears picks a CUDA kernel for small steps; on CPU its two branches would be
-    # the same matmul.
+    # Step sizes a GPU serves best with: 2048-token steps cut the median TTFT of 8000-token prompts
+    # at c=64 several times over against 512, at some cost to the decode steps a chunk shares, which
+    # `llama-serve --chunked-prefill-size` trades back per server (docs/serving.md, "Step size: 2048
+    # vs 512 tokens per step"). 128 sequences fit the sweep's c=100. route_decode_linears picks a
+    # CUDA kernel for small steps; on CPU its two branches would be the same matmul.
     "cuda": TargetDefaults("bfloat16", 2048, 128, _FUSIONS + ("route_decode_linears",)),
 }
 
@@ -136,7 +133,7 @@ class BuildConfig:
 
     def __post_init__(self):
         if self.target not in TARGETS:
-            raise BuildError(f"--target {self.target}: unknown target; choose one of {', '.join(TARGETS)}")
+            raise ConfigError(f"--target {self.target}: unknown target; choose one of {', '.join(TARGETS)}")
         defaults = TARGET_DEFAULTS[self.target]
         for name in ("dtype", "max_num_tokens", "passes"):
             if getattr(self, name) is None:
@@ -144,45 +141,42 @@ class BuildConfig:
         if self.max_num_seqs is None:
             object.__setattr__(self, "max_num_seqs", min(defaults.max_num_seqs, self.max_num_tokens))
         object.__setattr__(self, "passes", tuple(self.passes))
-        if self.target == "cuda" and not _cuda_available():
-            raise BuildError("--target cuda needs a CUDA GPU on the build machine: AOTInductor compiles for "
-                             "the GPU it runs on, so build on the machine that will serve")
         if self.dtype not in SUPPORTED_DTYPES:
-            raise BuildError(f"--dtype {self.dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
+            raise ConfigError(f"--dtype {self.dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
         if self.weight_quant == "fp8":
-            raise BuildError("--fp8 is not implemented yet (it lands with the FP8 quantization issue); "
+            raise ConfigError("--fp8 is not implemented yet (it lands with the FP8 quantization issue); "
                              "build without --fp8")
         if self.weight_quant != "none":
-            raise BuildError(f"weight quantization {self.weight_quant!r} is unknown")
+            raise ConfigError(f"weight quantization {self.weight_quant!r} is unknown")
         if self.kv_dtype == "auto":
             object.__setattr__(self, "kv_dtype", self.dtype)
         if self.kv_dtype not in SUPPORTED_DTYPES:
-            raise BuildError(f"kv dtype {self.kv_dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
+            raise ConfigError(f"kv dtype {self.kv_dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
         if not isinstance(self.tp, int) or self.tp < 1:
-            raise BuildError(f"--tp {self.tp}: must be a positive integer")
+            raise ConfigError(f"--tp {self.tp}: must be a positive integer")
         if self.tp > 1:
-            raise BuildError(f"--tp {self.tp} is not implemented yet (tensor parallelism lands with its own "
+            raise ConfigError(f"--tp {self.tp} is not implemented yet (tensor parallelism lands with its own "
                              "issue); build with --tp 1")
         if self.max_num_tokens < 8:
-            raise BuildError(f"--max-num-tokens {self.max_num_tokens}: must be at least 8")
+            raise ConfigError(f"--max-num-tokens {self.max_num_tokens}: must be at least 8")
         if not 2 <= self.max_num_seqs <= self.max_num_tokens:
-            raise BuildError(f"--max-num-seqs {self.max_num_seqs}: must be between 2 and --max-num-tokens "
+            raise ConfigError(f"--max-num-seqs {self.max_num_seqs}: must be between 2 and --max-num-tokens "
                              f"({self.max_num_tokens}), since every sequence in a step brings a token")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise BuildError(f"block size {self.block_size}: must be a power of two")
+            raise ConfigError(f"block size {self.block_size}: must be a power of two")
         if self.max_autotune and self.target != "cuda":
-            raise BuildError("--max-autotune tunes GPU kernels; it needs --target cuda")
+            raise ConfigError("--max-autotune tunes GPU kernels; it needs --target cuda")
         if self.context_length < 0:
-            raise BuildError(f"--context-length {self.context_length}: must be positive")
+            raise ConfigError(f"--context-length {self.context_length}: must be positive")
 
     def resolved(self, model: ModelConfig) -> "BuildConfig":
         """Fill the context length from the model when the user gave none, and refuse one the
         model's positions cannot reach."""
         ctx = self.context_length or model.max_position_embeddings
         if ctx < 4 * self.block_size:
-            raise BuildError(f"--context-length {ctx}: must be at least 4 blocks ({4 * self.block_size} tokens)")
+            raise ConfigError(f"--context-length {ctx}: must be at least 4 blocks ({4 * self.block_size} tokens)")
         if ctx > model.max_position_embeddings:
-            raise BuildError(f"--context-length {ctx} exceeds the model's max_position_embeddings "
+            raise ConfigError(f"--context-length {ctx} exceeds the model's max_position_embeddings "
                              f"({model.max_position_embeddings})")
         return dataclasses.replace(self, context_length=ctx)
 
@@ -198,12 +192,6 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
         return _from_dict(cls, data, "build config")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def torch_dtype(name: str):

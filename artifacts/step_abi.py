@@ -1,9 +1,11 @@
-"""Turning a scheduled step (which sequences, which of their tokens, where their cache lives) into
-the program's input tensors.
+"""The step ABI: how a scheduled step (which sequences, which of their tokens, where their cache
+lives) becomes the compiled program's inputs, and how the program is called.
 
-This is the one place that knows the program's metadata conventions, so the build-time verifier,
-the tests and the serving loop cannot drift apart. See kernels/paged_attention.py for the meaning
-of each tensor.
+This is the one place that knows the program's calling convention, so the build-time verifier,
+the benchmarks and the serving loop cannot drift apart. A step program is called as
+`program(*inputs in INPUT_NAMES order, kv_cache) -> logits[len(logits_index), vocab]`; the manifest
+lists each program's `STEP_INPUTS`, and the loader refuses a program whose list differs. See
+kernels/paged_attention.py for the meaning of each tensor.
 """
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_aot.artifacts.kv_layout import slot_of
+
 INPUT_NAMES = ("tokens", "positions", "slots", "block_tables", "context_lens", "query_index",
                "logits_index")
+STEP_INPUTS = (*INPUT_NAMES, "kv_cache")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def build_step_inputs(chunks: list[SequenceChunk], block_size: int,
         for pos, tok in enumerate(c.tokens, start=c.start):
             tokens.append(tok)
             positions.append(pos)
-            slots.append(c.block_table[pos // block_size] * block_size + pos % block_size)
+            slots.append(slot_of(c.block_table, pos, block_size))
         rows = list(range(first, len(tokens)))
         query_rows.append(rows)
         logits_index.extend(rows if c.all_logits else rows[-1:])
@@ -67,3 +72,9 @@ def build_step_inputs(chunks: list[SequenceChunk], block_size: int,
         "query_index": t(query_index, torch.int64),
         "logits_index": t(logits_index, torch.int64),
     }
+
+
+def call_step(program, inputs: dict[str, torch.Tensor], kv_cache: torch.Tensor) -> torch.Tensor:
+    """Runs one step: `program` is a loaded step program or the eager model, `inputs` the step's
+    tensors by name (extra names are ignored), `kv_cache` the cache it updates in place."""
+    return program(*[inputs[n] for n in INPUT_NAMES], kv_cache)
