@@ -84,6 +84,19 @@ def test_artifact_of_an_older_format_is_refused(artifact_copy):
         load_artifact(artifact_copy)
 
 
+def test_serving_a_format2_artifact_is_one_line_and_exit_status_2(artifact_copy, capsys):
+    from server import free_port
+
+    from llama_aot.serve.cli import main
+
+    manifest = json.loads((artifact_copy / "manifest.json").read_text())
+    (artifact_copy / "manifest.json").write_text(json.dumps(format2_manifest(manifest)))
+    assert main([str(artifact_copy), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"llama-serve: error: {artifact_copy}: artifact format 2, this runtime reads format 3; "
+                   "rebuild it with this version of llama-compile")
+
+
 def test_format2_artifact_upgraded_for_the_benchmarks_loads_and_runs(artifact_copy):
     """bench/format2.py lets gpu.sh time a tree from before format 3 against this one."""
     from llama_aot.bench.format2 import upgrade
