@@ -23,7 +23,7 @@ import torch
 from llama_aot.bench.paired import REPEATS
 from llama_aot.runtime.sampling import greedy_tokens
 from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs, call_step
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,6 @@ def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_gra
         table_t = step["block_tables"].long()
         pos_all = context + torch.arange(new_tokens, device=device)[:, None].expand(new_tokens, batch)
         slot_all = table_t.gather(1, (pos_all // bs).T).T * bs + pos_all % bs
-        args = [step[n] for n in INPUT_NAMES] + [cache]
 
         def set_step(i, tokens):
             step["tokens"].copy_(tokens)
@@ -112,7 +111,7 @@ def prepare_decode(artifact, batch: int, context: int, new_tokens: int, cuda_gra
             step["slots"].copy_(slot_all[i])
             step["context_lens"].fill_(context + i + 1)
 
-        run = lambda: artifact.step(*args)  # noqa: E731
+        run = lambda: call_step(artifact.step, step, cache)  # noqa: E731
         if cuda_graph:
             run = _capture(run)
         set_step(0, first)
