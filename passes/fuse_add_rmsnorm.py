@@ -12,8 +12,9 @@ import operator
 
 import torch
 
-from llama_aot.passes.matching import is_call, match_rms_norm
+import llama_aot.kernels.ops  # noqa: F401  (registers the ops this pass matches and emits)
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
+from llama_aot.passes.matching import is_call, match_rms_norm
 from llama_aot.passes.program import ProgramEditor
 
 aten = torch.ops.aten

@@ -8,8 +8,8 @@ gate rows first.
 """
 import torch
 
-from llama_aot.passes.matching import common_module, is_call, sibling_linears
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
+from llama_aot.passes.matching import common_module, is_call, sibling_linears
 from llama_aot.passes.program import ProgramEditor
 
 aten = torch.ops.aten

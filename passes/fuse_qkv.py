@@ -10,8 +10,9 @@ the attention ops; the fused weight is `<attention module>.qkv_proj.weight`.
 """
 import torch
 
-from llama_aot.passes.matching import common_module, reaches, sibling_linears
+import llama_aot.kernels.ops  # noqa: F401  (registers the ops this pass matches and emits)
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
+from llama_aot.passes.matching import common_module, reaches, sibling_linears
 from llama_aot.passes.program import ProgramEditor
 
 _ATTENTION = (torch.ops.llama_aot.rope_write_kv.default, torch.ops.llama_aot.paged_attention.default)

@@ -23,9 +23,10 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+import llama_aot.kernels.ops  # noqa: F401  (registers the ops this pass matches and emits)
 from llama_aot.kernels.decode_linear import MAX_ROWS
-from llama_aot.passes.matching import is_call
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
+from llama_aot.passes.matching import is_call
 from llama_aot.passes.program import ProgramEditor
 
 aten = torch.ops.aten

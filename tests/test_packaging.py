@@ -28,3 +28,10 @@ def test_bare_kernels_is_the_installed_distribution_from_the_root():
 def test_module_entry_points_run_from_the_root():
     done = run_in_root("-m", "llama_aot.bench.cli", "--help")
     assert done.returncode == 0 and "usage" in done.stdout, done.stderr
+
+
+def test_entry_points_that_import_the_passes_alone_register_the_ops_they_match():
+    """A pass matches torch.ops.llama_aot nodes by name at import, so importing the pipeline first
+    (as bench/format2.py does) must register the ops itself."""
+    done = run_in_root("-m", "llama_aot.bench.format2", "--help")
+    assert done.returncode == 0 and "usage" in done.stdout, done.stderr
