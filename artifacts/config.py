@@ -13,6 +13,7 @@ from typing import Any
 from llama_aot.artifacts.errors import ConfigError
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_QUANTS = ("none", "fp8")
 TARGETS = ("cpu", "cuda")
 
 
@@ -115,13 +116,15 @@ TARGET_DEFAULTS = {
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How one artifact is built. The seams for later targets (cuda, fp8, tp) are here so that a
+    """How one artifact is built. The seams for later work (fp8 on cuda, tp) are here so that a
     flag is refused by name until its implementation lands, never silently ignored. A field left
-    None (dtype, step sizes, passes) takes the target's TARGET_DEFAULTS on construction."""
+    None (dtype, step sizes, passes) takes the target's TARGET_DEFAULTS on construction, and
+    `weight_quant="fp8"` adds its quantize pass to them."""
 
     target: str = "cpu"
     dtype: str | None = None
     weight_quant: str = "none"
+    fp8_lm_head: bool = False
     kv_dtype: str = "auto"
     tp: int = 1
     max_num_tokens: int | None = None
@@ -135,7 +138,16 @@ class BuildConfig:
         if self.target not in TARGETS:
             raise ConfigError(f"--target {self.target}: unknown target; choose one of {', '.join(TARGETS)}")
         defaults = TARGET_DEFAULTS[self.target]
-        for name in ("dtype", "max_num_tokens", "passes"):
+        if self.weight_quant not in WEIGHT_QUANTS:
+            raise ConfigError(f"weight quantization {self.weight_quant!r} is unknown; choose one of "
+                              f"{', '.join(WEIGHT_QUANTS)}")
+        quantize = ("quantize_fp8",) if self.weight_quant == "fp8" else ()
+        if self.passes is None:
+            object.__setattr__(self, "passes", defaults.passes + quantize)
+        elif ("quantize_fp8" in self.passes) != bool(quantize):
+            raise ConfigError(f"passes {list(self.passes)} and weight quantization {self.weight_quant!r} disagree: "
+                              "the quantize_fp8 pass runs exactly when the weights are fp8")
+        for name in ("dtype", "max_num_tokens"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))
         if self.max_num_seqs is None:
@@ -143,11 +155,12 @@ class BuildConfig:
         object.__setattr__(self, "passes", tuple(self.passes))
         if self.dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"--dtype {self.dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
-        if self.weight_quant == "fp8":
-            raise ConfigError("--fp8 is not implemented yet (it lands with the FP8 quantization issue); "
-                             "build without --fp8")
-        if self.weight_quant != "none":
-            raise ConfigError(f"weight quantization {self.weight_quant!r} is unknown")
+        if self.weight_quant == "fp8" and self.target == "cuda":
+            raise ConfigError("--fp8 with --target cuda is not implemented yet: the GPU's FP8 matmuls are "
+                              "chosen by timing on the building GPU, which lands with the FP8 issue's GPU "
+                              "work; build FP8 for --target cpu, or the GPU artifact without --fp8")
+        if self.fp8_lm_head and self.weight_quant != "fp8":
+            raise ConfigError("--fp8-lm-head quantizes the LM head along with the other weights; it needs --fp8")
         if self.kv_dtype == "auto":
             object.__setattr__(self, "kv_dtype", self.dtype)
         if self.kv_dtype not in SUPPORTED_DTYPES:

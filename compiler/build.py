@@ -121,6 +121,10 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
         ep, reports = run_pipeline(ep, PassContext(build))
         for r in reports:
             print(f"[llama-compile]   {r.phase}/{r.name}: {r.matches} matches", file=progress.stream)
+    # Quantized weights are part of what the build computes: the compiled program is checked
+    # against the quantized program run eagerly, and the quantization's own error is what
+    # `llama-bench accuracy` measures against the unquantized artifact.
+    reference = ep.module() if build.weight_quant != "none" else model
     with progress.stage("lower (AOTInductor)"):
         lower(ep, tmp / step.package, build.max_autotune)
     with progress.stage("write weights"):
@@ -131,7 +135,7 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
         program = load_package(tmp / step.package)
         weights = read_weights(tmp / step.weights[0], build.target)
         attach_weights(program, weights, tmp / step.weights[0])
-        result = verify(model, program, build)
+        result = verify(reference, program, build, ckpt.config)
         del program, weights
     if not result["passed"]:
         raise BuildError(
@@ -142,6 +146,7 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
     print(f"[llama-compile]   verified: relative logit error {result['relative_error']:.2e}, "
           f"greedy agreement {result['greedy_agreement']:.3f}", file=progress.stream)
     return write_manifest(tmp, model=ckpt.config, build=build, input_hash=key, programs=[step],
+                          quantization={r.name: r.record for r in reports if r.record},
                           passes=[r.to_dict() for r in reports], verification=result)
 
 

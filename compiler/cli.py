@@ -20,7 +20,9 @@ def parse_args(argv):
     p.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--target", choices=TARGETS, default="cpu")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    p.add_argument("--fp8", action="store_true", help="FP8 weights and KV cache")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 (e4m3) decoder weights, one scale per output channel (cpu for now)")
+    p.add_argument("--fp8-lm-head", action="store_true", help="with --fp8, quantize the LM head too")
     def by_target(field):
         return ", ".join(f"{getattr(defaults, field)} on {target}" for target, defaults in TARGET_DEFAULTS.items())
     p.add_argument("--dtype", choices=SUPPORTED_DTYPES, help=f"compute dtype (default: {by_target('dtype')})")
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         build = BuildConfig(target=args.target, dtype=args.dtype,
-                            weight_quant="fp8" if args.fp8 else "none", tp=args.tp,
+                            weight_quant="fp8" if args.fp8 else "none", fp8_lm_head=args.fp8_lm_head, tp=args.tp,
                             max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs,
                             context_length=args.context_length, block_size=args.block_size,
                             max_autotune=args.max_autotune)

@@ -53,12 +53,13 @@ def git_sha() -> str:
 
 
 def write_manifest(out_dir: Path, *, model: ModelConfig, build: BuildConfig, input_hash: str,
-                   programs: list[ProgramSpec], passes: list[dict], verification: dict) -> Manifest:
+                   programs: list[ProgramSpec], quantization: dict, passes: list[dict],
+                   verification: dict) -> Manifest:
     """Hashes every file now in `out_dir` and writes the manifest over them; returns it."""
     names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
     target = {**describe_host(build.target), "world_size": build.tp}
     manifest = Manifest(producer=producer(), target=target, model=model, build=build, input_hash=input_hash,
-                        programs=tuple(programs), quantization={}, passes=tuple(passes),
+                        programs=tuple(programs), quantization=quantization, passes=tuple(passes),
                         verification=verification, files=hash_files(out_dir, names))
     manifest.write(out_dir)
     return manifest

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from llama_aot.artifacts.config import BuildConfig
+from llama_aot.artifacts.config import BuildConfig, ModelConfig
 from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
-from llama_aot.compiler.model import Llama
 
 PROMPT_LENGTHS = (5, 37, 18)
 DECODE_STEPS = 8
@@ -30,8 +29,10 @@ def _prompts(vocab_size: int, context_length: int, seed: int) -> list[list[int]]
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def verify(eager: Llama, compiled, build: BuildConfig, seed: int = 0) -> dict:
-    cfg, bs = eager.config, build.block_size
+def verify(eager, compiled, build: BuildConfig, cfg: ModelConfig, seed: int = 0) -> dict:
+    """`eager`: the model (or, for a quantized build, the passed program's module) the compiled
+    program must agree with; both are called through the step ABI."""
+    bs = build.block_size
     prompts = _prompts(cfg.vocab_size, build.context_length, seed)[:build.max_num_seqs]
     layout = KVCacheLayout.of(cfg, build)
     per_seq = layout.blocks_for(max(map(len, prompts)) + DECODE_STEPS)

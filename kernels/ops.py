@@ -8,4 +8,4 @@ behind the same op, so the graph and the artifact format do not change between t
 Importing this module registers the ops: the model imports it before export, and the runtime before
 it loads a program.
 """
-from llama_aot.kernels import decode_linear, kv_cache, paged_attention, rms_norm  # noqa: F401  (registers ops)
+from llama_aot.kernels import decode_linear, fp8_linear, kv_cache, paged_attention, rms_norm  # noqa: F401  (registers ops)

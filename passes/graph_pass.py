@@ -7,8 +7,8 @@ a result.
 The context says what is being built (the build config, and for tensor parallelism the world size
 and this rank), so that a quantizing or sharding pass needs no other input. The result carries the
 program, the number of matches (each pass's tested contract: a pattern that silently stops matching
-fails its test instead of quietly costing speed) and the weights the pass added or changed, by
-their names in the program's state dict.
+fails its test instead of quietly costing speed), the weights the pass added or changed, by their
+names in the program's state dict, and what the manifest keeps of the choices it made (`record`).
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ class PassResult:
     program: ExportedProgram
     matches: int
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

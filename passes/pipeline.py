@@ -7,25 +7,28 @@ because later passes match the graph earlier ones leave.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llama_aot.artifacts.errors import ConfigError
 from llama_aot.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from llama_aot.passes.fuse_gate_up import fuse_gate_up
 from llama_aot.passes.fuse_qkv import fuse_qkv
 from llama_aot.passes.graph_pass import GraphPass, PassContext
+from llama_aot.passes.quantize_fp8 import quantize_fp8
 from llama_aot.passes.route_decode_linears import route_decode_linears
 
-PIPELINE: tuple[GraphPass, ...] = (fuse_qkv, fuse_gate_up, fuse_add_rmsnorm, route_decode_linears)
+PIPELINE: tuple[GraphPass, ...] = (fuse_qkv, fuse_gate_up, fuse_add_rmsnorm, quantize_fp8, route_decode_linears)
 
 
 @dataclass(frozen=True)
 class PassReport:
-    """What the manifest records of a pass that ran."""
+    """What the manifest records of a pass that ran; `record` (a quantizing pass's choices) goes to
+    its `quantization` section."""
 
     name: str
     phase: str
     matches: int
+    record: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "phase": self.phase, "matches": self.matches}
@@ -47,5 +50,5 @@ def run_pipeline(ep, ctx: PassContext, enabled: tuple[str, ...] | None = None):
             if stray:
                 raise AssertionError(f"pass {graph_pass.name} returned weights {stray[:3]} its program lacks")
             ep = result.program
-            reports.append(PassReport(graph_pass.name, graph_pass.phase, result.matches))
+            reports.append(PassReport(graph_pass.name, graph_pass.phase, result.matches, result.record))
     return ep, reports

@@ -4,8 +4,8 @@ An exported program keeps its parameters in three places that must agree: placeh
 the graph, input specs in the graph signature, and tensors in the state dict. Passes that change
 weights (fusing matmuls, quantizing, sharding) go through `ProgramEditor`, which keeps the three
 consistent and drops weights no node uses any more, so that no pass can emit a program whose
-signature names a weight the artifact lacks. `new_weights` holds the weights the edit added (a
-pass result's `weights`).
+signature names a weight the artifact lacks. `new_weights` holds the weights the edit added or
+changed (a pass result's `weights`).
 """
 from __future__ import annotations
 
@@ -61,6 +61,14 @@ class ProgramEditor:
         self.new_weights[name] = self.state_dict[name]
         self._specs[node.name] = InputSpec(InputKind.PARAMETER, TensorArgument(node.name), name)
         return node
+
+    def replace_weight(self, node: Node, value: torch.Tensor) -> None:
+        """Gives parameter `node` a new value (another dtype or layout) under the same name; the
+        pass rewrites its users to match."""
+        name = self.weight_name(node)
+        node.meta["val"] = self._fake_mode.from_tensor(value, static_shapes=True)
+        self.state_dict[name] = torch.nn.Parameter(value, requires_grad=False)
+        self.new_weights[name] = self.state_dict[name]
 
     def call(self, target, args: tuple, before: Node) -> Node:
         """Inserts `target(*args)` before `before`, with its fake value, as export would have."""

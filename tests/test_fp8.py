@@ -1,0 +1,137 @@
+"""FP8 weights (`llama-compile --fp8`): the e4m3 rounding and its bound, the fp8_linear op's two
+ways of computing, the quantize pass's matches and what its program computes, and a whole CPU build
+whose compiled program agrees with the quantized program and whose manifest says how it was
+quantized."""
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from llama_aot.artifacts.config import BuildConfig
+from llama_aot.artifacts.errors import ConfigError
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
+from llama_aot.compiler.build import Progress, build_artifact
+from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
+from llama_aot.compiler.export import export_model
+from llama_aot.compiler.model import build_model
+from llama_aot.kernels.fp8_linear import FP8, PER_TOKEN, WEIGHT_ONLY, dequantize_rows, fp8_linear, quantize_rows
+from llama_aot.passes import quantize_fp8 as quantize_module
+from llama_aot.passes.graph_pass import PassContext
+from llama_aot.passes.pipeline import run_pipeline
+from llama_aot.runtime.artifact import load_artifact
+
+LAYERS = 2
+E4M3_RELATIVE_STEP = 2 ** -3  # 3 mantissa bits: a rounded value is within half of this of the value
+
+
+def test_rows_round_to_e4m3_within_half_a_step_and_zero_rows_survive():
+    w = torch.randn(64, 96) * torch.logspace(-3, 2, 64)[:, None]  # rows of very different magnitude
+    w[5] = 0
+    q, scale = quantize_rows(w)
+    assert q.dtype == FP8 and scale.shape == (64,) and scale.dtype == torch.float32
+    back = dequantize_rows(q, scale, torch.float32)
+    assert torch.equal(back[5], torch.zeros(96))
+    normal = w.abs() >= scale[:, None] * 2 ** -6  # e4m3's normal range, relative to each row's scale
+    assert ((back - w).abs() <= w.abs() * E4M3_RELATIVE_STEP / 2 + 1e-12)[normal].all()
+    assert (back.abs().amax(1) - w.abs().amax(1)).abs().max() <= 1e-5 * w.abs().max()  # row maxima exact
+
+
+@pytest.mark.parametrize("mode", [WEIGHT_ONLY, PER_TOKEN])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_computes_the_product_with_rounded_operands(mode, dtype):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 256, generator=g).to(dtype), torch.randn(96, 256, generator=g)
+    q, scale = quantize_rows(w)
+    y = fp8_linear(x, q, scale, mode)
+    assert y.dtype == dtype and y.shape == (7, 96)
+    if mode == WEIGHT_ONLY:
+        expected = x @ dequantize_rows(q, scale, dtype).T
+    else:
+        xq, xs = quantize_rows(x)
+        expected = (dequantize_rows(xq, xs, torch.float32) @ dequantize_rows(q, scale, torch.float32).T).to(dtype)
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+    exact = x.float() @ w.T
+    assert (y.float() - exact).norm() / exact.norm() < 0.06  # e4m3's rounding, not a wrong scale
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_checkpoint, tiny_build):
+    ckpt = open_checkpoint(tiny_checkpoint)
+    build = tiny_build.resolved(ckpt.config)
+    model = build_model(ckpt.config, load_weights(ckpt, torch.float32))
+    ep, _ = run_pipeline(export_model(model, build), PassContext(build))
+    return ep, build, model
+
+
+def fp8_build(build, **changes):
+    return dataclasses.replace(build, weight_quant="fp8", passes=None, **changes)
+
+
+def logits(program, build, num_blocks=12):
+    example = program.example_inputs[0][-1]
+    shape = example.shape[:2] + (num_blocks,) + example.shape[3:]
+    chunks = [SequenceChunk((3, 1, 4, 1, 5), 0, (1, 2), True), SequenceChunk((9, 2, 6), 0, (3, 4), True)]
+    return call_step(program.module(), build_step_inputs(chunks, build.block_size), torch.zeros(shape))
+
+
+def test_quantize_pass_replaces_every_decoder_matmul_and_keeps_the_lm_head(fused):
+    ep, build, _ = fused
+    result = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build)))
+    assert result.matches == 4 * LAYERS  # qkv, o, gate_up, down after the fusions
+    sd = result.program.state_dict
+    for i in range(LAYERS):
+        for module in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            name = f"model.layers.{i}.{module}"
+            assert sd[f"{name}.weight"].dtype == FP8 and sd[f"{name}.weight_scale"].dtype == torch.float32
+            assert f"{name}.weight" in result.weights and f"{name}.weight_scale" in result.weights
+    assert sd["lm_head.weight"].dtype == torch.float32 and "lm_head.weight_scale" not in sd
+    assert result.record["lm_head"] is False and set(result.record["modes_by_weight_shape"].values()) == {WEIGHT_ONLY}
+    with_head = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build, fp8_lm_head=True)))
+    assert with_head.matches == 4 * LAYERS + 1 and with_head.program.state_dict["lm_head.weight"].dtype == FP8
+
+
+def test_weight_only_program_is_the_model_with_rounded_weights(fused):
+    """What --fp8 computes on CPU, exactly: the same model with each quantized weight replaced by its
+    e4m3 rounding. The logits then differ from the unquantized model's by the rounding alone."""
+    ep, build, model = fused
+    quantized = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build))).program
+    rounded = {n: dequantize_rows(*quantize_rows(w), w.dtype) if n in quantized.state_dict
+               and quantized.state_dict[n].dtype == FP8 else w for n, w in ep.state_dict.items()}
+    torch.testing.assert_close(logits(quantized, build), logits(_with_weights(ep, rounded), build),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _with_weights(ep, weights):
+    module = ep.module()
+    module.load_state_dict({**module.state_dict(), **weights}, strict=False)
+    return type("Program", (), {"module": lambda self: module, "example_inputs": ep.example_inputs})()
+
+
+def test_fp8_requires_its_pass_and_cpu_for_now():
+    with pytest.raises(ConfigError, match="disagree"):
+        BuildConfig(weight_quant="fp8", passes=("fuse_qkv",))
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        BuildConfig(weight_quant="fp8", target="cuda")
+    assert BuildConfig(weight_quant="fp8").passes[-1] == "quantize_fp8"
+
+
+@pytest.mark.parametrize("mode", [WEIGHT_ONLY, PER_TOKEN])
+def test_fp8_build_verifies_and_records_its_quantization(tiny_checkpoint, tiny_build, tiny_artifact, tmp_path,
+                                                        monkeypatch, mode):
+    """Through AOTInductor's C++ backend: per-token mode takes torch's CPU `_scaled_mm`."""
+    monkeypatch.setattr(quantize_module, "choose_mode", lambda ctx, shape: mode)
+    build = fp8_build(tiny_build)
+    manifest = build_artifact(tiny_checkpoint, build, tmp_path / "fp8", Progress(io.StringIO()), use_cache=False)
+    assert manifest.verification["passed"] and manifest.verification["relative_error"] < 1e-4
+    assert {"name": "quantize_fp8", "phase": "quantize", "matches": 4 * LAYERS} in manifest.passes
+    record = manifest.quantization["quantize_fp8"]
+    assert record["weights"] == "float8_e4m3fn" and set(record["modes_by_weight_shape"].values()) == {mode}
+    artifact, plain = load_artifact(tmp_path / "fp8"), load_artifact(tiny_artifact)
+    weights = artifact.weights["step"]
+    quantized = [t for t in weights.values() if t.dtype == FP8]
+    scales = [t for n, t in weights.items() if n.endswith(".weight_scale")]
+    assert len(quantized) == len(scales) == 4 * LAYERS
+    # each float32 weight became one byte, plus a float32 scale per output channel
+    assert plain.weight_bytes - artifact.weight_bytes == sum(3 * t.numel() for t in quantized) - \
+        sum(4 * t.numel() for t in scales)
