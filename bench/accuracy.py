@@ -54,6 +54,32 @@ def hf_greedy(model, tokens: list[int], new_tokens: int) -> list[int]:
     return out
 
 
+def sample_prompts_and_texts(tokenizer, dataset_path, seed: int, num_prompts: int, num_texts: int,
+                             max_len: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Shuffled ShareGPT conversations: the first `num_prompts` give prompts (their first
+    PROMPT_TOKENS tokens), the next `num_texts` give held-out replies for perplexity. The same seed
+    gives the same sets, so two artifacts (or two quantizations) are scored on the same text."""
+    pairs = load_conversations(dataset_path)
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    prompts, texts = [], []
+    for index in order:
+        prompt, reply = pairs[index]
+        if len(prompts) < num_prompts:
+            ids = tokenizer.encode(prompt, add_special_tokens=True).ids[:PROMPT_TOKENS]
+            if len(ids) >= 4:
+                prompts.append(ids)
+        elif len(texts) < num_texts:
+            ids = tokenizer.encode(reply, add_special_tokens=True).ids[:max_len]
+            if len(ids) >= 16:
+                texts.append(ids)
+        else:
+            break
+    if len(prompts) < num_prompts or len(texts) < num_texts:
+        raise BenchInputError("not enough ShareGPT conversations for the requested prompts and perplexity texts")
+    return prompts, texts
+
+
 def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
     """exp of the mean next-token negative log-likelihood."""
     nll = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(tokens[1:]))
@@ -81,24 +107,8 @@ def evaluate(args) -> dict:
     new_tokens = min(args.new_tokens, context - PROMPT_TOKENS - 1)
     max_len = min(args.max_len, context)
 
-    pairs = load_conversations(args.dataset_path)
-    order = list(range(len(pairs)))
-    random.Random(args.seed).shuffle(order)
-    prompts, texts = [], []
-    for index in order:
-        prompt, reply = pairs[index]
-        if len(prompts) < args.prompts:
-            ids = tokenizer.encode(prompt, add_special_tokens=True).ids[:PROMPT_TOKENS]
-            if len(ids) >= 4:
-                prompts.append(ids)
-        elif len(texts) < args.ppl_texts:
-            ids = tokenizer.encode(reply, add_special_tokens=True).ids[:max_len]
-            if len(ids) >= 16:
-                texts.append(ids)
-        else:
-            break
-    if len(prompts) < args.prompts or len(texts) < args.ppl_texts:
-        raise BenchInputError("not enough ShareGPT conversations for the requested --prompts and --ppl-texts")
+    prompts, texts = sample_prompts_and_texts(tokenizer, args.dataset_path, args.seed, args.prompts,
+                                              args.ppl_texts, max_len)
 
     agree = total = identical = 0
     worst_error = 0.0

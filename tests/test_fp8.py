@@ -4,6 +4,7 @@ whose compiled program agrees with the quantized program and whose manifest says
 quantized."""
 import dataclasses
 import io
+import json
 
 import pytest
 import torch
@@ -135,3 +136,26 @@ def test_fp8_build_verifies_and_records_its_quantization(tiny_checkpoint, tiny_b
     # each float32 weight became one byte, plus a float32 scale per output channel
     assert plain.weight_bytes - artifact.weight_bytes == sum(3 * t.numel() for t in quantized) - \
         sum(4 * t.numel() for t in scales)
+
+
+def test_sensitivity_tool_predicts_the_fp8_artifacts_perplexity(tiny_checkpoint, tiny_build, tmp_path, capsys):
+    """bench/fp8_sensitivity.py rounds HF's weights as --fp8 does: its "all" row is the perplexity
+    `llama-bench accuracy` measures on the weight-only FP8 artifact, on the same texts."""
+    from test_bench_accuracy import _dataset
+
+    from llama_aot.bench import cli, fp8_sensitivity
+
+    dataset, out = _dataset(tmp_path), tmp_path / "out"
+    build_artifact(tiny_checkpoint, fp8_build(tiny_build), tmp_path / "fp8", Progress(io.StringIO()))
+    texts = ["--prompts", "3", "--ppl-texts", "3", "--max-len", "100", "--dataset-path", str(dataset),
+             "--out-dir", str(out)]
+    assert cli.main(["accuracy", "--artifact", str(tmp_path / "fp8"), "--checkpoint", str(tiny_checkpoint),
+                     "--new-tokens", "8", *texts]) == 0
+    assert fp8_sensitivity.main([str(tiny_checkpoint), *texts]) == 0
+    [accuracy] = json.loads(next(out.glob("accuracy-*.json")).read_text())
+    rows = {r["configuration"]: r for r in json.loads(next(out.glob("fp8-sensitivity-*.json")).read_text())}
+    assert len(rows) == 2 + 4 + LAYERS and rows["none"]["relative_change"] == 0
+    assert rows["all"]["quantized_matmuls"] == 7 * LAYERS  # q, k, v, o, gate, up, down in HF's layout
+    assert abs(rows["all"]["perplexity"] / accuracy["perplexity_artifact"] - 1) < 1e-4
+    assert abs(rows["none"]["perplexity"] / accuracy["perplexity_hf"] - 1) < 1e-4
+    assert "all but gate_up" in capsys.readouterr().out
