@@ -17,9 +17,9 @@ import random
 
 import torch
 
-from llama_aot.bench.datasets import BenchInputError, load_conversations, load_tokenizer
 from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
+from llama_aot.bench.datasets import BenchInputError, load_conversations, load_tokenizer
 
 PROMPT_TOKENS = 64
 
@@ -89,9 +89,9 @@ def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
 def evaluate(args) -> dict:
     from transformers import LlamaForCausalLM
 
+    from llama_aot.artifacts.errors import ArtifactError
     from llama_aot.bench.results import save_results
     from llama_aot.compiler.package import git_sha
-    from llama_aot.artifacts.errors import ArtifactError
     from llama_aot.runtime.artifact import load_artifact
 
     try:

@@ -13,8 +13,8 @@ import math
 import sys
 from pathlib import Path
 
-from llama_aot.bench.paired import COMPARE_ROUNDS, REPEATS
 from llama_aot.artifacts.errors import CLIParser
+from llama_aot.bench.paired import COMPARE_ROUNDS, REPEATS
 
 
 def _ints(text: str) -> list[int]:
@@ -129,9 +129,9 @@ def _decode_device_type(args) -> str:
     """Checks every artifact's manifest and target before anything is loaded or timed (the HF
     baseline, which runs first so that its model is freed before ours load, takes minutes), and
     returns the one device type they share."""
-    from llama_aot.bench.datasets import BenchInputError
     from llama_aot.artifacts.errors import ArtifactError
     from llama_aot.artifacts.manifest import checked_manifest
+    from llama_aot.bench.datasets import BenchInputError
 
     try:
         devices = {checked_manifest(path)[1] for path in args.artifact}
@@ -162,11 +162,11 @@ def _against_first(first, first_result, result) -> tuple[dict, str]:
 def run_decode(args) -> int:
     import torch
 
+    from llama_aot.artifacts.errors import ArtifactError
     from llama_aot.bench.datasets import BenchInputError
     from llama_aot.bench.decode import copy_bandwidth, hf_decode_ms, measure_decode
     from llama_aot.bench.results import save_results
     from llama_aot.compiler.package import git_sha
-    from llama_aot.artifacts.errors import ArtifactError
     from llama_aot.runtime.artifact import load_artifact
 
     rounds = args.rounds or (REPEATS if len(args.artifact) == 1 else COMPARE_ROUNDS)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from llama_aot.bench.paired import REPEATS
-from llama_aot.runtime.sampling import greedy_tokens
 from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
+from llama_aot.bench.paired import REPEATS
+from llama_aot.runtime.sampling import greedy_tokens
 
 
 @dataclass(frozen=True)

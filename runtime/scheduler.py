@@ -29,9 +29,9 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import count
 
+from llama_aot.artifacts.step_abi import SequenceChunk
 from llama_aot.runtime.block_manager import BlockManager
 from llama_aot.runtime.sequence import Sequence, SequenceStatus
-from llama_aot.artifacts.step_abi import SequenceChunk
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from llama_aot.runtime.engine import Engine, RequestOutput
-from llama_aot.serve.chat_template import ChatTemplate
+from llama_aot.serve import responses as R
 from llama_aot.serve.auth import BearerAuth
+from llama_aot.serve.chat_template import ChatTemplate
 from llama_aot.serve.errors import APIError, error_body, install_error_handlers
 from llama_aot.serve.generation import Generation
 from llama_aot.serve.metrics import Metrics
 from llama_aot.serve.protocol import ChatCompletionRequest, CompletionRequest
-from llama_aot.serve import responses as R
 from llama_aot.serve.tool_parser import StreamingToolParser, parse, tools_for_choice
 
 TOOL_CALL_PARSERS = ("llama3",)

@@ -77,8 +77,8 @@ def smollm2_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_artifact(smollm2_checkpoint, tmp_path_factory) -> Path:
     """The embedded default, built with llama-compile's defaults, as `make serve` builds it."""
-    from llama_aot.compiler.build import build_artifact
     from llama_aot.artifacts.config import BuildConfig
+    from llama_aot.compiler.build import build_artifact
 
     out = tmp_path_factory.mktemp("artifacts") / "smollm2"
     build_artifact(smollm2_checkpoint, BuildConfig(), out)
@@ -95,8 +95,8 @@ def llama31_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama31_artifact(llama31_checkpoint, tmp_path_factory) -> Path:
-    from llama_aot.compiler.build import build_artifact
     from llama_aot.artifacts.config import BuildConfig
+    from llama_aot.compiler.build import build_artifact
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-llama31"
     build_artifact(llama31_checkpoint, BuildConfig(max_num_tokens=128, max_num_seqs=8, context_length=512), out)

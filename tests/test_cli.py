@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from llama_aot.compiler.cli import main
 from llama_aot.artifacts.config import BuildConfig
+from llama_aot.compiler.cli import main
 
 
 def assert_refused(capsys, argv, *needles):

@@ -190,8 +190,8 @@ def test_serve_refuses_bad_runtime_flags_in_one_line(capsys, tiny_artifact, flag
 def cuda_artifact(tiny_checkpoint, tmp_path_factory):
     from conftest import TINY_BUILD
 
-    from llama_aot.compiler.build import build_artifact
     from llama_aot.artifacts.config import BuildConfig
+    from llama_aot.compiler.build import build_artifact
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-cuda"
     build_artifact(tiny_checkpoint, BuildConfig(target="cuda", dtype="float32", **TINY_BUILD), out)

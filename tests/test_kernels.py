@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs
 from llama_aot.kernels.kv_cache import rope_write_kv_reference, write_kv_reference
 from llama_aot.kernels.paged_attention import paged_attention_reference
 from llama_aot.kernels.rms_norm import add_rms_norm_reference
-from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from llama_aot.artifacts.kv_layout import KVCacheLayout
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.model import build_model
 from llama_aot.runtime.artifact import load_artifact
-from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
 
 from generation import greedy_generate
 

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
+from llama_aot.artifacts.step_abi import build_step_inputs
 from llama_aot.runtime.block_manager import BlockManager
 from llama_aot.runtime.scheduler import Scheduler, SchedulerConfig
 from llama_aot.runtime.sequence import Sequence, SequenceStatus
-from llama_aot.artifacts.step_abi import build_step_inputs
 
 STOP = 13
 
