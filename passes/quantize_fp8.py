@@ -58,8 +58,8 @@ def quantize_fp8(ep, ctx: PassContext) -> PassResult:
         editor.replace_weight(weight, q)
         scale_node = editor.add_weight(name.removesuffix("weight") + "weight_scale", scale)
         mode = modes.setdefault("x".join(map(str, q.shape)), choose_mode(ctx, tuple(q.shape)))
-        fused = editor.call(torch.ops.llama_aot.fp8_linear.default, (x, weight, scale_node, mode), before=node)
-        node.replace_all_uses_with(fused)
+        matmul = editor.call(torch.ops.llama_aot.fp8_linear.default, (x, weight, scale_node, mode), before=node)
+        node.replace_all_uses_with(matmul)
         editor.graph.erase_node(node)
         matches += 1
     record = {"weights": str(FP8).removeprefix("torch."), "weight_scale": "per output channel",
