@@ -86,6 +86,12 @@ def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
     return math.exp(nll.item())
 
 
+def hf_perplexity(model, tokens: list[int]) -> float:
+    """The perplexity an HF causal LM gives `tokens`, scored in one pass on the model's device."""
+    with torch.no_grad():
+        return perplexity(model(torch.tensor([tokens], device=model.device)).logits[0].cpu(), tokens)
+
+
 def evaluate(args) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -125,8 +131,7 @@ def evaluate(args) -> dict:
     ppl_artifact, ppl_hf = [], []
     for ids in texts:
         ppl_artifact.append(perplexity(artifact_logits(artifact, ids), ids))
-        with torch.no_grad():
-            ppl_hf.append(perplexity(hf(torch.tensor([ids], device=device)).logits[0].cpu(), ids))
+        ppl_hf.append(hf_perplexity(hf, ids))
     mean_a, mean_h = sum(ppl_artifact) / len(texts), sum(ppl_hf) / len(texts)
     record = {"device": artifact.manifest.target.get("device_name") or artifact.device_type,
               "git_sha": git_sha(), "artifact": str(args.artifact), "checkpoint": str(args.checkpoint),

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from llama_aot.artifacts.target import describe_host
-from llama_aot.bench.accuracy import perplexity, sample_prompts_and_texts
+from llama_aot.bench.accuracy import hf_perplexity, sample_prompts_and_texts
 from llama_aot.bench.datasets import load_tokenizer
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
@@ -32,18 +32,12 @@ def decoder_matmuls(model) -> dict[str, torch.nn.Linear]:
             if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
 
 
-def mean_perplexity(model, texts: list[list[int]]) -> float:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return sum(perplexity(model(torch.tensor([ids], device=device)).logits[0].cpu(), ids)
-                   for ids in texts) / len(texts)
-
-
 def score(model, originals: dict[str, torch.Tensor], rounded: dict[str, torch.Tensor], chosen: set[str],
           texts) -> float:
+    """The mean perplexity over `texts` with the `chosen` matmuls' weights rounded, the others not."""
     for name, module in decoder_matmuls(model).items():
         module.weight.data = rounded[name] if name in chosen else originals[name]
-    return mean_perplexity(model, texts)
+    return sum(hf_perplexity(model, ids) for ids in texts) / len(texts)
 
 
 def configurations(names: list[str], num_layers: int) -> dict[str, set[str]]:

@@ -62,19 +62,12 @@ class Progress:
 def source_hash() -> str:
     """Hash of the compiler's own source: a code change must invalidate cached builds."""
     digest = hashlib.sha256()
-    for source in BUILD_SOURCES:
-        package, _, module = source.partition("/")
-        root = _package_dir(package)
-        for f in sorted(root.rglob("*.py")) if not module else [root / module]:
+    for package in BUILD_SOURCES:
+        root = Path(importlib.import_module(f"llama_aot.{package}").__file__).parent
+        for f in sorted(root.rglob("*.py")):
             digest.update(f"{package}/{f.relative_to(root)}".encode())
             digest.update(f.read_bytes())
     return digest.hexdigest()
-
-
-def _package_dir(package: str) -> Path:
-    """The folder of `llama_aot.<package>`: a namespace package (see pyproject.toml), so it has a
-    search path rather than a `__file__`."""
-    return next(Path(p) for p in importlib.import_module(f"llama_aot.{package}").__path__ if Path(p).is_dir())
 
 
 def input_hash(ckpt: Checkpoint, build: BuildConfig) -> str:
