@@ -7,6 +7,7 @@ a manifest written by a newer format must not be half-understood.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,9 @@ from llama_aot.artifacts.errors import ConfigError
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_QUANTS = ("none", "fp8")
+# `--kv-cache-dtype`, by SGLang's and vLLM's names: "auto" stores the cache in the model dtype.
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+FP8_KV = "fp8_e4m3"
 TARGETS = ("cpu", "cuda")
 
 
@@ -125,6 +129,10 @@ class BuildConfig:
     dtype: str | None = None
     weight_quant: str = "none"
     fp8_lm_head: bool = False
+    # Decoder matmuls --fp8 leaves in the model dtype: a weight whose name contains one of these
+    # (post-fusion names: qkv_proj, o_proj, gate_up_proj, down_proj; "layers.29." for a layer), or
+    # matches "re:<regex>", as compressed-tensors' `ignore` lists read.
+    fp8_ignore: tuple[str, ...] = ()
     kv_dtype: str = "auto"
     tp: int = 1
     max_num_tokens: int | None = None
@@ -141,12 +149,15 @@ class BuildConfig:
         if self.weight_quant not in WEIGHT_QUANTS:
             raise ConfigError(f"weight quantization {self.weight_quant!r} is unknown; choose one of "
                               f"{', '.join(WEIGHT_QUANTS)}")
-        quantize = ("quantize_fp8",) if self.weight_quant == "fp8" else ()
+        if self.kv_dtype not in SUPPORTED_DTYPES + KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype {self.kv_dtype}: unsupported; choose one of {', '.join(KV_CACHE_DTYPES)}")
+        quantize = {"quantize_fp8": self.weight_quant == "fp8", "quantize_kv_cache": self.kv_dtype == FP8_KV}
         if self.passes is None:
-            object.__setattr__(self, "passes", defaults.passes + quantize)
-        elif ("quantize_fp8" in self.passes) != bool(quantize):
-            raise ConfigError(f"passes {list(self.passes)} and weight quantization {self.weight_quant!r} disagree: "
-                              "the quantize_fp8 pass runs exactly when the weights are fp8")
+            object.__setattr__(self, "passes", defaults.passes + tuple(name for name, on in quantize.items() if on))
+        for name, on in quantize.items():
+            if (name in self.passes) != on:
+                raise ConfigError(f"passes {list(self.passes)} and the build's quantization disagree: the {name} "
+                                  f"pass runs exactly when {'the weights are fp8' if name == 'quantize_fp8' else 'the KV cache is ' + FP8_KV}")
         for name in ("dtype", "max_num_tokens"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))
@@ -161,10 +172,23 @@ class BuildConfig:
                               "work; build FP8 for --target cpu, or the GPU artifact without --fp8")
         if self.fp8_lm_head and self.weight_quant != "fp8":
             raise ConfigError("--fp8-lm-head quantizes the LM head along with the other weights; it needs --fp8")
+        object.__setattr__(self, "fp8_ignore", tuple(self.fp8_ignore))
+        if self.fp8_ignore and self.weight_quant != "fp8":
+            raise ConfigError("--fp8-ignore names matmuls --fp8 leaves unquantized; it needs --fp8")
+        for pattern in self.fp8_ignore:
+            if not pattern or pattern == "re:":
+                raise ConfigError("--fp8-ignore: an empty pattern would keep every matmul; name a module")
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ConfigError(f"--fp8-ignore {pattern}: not a regular expression ({e})") from None
         if self.kv_dtype == "auto":
             object.__setattr__(self, "kv_dtype", self.dtype)
-        if self.kv_dtype not in SUPPORTED_DTYPES:
-            raise ConfigError(f"kv dtype {self.kv_dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
+        if self.kv_dtype == FP8_KV and self.target == "cuda":
+            raise ConfigError(f"--kv-cache-dtype {FP8_KV} with --target cuda is not implemented yet: its attention "
+                              "and cache-write kernels have not been checked on a GPU; build it for --target cpu, "
+                              "or the GPU artifact with --kv-cache-dtype auto")
         if not isinstance(self.tp, int) or self.tp < 1:
             raise ConfigError(f"--tp {self.tp}: must be a positive integer")
         if self.tp > 1:
@@ -199,7 +223,7 @@ class BuildConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["passes"] = list(self.passes)
+        d["passes"], d["fp8_ignore"] = list(self.passes), list(self.fp8_ignore)
         return d
 
     @classmethod
@@ -208,9 +232,11 @@ class BuildConfig:
 
 
 def torch_dtype(name: str):
+    """The torch dtype of a config's dtype name, FP8_KV included."""
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            FP8_KV: torch.float8_e4m3fn}[name]
 
 
 __all__ = ["ModelConfig", "BuildConfig", "RopeScaling", "TARGET_DEFAULTS", "torch_dtype"]

@@ -1,14 +1,17 @@
-"""`llama-bench accuracy`: does the compiled artifact compute what HF transformers computes on the
-same weights, on real text rather than the build verifier's random token ids?
+"""`llama-bench accuracy`: does the compiled artifact compute what a reference computes on the same
+weights, on real text rather than the build verifier's random token ids? The reference is HF
+transformers' LlamaForCausalLM (`--checkpoint`: is the compiler exact?) or another artifact of the
+same checkpoint (`--baseline`, typically the unquantized build: what does `--fp8` cost?).
 
-Greedy-token agreement is teacher-forced: HF generates each prompt's greedy continuation, the
-artifact scores prompt + continuation in one pass, and we count the positions where its argmax is
-HF's token; forcing keeps one early near-tie from failing every later token. A prompt whose every
-forced position agrees is one whose free-running greedy continuation is identical to HF's (same
-prefix, same argmax, by induction), so the same pass also counts identical continuations. The
-logits' relative error, ||artifact - HF|| / ||HF|| over those positions, is reported as the worst
-prompt's. Perplexity is measured on held-out ShareGPT replies (conversations not used as prompts)
-by both. HF runs on the artifact's device: an 8B model in fp32 is too slow on CPU.
+Greedy-token agreement is teacher-forced: the reference generates each prompt's greedy continuation,
+the artifact scores prompt + continuation in one pass, and we count the positions where its argmax
+is the reference's token; forcing keeps one early near-tie from failing every later token. A prompt
+whose every forced position agrees is one whose free-running greedy continuation is identical to the
+reference's (same prefix, same argmax, by induction), so the same pass also counts identical
+continuations. The logits' relative error, ||artifact - reference|| / ||reference|| over those
+positions, is reported as the worst prompt's. Perplexity is measured on held-out ShareGPT replies
+(conversations not used as prompts) by both. HF runs on the artifact's device: an 8B model in fp32
+is too slow on CPU.
 """
 from __future__ import annotations
 
@@ -24,20 +27,38 @@ from llama_aot.bench.datasets import BenchInputError, load_conversations, load_t
 PROMPT_TOKENS = 64
 
 
-def artifact_logits(artifact, tokens: list[int]) -> torch.Tensor:
-    """Logits for every position of one sequence, prefilled in chunks of the build's token budget."""
-    build, layout = artifact.build_config, KVCacheLayout.of(artifact.model_config, artifact.build_config)
-    blocks = layout.blocks_for(len(tokens))
-    table = tuple(range(1, 1 + blocks))  # block 0 stays free, as the runtime keeps it
-    device = artifact.device_type
-    cache = layout.allocate(1 + blocks, device)
-    rows = []
-    for start in range(0, len(tokens), build.max_num_tokens):
-        chunk = SequenceChunk(tuple(tokens[start:start + build.max_num_tokens]), start, table, all_logits=True)
-        inputs = build_step_inputs([chunk], build.block_size, device)
+def _sequence_cache(artifact, num_tokens: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A KV cache and block table for one sequence of up to `num_tokens` tokens."""
+    layout = KVCacheLayout.of(artifact.model_config, artifact.build_config)
+    blocks = layout.blocks_for(num_tokens)
+    return layout.allocate(1 + blocks, artifact.device_type), tuple(range(1, 1 + blocks))  # block 0 stays free
+
+
+def _run(artifact, cache, table, tokens: list[int], start: int, all_logits: bool) -> torch.Tensor:
+    """Feeds `tokens`, at positions `start...`, in chunks of the build's token budget; returns a
+    logit row per token, or per chunk (its last token's) unless `all_logits`."""
+    build, rows = artifact.build_config, []
+    for offset in range(0, len(tokens), build.max_num_tokens):
+        chunk = SequenceChunk(tuple(tokens[offset:offset + build.max_num_tokens]), start + offset, table, all_logits)
+        inputs = build_step_inputs([chunk], build.block_size, artifact.device_type)
         with torch.no_grad():
             rows.append(call_step(artifact.step, inputs, cache).float().cpu())
     return torch.cat(rows)
+
+
+def artifact_logits(artifact, tokens: list[int]) -> torch.Tensor:
+    """Logits for every position of one sequence, prefilled in chunks of the build's token budget."""
+    cache, table = _sequence_cache(artifact, len(tokens))
+    return _run(artifact, cache, table, tokens, 0, all_logits=True)
+
+
+def artifact_greedy(artifact, tokens: list[int], new_tokens: int) -> list[int]:
+    """Argmax decoding as the serving loop runs it: prefill, then one token per step on the cache."""
+    cache, table = _sequence_cache(artifact, len(tokens) + new_tokens)
+    out = [int(_run(artifact, cache, table, tokens, 0, all_logits=False)[-1].argmax())]
+    while len(out) < new_tokens:
+        out.append(int(_run(artifact, cache, table, out[-1:], len(tokens) + len(out) - 1, False)[-1].argmax()))
+    return out
 
 
 def hf_greedy(model, tokens: list[int], new_tokens: int) -> list[int]:
@@ -52,6 +73,52 @@ def hf_greedy(model, tokens: list[int], new_tokens: int) -> list[int]:
             out.append(int(step.logits[0, -1].argmax()))
             ids = torch.tensor([[out[-1]]], device=device)
     return out
+
+
+def hf_logits(model, tokens: list[int]) -> torch.Tensor:
+    """An HF causal LM's float32 logits for every position of `tokens`, in one pass on its device."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens], device=model.device)).logits[0].float().cpu()
+
+
+class BaselineArtifact:
+    """The `--baseline` reference: another artifact of the same checkpoint, run as the runtime runs it."""
+
+    name = "baseline"
+
+    def __init__(self, artifact):
+        self.artifact = artifact
+        self.context_length = artifact.build_config.context_length
+        self.fields = {"reference": "artifact", "baseline": str(artifact.path),
+                       "baseline_weight_quant": artifact.build_config.weight_quant,
+                       "baseline_kv_dtype": artifact.build_config.kv_dtype}
+
+    def greedy(self, tokens: list[int], new_tokens: int) -> list[int]:
+        return artifact_greedy(self.artifact, tokens, new_tokens)
+
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        return artifact_logits(self.artifact, tokens)
+
+
+class HFReference:
+    """The `--checkpoint` reference: HF transformers' LlamaForCausalLM in float32 on `device`."""
+
+    name = "HF"
+
+    def __init__(self, checkpoint, device: str):
+        from transformers import LlamaForCausalLM
+
+        if not (checkpoint / "config.json").is_file():
+            raise BenchInputError(f"{checkpoint}: not an HF checkpoint (no config.json)")
+        self.model = LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).to(device).eval()
+        self.context_length = self.model.config.max_position_embeddings
+        self.fields = {"reference": "hf", "checkpoint": str(checkpoint)}
+
+    def greedy(self, tokens: list[int], new_tokens: int) -> list[int]:
+        return hf_greedy(self.model, tokens, new_tokens)
+
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        return hf_logits(self.model, tokens)
 
 
 def sample_prompts_and_texts(tokenizer, dataset_path, seed: int, num_prompts: int, num_texts: int,
@@ -88,13 +155,25 @@ def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
 
 def hf_perplexity(model, tokens: list[int]) -> float:
     """The perplexity an HF causal LM gives `tokens`, scored in one pass on the model's device."""
-    with torch.no_grad():
-        return perplexity(model(torch.tensor([tokens], device=model.device)).logits[0].cpu(), tokens)
+    return perplexity(hf_logits(model, tokens), tokens)
+
+
+def check_same_model(artifact_path, baseline_path) -> None:
+    """Refuses a baseline of another model or tokenizer, before its weights load: the prompts would
+    not be the same tokens, nor its logits comparable position by position."""
+    from llama_aot.artifacts.manifest import read_manifest
+
+    ours, theirs = read_manifest(artifact_path).model.to_dict(), read_manifest(baseline_path).model.to_dict()
+    differ = [f"{k} {theirs[k]} vs {ours[k]}" for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise BenchInputError(f"--baseline {baseline_path} is another model ({'; '.join(differ)}); "
+                              "pass a build of the same checkpoint")
+    if load_tokenizer(artifact_path).to_str() != load_tokenizer(baseline_path).to_str():
+        raise BenchInputError(f"--baseline {baseline_path} has another tokenizer than {artifact_path}; "
+                              "pass a build of the same checkpoint")
 
 
 def evaluate(args) -> dict:
-    from transformers import LlamaForCausalLM
-
     from llama_aot.artifacts.errors import ArtifactError
     from llama_aot.bench.results import save_results
     from llama_aot.compiler.package import git_sha
@@ -102,14 +181,15 @@ def evaluate(args) -> dict:
 
     try:
         artifact = load_artifact(args.artifact)
+        if args.baseline is None:
+            reference = HFReference(args.checkpoint, artifact.device_type)
+        else:
+            check_same_model(args.artifact, args.baseline)
+            reference = BaselineArtifact(load_artifact(args.baseline))
     except ArtifactError as e:
         raise BenchInputError(str(e)) from None
-    if not (args.checkpoint / "config.json").is_file():
-        raise BenchInputError(f"{args.checkpoint}: not an HF checkpoint (no config.json)")
-    device = artifact.device_type
-    hf = LlamaForCausalLM.from_pretrained(args.checkpoint, torch_dtype=torch.float32).to(device).eval()
     tokenizer = load_tokenizer(args.artifact)
-    context = artifact.build_config.context_length
+    context = min(artifact.build_config.context_length, reference.context_length)
     new_tokens = min(args.new_tokens, context - PROMPT_TOKENS - 1)
     max_len = min(args.max_len, context)
 
@@ -119,31 +199,29 @@ def evaluate(args) -> dict:
     agree = total = identical = 0
     worst_error = 0.0
     for ids in prompts:
-        forced = hf_greedy(hf, ids, new_tokens)
+        forced = reference.greedy(ids, new_tokens)
         ours = artifact_logits(artifact, ids + forced)[len(ids) - 1:-1]
-        with torch.no_grad():
-            theirs = hf(torch.tensor([ids + forced], device=device)).logits[0, len(ids) - 1:-1].float().cpu()
+        theirs = reference.logits(ids + forced)[len(ids) - 1:-1]
         worst_error = max(worst_error, ((ours - theirs).norm() / theirs.norm()).item())
         matches = sum(a == b for a, b in zip(ours.argmax(-1).tolist(), forced))
         agree += matches
         identical += matches == len(forced)
         total += len(forced)
-    ppl_artifact, ppl_hf = [], []
-    for ids in texts:
-        ppl_artifact.append(perplexity(artifact_logits(artifact, ids), ids))
-        ppl_hf.append(hf_perplexity(hf, ids))
-    mean_a, mean_h = sum(ppl_artifact) / len(texts), sum(ppl_hf) / len(texts)
+    mean_a = sum(perplexity(artifact_logits(artifact, ids), ids) for ids in texts) / len(texts)
+    mean_r = sum(perplexity(reference.logits(ids), ids) for ids in texts) / len(texts)
+    build, name = artifact.build_config, reference.name
     record = {"device": artifact.manifest.target.get("device_name") or artifact.device_type,
-              "git_sha": git_sha(), "artifact": str(args.artifact), "checkpoint": str(args.checkpoint),
-              "dtype": artifact.build_config.dtype, "prompts": len(prompts), "new_tokens": new_tokens,
+              "git_sha": git_sha(), "artifact": str(args.artifact), "dtype": build.dtype,
+              "weight_quant": build.weight_quant, "kv_dtype": build.kv_dtype, **reference.fields,
+              "prompts": len(prompts), "new_tokens": new_tokens,
               "greedy_agreement": agree / total, "identical_continuations": identical,
               "logits_relative_error": worst_error, "ppl_texts": len(texts), "max_len": max_len,
-              "perplexity_artifact": mean_a, "perplexity_hf": mean_h,
-              "perplexity_relative_difference": abs(mean_a - mean_h) / mean_h}
-    print(f"greedy-token agreement (teacher-forced, {len(prompts)} prompts x {new_tokens} tokens): "
+              "perplexity_artifact": mean_a, f"perplexity_{name.lower()}": mean_r,
+              "perplexity_relative_change": (mean_a - mean_r) / mean_r}
+    print(f"greedy-token agreement with {name} (teacher-forced, {len(prompts)} prompts x {new_tokens} tokens): "
           f"{record['greedy_agreement']:.4f}; identical greedy continuations: {identical}/{len(prompts)}")
-    print(f"logits relative error (worst prompt): {worst_error:.2e}")
-    print(f"perplexity on {len(texts)} held-out ShareGPT replies: artifact {mean_a:.4f}, HF {mean_h:.4f} "
-          f"(relative difference {record['perplexity_relative_difference']:.2e})")
+    print(f"logits relative error against {name} (worst prompt): {worst_error:.2e}")
+    print(f"perplexity on {len(texts)} held-out ShareGPT replies: artifact {mean_a:.4f}, {name} {mean_r:.4f} "
+          f"(relative change {record['perplexity_relative_change']:+.2e})")
     print(save_results("accuracy", [record], args.out_dir))
     return record

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from llama_aot.bench.decode import copy_bandwidth
-from llama_aot.bench.graph_timing import graph_time_us
 from llama_aot.bench.paged_layout import blocks_for, scattered_step
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
+from llama_aot.kernels.graph_timing import graph_time_us
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 PREFILL_START = 1000  # tokens already cached ahead of the mixed-in prefill chunk
@@ -49,7 +49,7 @@ def _step(batch: int, context: int, prefill: int, gen: torch.Generator):
 
 
 def time_attention(batch: int, context: int, prefill: int = 0, **tile) -> float:
-    """Microseconds per call, graph-timed (bench/graph_timing.py). `tile` (splits, decode_tile,
+    """Microseconds per call, graph-timed (kernels/graph_timing.py). `tile` (splits, decode_tile,
     chunk_tile) goes to the kernel; its defaults are the op's."""
     from llama_aot.kernels.triton_paged_attention import paged_attention_triton
 

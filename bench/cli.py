@@ -4,7 +4,7 @@
     llama-bench serve --base-url URL --tokenizer DIR [--dataset random|sharegpt] [--num-prompts N]
         [--max-concurrency C] [--request-rate R] [--chat] [--output-file F.jsonl] [--plot]
     llama-bench sweep --base-url URL --tokenizer DIR [--scale F] [--scenarios A,B] [--context-len N] [--plot]
-    llama-bench accuracy --artifact DIR --checkpoint HF_DIR
+    llama-bench accuracy --artifact DIR (--checkpoint HF_DIR | --baseline ARTIFACT_DIR)
 """
 from __future__ import annotations
 
@@ -112,9 +112,13 @@ def parse_args(argv):
                    "(default: all; e.g. random-1000-1000-c100,sharegpt-100)")
     w.add_argument("--out-dir", type=Path, help="where results and plots go (default: bench/results/)")
 
-    a = sub.add_parser("accuracy", help="greedy agreement and perplexity of an artifact against HF transformers")
+    a = sub.add_parser("accuracy", help="greedy agreement and perplexity of an artifact against HF transformers "
+                       "or a baseline artifact")
     a.add_argument("--artifact", type=Path, required=True)
-    a.add_argument("--checkpoint", type=Path, required=True, help="HF checkpoint of the same weights")
+    reference = a.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--checkpoint", type=Path, help="HF checkpoint of the same weights, run by transformers")
+    reference.add_argument("--baseline", type=Path,
+                           help="another artifact of the same checkpoint (e.g. the unquantized build of an --fp8 one)")
     a.add_argument("--prompts", type=_positive_int, default=8, help="ShareGPT prompts for greedy agreement")
     a.add_argument("--new-tokens", type=_positive_int, default=32)
     a.add_argument("--ppl-texts", type=_positive_int, default=8, help="held-out ShareGPT replies for perplexity")

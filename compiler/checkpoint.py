@@ -6,6 +6,9 @@ truncated or corrupt safetensors file, a missing shard, a tensor of the wrong sh
 any compile work starts. Opening reads only JSON and safetensors headers, so it costs milliseconds
 even for a 405B checkpoint.
 
+A pre-quantized checkpoint (compressed-tensors FP8, compiler/compressed_tensors.py) is checked the
+same way: each FP8 weight must come with a scale of the right shape.
+
 The safetensors reader is written against the file format (8-byte little-endian header length, a
 JSON header of dtype/shape/data_offsets, then raw data) instead of `safetensors.torch.load_file`:
 that gives us our own error messages and lets us memory-map each file once (ACCESS_COPY, so the
@@ -26,6 +29,8 @@ import torch
 
 from llama_aot.artifacts.config import ModelConfig, RopeScaling
 from llama_aot.artifacts.errors import ConfigError
+from llama_aot.compiler.compressed_tensors import (FP8_DTYPE, Quantization, kv_scale_names, per_row,
+                                                   read_quantization, weight_scale_name)
 from llama_aot.compiler.errors import BuildError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -259,7 +264,8 @@ def _read_json(path: Path) -> dict:
 @dataclass(frozen=True)
 class Checkpoint:
     """A validated checkpoint directory. `tensors` is the parsed safetensors headers, so loading
-    weights later needs no second parse and every tensor's file is known."""
+    weights later needs no second parse and every tensor's file is known. `quantization` is what
+    config.json's compressed-tensors quantization_config says, or None for an unquantized checkpoint."""
 
     path: Path
     config: ModelConfig
@@ -268,6 +274,12 @@ class Checkpoint:
     chat_template: str | None
     generation_config: dict
     tensors: dict[str, TensorInfo] = field(default_factory=dict, repr=False, compare=False)
+    quantization: Quantization | None = None
+
+    @property
+    def prequantized(self) -> bool:
+        """Whether the checkpoint's weights are already FP8, which makes any build of it an FP8 build."""
+        return self.quantization is not None and bool(self.quantization.weights)
 
 
 def _chat_template(tokenizer_files: dict[str, Path]) -> str | None:
@@ -296,6 +308,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     tok_files = {n: root / n for n in TOKENIZER_FILES if (root / n).is_file()}
     gen = _read_json(tok_files["generation_config.json"]) if "generation_config.json" in tok_files else {}
     config = model_config_from_hf(hf, gen)
+    quantization = read_quantization(hf, expected_shapes(config))
     files = _weight_files(root)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
@@ -309,19 +322,28 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             if name not in tensors or tensors[name].file.name != fname:
                 raise BuildError(f"{fname}: {INDEX_FILE} promises tensor {name} but the file lacks "
                                  "it; re-download the checkpoint")
-    return Checkpoint(root, config, tuple(files), tok_files, _chat_template(tok_files), gen, tensors)
+    return Checkpoint(root, config, tuple(files), tok_files, _chat_template(tok_files), gen, tensors,
+                      quantization)
 
 
 def _check_names(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     shapes = expected_shapes(ckpt.config)
+    quant = ckpt.quantization
+    fp8 = quant.weights if quant else {}
+    scales = quant.scale_shapes(shapes, ckpt.config.num_layers) if quant else {}
     missing = [n for n in shapes if n not in ckpt.tensors]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise BuildError(f"{ckpt.path}: missing {len(missing)} tensors that config.json implies: "
                          f"{', '.join(missing[:5])}{more}; the checkpoint is incomplete or does not "
                          "match config.json")
+    for name, allowed in scales.items():
+        if name not in ckpt.tensors:
+            raise BuildError(f"{ckpt.path}: missing {name} (shape {list(allowed[0])}), a scale that "
+                             "config.json's quantization_config implies; the checkpoint is incomplete")
     ignorable = {"lm_head.weight"} if ckpt.config.tie_word_embeddings else set()
-    extra = [t for n, t in ckpt.tensors.items() if n not in shapes and n not in ignorable
+    ignorable |= quant.ignored() if quant else set()
+    extra = [t for n, t in ckpt.tensors.items() if n not in shapes and n not in scales and n not in ignorable
              and not n.endswith(IGNORABLE_SUFFIXES)]
     if extra:
         names = ", ".join(t.name for t in extra[:5]) + (" ..." if len(extra) > 5 else "")
@@ -333,10 +355,12 @@ def _check_names(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
         if info.shape != shape:
             raise BuildError(f"{name} in {info.file.name} has shape {list(info.shape)} but config.json "
                              f"implies {list(shape)}; the weights and config.json do not match")
-        if info.dtype not in FLOAT_WEIGHT_DTYPES:
+        if name not in fp8 and info.dtype not in FLOAT_WEIGHT_DTYPES:
             raise BuildError(f"{name} in {info.file.name} is stored as {info.dtype}; llama-aot reads "
-                             f"{'/'.join(FLOAT_WEIGHT_DTYPES)} weights (quantized checkpoints are not "
-                             "supported)")
+                             f"{'/'.join(FLOAT_WEIGHT_DTYPES)} weights, and {FP8_DTYPE} ones that a "
+                             "compressed-tensors quantization_config in config.json declares")
+    if quant:
+        quant.check_dtypes(ckpt.tensors, scales)
     return shapes
 
 
@@ -379,20 +403,43 @@ def _convert(mm: mmap.mmap, info: TensorInfo, dtype: torch.dtype) -> torch.Tenso
     return out
 
 
-def load_weights(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF-named weights in `dtype`: zero-copy views of the mmapped files where the stored dtype
-    already matches, converted one tensor at a time otherwise. Names, shapes and stored dtypes are
-    all checked before any tensor data is touched."""
-    shapes = _check_names(ckpt)
+def _reader(ckpt: Checkpoint):
+    """`read(name, dtype)`: a tensor as a zero-copy view of its mmapped file when it is stored in
+    `dtype` (or `dtype` is None), converted otherwise; each file is mapped once."""
     maps: dict[Path, mmap.mmap] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name in shapes:
+
+    def read(name: str, dtype: torch.dtype | None) -> torch.Tensor:
         info = ckpt.tensors[name]
         if info.file not in maps:
             maps[info.file] = _map(ckpt, info.file)
         mm = maps[info.file]
-        out[name] = _view(mm, info) if DTYPES[info.dtype][0] == dtype else _convert(mm, info, dtype)
+        return _view(mm, info) if dtype in (None, DTYPES[info.dtype][0]) else _convert(mm, info, dtype)
+    return read
+
+
+def load_weights(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF-named weights in `dtype`: zero-copy views of the mmapped files where the stored dtype
+    already matches, converted one tensor at a time otherwise. The FP8 weights of a pre-quantized
+    checkpoint stay as stored, each with its `weight_scale` as float32 [rows]. Names, shapes and
+    stored dtypes are all checked before any tensor data is touched."""
+    shapes = _check_names(ckpt)
+    fp8 = ckpt.quantization.weights if ckpt.quantization else {}
+    read = _reader(ckpt)
+    out = {name: read(name, None if name in fp8 else dtype) for name in shapes}
+    for weight in fp8:
+        out[weight_scale_name(weight)] = per_row(read(weight_scale_name(weight), torch.float32), shapes[weight][0])
     return out
+
+
+def load_kv_scales(ckpt: Checkpoint) -> torch.Tensor | None:
+    """The checkpoint's FP8 KV-cache scales as float32 [num_layers, 2] (K, V), or None when it has
+    none (no compressed-tensors kv_cache_scheme). The tensors are checked as load_weights checks."""
+    if ckpt.quantization is None or not ckpt.quantization.kv_cache_scales:
+        return None
+    _check_names(ckpt)
+    read = _reader(ckpt)
+    scales = [read(name, torch.float32).reshape(()) for name in kv_scale_names(ckpt.config.num_layers)]
+    return torch.stack(scales).reshape(ckpt.config.num_layers, 2)
 
 
 def fingerprint(ckpt: Checkpoint) -> str:
@@ -414,5 +461,5 @@ def fingerprint(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "load_weights", "expected_shapes",
+__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "load_weights", "load_kv_scales", "expected_shapes",
            "model_config_from_hf", "fingerprint"]

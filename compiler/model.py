@@ -5,7 +5,8 @@ metadata tensors, and the paged KV cache as an input that it updates in place. I
 state between calls, so one exported program serves every batch the runtime schedules.
 
 Parameter names are Hugging Face's, so a checkpoint loads without a rename table and the passes'
-new weights (`qkv_proj`, `gate_up_proj`) read as what they are.
+new weights (`qkv_proj`, `gate_up_proj`) read as what they are. A pre-quantized checkpoint's FP8
+weights keep their compressed-tensors names too (`q_proj.weight`, `q_proj.weight_scale`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 
 import llama_aot.kernels.ops  # noqa: F401  (registers torch.ops.llama_aot)
 from llama_aot.artifacts.config import ModelConfig
+from llama_aot.kernels.fp8_linear import FP8, WEIGHT_ONLY
 
 ops = torch.ops.llama_aot
 
@@ -36,6 +38,21 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free linear whose weight came from the checkpoint in FP8: float8_e4m3fn [N, K] with
+    one float32 scale per output row. It is used as stored, never dequantized and requantized, so
+    export emits the same fp8_linear op that `--fp8` quantization does. The quantize pass then
+    picks each matmul's mode; weight-only is the placeholder."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.fp8_linear(x, self.weight, self.weight_scale, WEIGHT_ONLY)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -150,13 +167,18 @@ class Llama(nn.Module):
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Llama:
     """Constructs on the meta device and adopts `weights` as the parameters (no copy, no random
-    init), tying the LM head to the embedding when the config says so."""
-    with torch.device("meta"):
-        model = Llama(cfg)
-    model.rope_inv_freq = rope_inv_freq(cfg)
+    init), tying the LM head to the embedding when the config says so. A linear whose weight is
+    FP8 becomes an Fp8Linear."""
     weights = dict(weights)
     if cfg.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Llama(cfg)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and weights[f"{name}.weight"].dtype == FP8:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, Fp8Linear(module.in_features, module.out_features))
+    model.rope_inv_freq = rope_inv_freq(cfg)
     model.load_state_dict(weights, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -8,8 +8,18 @@ compared. Prompts are seeded token ids, so verification needs no tokenizer and i
 A row counts as a greedy disagreement only if the compiled choice is worse than the eager
 choice by more than the tolerance: a near-tie flipping by rounding is not an error, a wrong
 token is.
+
+An FP8 KV cache quantizes at run time, so a key that the compiled program computes one ulp away
+from the eager one can round to the neighbouring e4m3 value, 16 times a bfloat16 ulp; the first
+flips cascade through the later layers (SmolLM2, 37-token prefill: caches bit-identical through
+layer 5, 15 of 7104 values differing at layer 10, 1940 at layer 25, logits 1e-2 apart). Such a
+build is also measured against the unquantized model on the same steps, and the compiled program
+must be no farther from its quantized reference than the quantization itself moves the logits:
+a missing or wrong scale moves them far more.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -29,17 +39,20 @@ def _prompts(vocab_size: int, context_length: int, seed: int) -> list[list[int]]
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def verify(eager, compiled, build: BuildConfig, cfg: ModelConfig, seed: int = 0) -> dict:
+def verify(eager, compiled, build: BuildConfig, cfg: ModelConfig, seed: int = 0, unquantized=None) -> dict:
     """`eager`: the model (or, for a quantized build, the passed program's module) the compiled
-    program must agree with; both are called through the step ABI."""
+    program must agree with; both are called through the step ABI. `unquantized`: for a build
+    with an FP8 KV cache, the model itself, whose distance from `eager` bounds the tolerance."""
     bs = build.block_size
     prompts = _prompts(cfg.vocab_size, build.context_length, seed)[:build.max_num_seqs]
     layout = KVCacheLayout.of(cfg, build)
     per_seq = layout.blocks_for(max(map(len, prompts)) + DECODE_STEPS)
     tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
     caches = [layout.allocate(1 + len(prompts) * per_seq, build.target) for _ in range(2)]
+    if unquantized is not None:
+        plain_cache = dataclasses.replace(layout, dtype=build.dtype).allocate(1 + len(prompts) * per_seq, build.target)
 
-    eager_rows, compiled_rows = [], []
+    eager_rows, compiled_rows, plain_rows = [], [], []
     cached = [0] * len(prompts)
     decoded = [0] * len(prompts)
     last: dict[int, torch.Tensor] = {}
@@ -63,22 +76,32 @@ def verify(eager, compiled, build: BuildConfig, cfg: ModelConfig, seed: int = 0)
         with torch.no_grad():
             eager_rows.append(call_step(eager, inputs, caches[0]).cpu())
             compiled_rows.append(call_step(compiled, inputs, caches[1]).cpu())
+            if unquantized is not None:
+                plain_rows.append(call_step(unquantized, inputs, plain_cache).cpu())
         for (i, _, t), rows in zip(step, eager_rows[-1].split([len(t) for _, _, t in step])):
             last[i] = rows[-1]
 
     eager_all, compiled_all = torch.cat(eager_rows), torch.cat(compiled_rows)
     scale = eager_all.abs().max().item()
-    max_err = (eager_all - compiled_all).abs().max().item()
     rel_tol, min_agreement = TOLERANCES[build.dtype]
-    picked = compiled_all.argmax(-1)
-    exact = (picked == eager_all.argmax(-1)).float().mean().item()
-    near = eager_all.gather(1, picked[:, None])[:, 0] >= eager_all.max(-1).values - rel_tol * scale
-    agreement = near.float().mean().item()
-    relative = max_err / max(scale, 1e-12)
-    return {
-        "prompts": len(prompts), "steps": len(eager_rows), "rows": eager_all.shape[0],
-        "max_abs_error": max_err, "logit_scale": scale, "relative_error": relative,
-        "greedy_agreement": exact, "greedy_agreement_tie_aware": agreement,
-        "tolerance": {"relative_error": rel_tol, "greedy_agreement": min_agreement},
-        "passed": relative <= rel_tol and agreement >= min_agreement,
-    }
+    relative, exact, agreement = _compare(eager_all, compiled_all, rel_tol * scale)
+    result = {"prompts": len(prompts), "steps": len(eager_rows), "rows": eager_all.shape[0],
+              "max_abs_error": relative * scale, "logit_scale": scale, "relative_error": relative,
+              "greedy_agreement": exact, "greedy_agreement_tie_aware": agreement}
+    if unquantized is not None:
+        q_relative, _, q_agreement = _compare(eager_all, torch.cat(plain_rows), rel_tol * scale)
+        result["quantization"] = {"relative_error": q_relative, "greedy_agreement_tie_aware": q_agreement}
+        rel_tol, min_agreement = max(rel_tol, q_relative), min(min_agreement, q_agreement)
+    result["tolerance"] = {"relative_error": rel_tol, "greedy_agreement": min_agreement}
+    result["passed"] = relative <= rel_tol and agreement >= min_agreement
+    return result
+
+
+def _compare(reference: torch.Tensor, other: torch.Tensor, tie: float) -> tuple[float, float, float]:
+    """(relative max error, exact greedy agreement, greedy agreement where a choice within `tie` of
+    the reference's best logit counts as agreeing) of `other`'s rows against `reference`'s."""
+    scale = max(reference.abs().max().item(), 1e-12)
+    picked = other.argmax(-1)
+    exact = (picked == reference.argmax(-1)).float().mean().item()
+    near = reference.gather(1, picked[:, None])[:, 0] >= reference.max(-1).values - tie
+    return (reference - other).abs().max().item() / scale, exact, near.float().mean().item()

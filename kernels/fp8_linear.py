@@ -1,24 +1,31 @@
 """FP8 weight matmuls: `y = x @ (W_fp8 * scale)^T`, W in float8_e4m3fn with one float32 scale per
 output channel (the "per channel" scheme of compressed-tensors' FP8 checkpoints).
 
-Two ways to compute it, chosen per matmul by the quantize pass (passes/quantize_fp8.py):
-- WEIGHT_ONLY: dequantize W to x's dtype and multiply. Activations stay in the model dtype, so the
-  only error is the weights' rounding. At decode batch sizes a matmul is bound by reading W, and
-  an FP8 W is half the bytes of a BF16 one whichever way the product is then computed.
-- PER_TOKEN: quantize each row of x to e4m3 with its own scale (dynamic, at run time) and take
-  the FP8 product with `torch._scaled_mm`, row-wise scales on both sides (what vLLM and SGLang run
-  for "FP8-dynamic" checkpoints). FP8 tensor cores double the arithmetic rate, which counts once
-  a step holds many tokens.
-Both bodies are plain torch: on CPU Inductor compiles them to C++ (torch's CPU `_scaled_mm`
-included); on CUDA the same graph takes cuBLASLt for `_scaled_mm`.
+Three ways to compute it, chosen per weight shape and step size by the quantize pass
+(passes/quantize_fp8.py, by timing them on the building GPU):
+- WEIGHT_ONLY: the weight widened to x's dtype. Activations stay in the model dtype, so the only
+  error is the weights' rounding. At decode batch sizes a matmul is bound by reading W, and an FP8
+  W is half the bytes of a BF16 one. On CUDA this is the decode_linear kernel reading e4m3
+  (kernels/triton_decode_linear.py), so, like that op, it takes at most MAX_ROWS rows there; the
+  pass routes larger steps to another mode. On CPU, W dequantized and multiplied.
+- PER_TOKEN: each row of x quantized to e4m3 with its own scale (dynamic, at run time) and the FP8
+  product taken by `torch._scaled_mm` with row-wise scales on both sides (what vLLM and SGLang run
+  for "FP8-dynamic" checkpoints). FP8 tensor cores double the arithmetic rate, which counts once a
+  step holds many tokens.
+- PER_TOKEN_EPILOGUE: the same quantized operands through `_scaled_mm` with unit tensor-wise
+  scales, both scale vectors then applied to its [M, N] output. cuBLASLt's tensor-wise FP8 kernels
+  can be much faster than its row-wise ones at small M (H100, down_proj at M = 1: 25.9 against
+  48.9 us), and scaling the output by x's row scale and W's column scale computes the same product.
 """
 import torch
 from torch.library import triton_op
 
+from llama_aot.kernels.decode_linear import decode_linear_triton  # None where Triton is not installed
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-WEIGHT_ONLY, PER_TOKEN = "weight_only", "per_token"
-MODES = (WEIGHT_ONLY, PER_TOKEN)
+WEIGHT_ONLY, PER_TOKEN, PER_TOKEN_EPILOGUE = "weight_only", "per_token", "per_token_epilogue"
+MODES = (WEIGHT_ONLY, PER_TOKEN, PER_TOKEN_EPILOGUE)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,12 +44,18 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     if mode == WEIGHT_ONLY:
         return x @ dequantize_rows(weight, weight_scale, x.dtype).T
     xq, x_scale = quantize_rows(x)
-    return torch._scaled_mm(xq, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :],
-                            out_dtype=x.dtype)
+    if mode == PER_TOKEN:
+        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :],
+                                out_dtype=x.dtype)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    product = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return (product * x_scale[:, None] * weight_scale[None, :]).to(x.dtype)
 
 
 @triton_op("llama_aot::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, mode: str) -> torch.Tensor:
     """x: [M, K] in the model dtype; weight: [N, K] float8_e4m3fn; weight_scale: [N] float32.
-    Returns [M, N] in x's dtype. `mode` is one of MODES."""
+    Returns [M, N] in x's dtype. `mode` is one of MODES; WEIGHT_ONLY on CUDA takes M <= MAX_ROWS."""
+    if x.is_cuda and mode == WEIGHT_ONLY:
+        return decode_linear_triton(x, weight, weight_scale)
     return fp8_linear_reference(x, weight, weight_scale, mode)

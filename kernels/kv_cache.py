@@ -10,6 +10,10 @@ Why one op: the rotation is a pointwise pass over q and k, and the cache write r
 again; fused, the CUDA kernel reads q, k and v once (straight from the fused qkv projection's
 output, whose column slices they are) and writes the rotated q and the cache.
 
+With an FP8 cache (`llama-compile --kv-cache-dtype fp8_e4m3`) each layer has a K scale and a V
+scale (float32 scalars, from the checkpoint or calibrated at build time): the write stores
+`x / scale` rounded to e4m3, clamped to its range, and attention multiplies the scale back in.
+
 Why `cos` and `sin` are inputs rather than positions and the inverse frequencies: the model builds
 the `[num_tokens, head_dim]` tables once per step and every layer shares them, which costs each
 layer a few hundred bytes per token against the kilobytes of q, k and v it moves anyway; and the
@@ -21,6 +25,8 @@ import importlib.util
 
 import torch
 from torch.library import triton_op
+
+from llama_aot.kernels.fp8_linear import FP8_MAX
 
 if importlib.util.find_spec("triton") is not None:
     from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton
@@ -39,8 +45,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
+def to_cache(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values as the cache stores them: cast, or for an FP8 cache divided by the layer's
+    scale and clamped to e4m3's range first (a value past it would not saturate on every device)."""
+    if scale is None:
+        return x.to(dtype)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
 def write_kv_reference(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
-                       slots: torch.Tensor) -> None:
+                       slots: torch.Tensor, k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
     """One `index_put_` on the cache tensor itself, keys and values together.
 
     Indexing the base tensor (not a reshaped view of it) matters: functionalization turns a write
@@ -50,20 +65,23 @@ def write_kv_reference(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: t
     blocks, offsets = slots // block_size, slots % block_size
     half = torch.cat([torch.zeros_like(slots), torch.ones_like(slots)])
     index = (torch.full_like(half, layer), half, torch.cat([blocks, blocks]), torch.cat([offsets, offsets]))
-    kv_cache.index_put_(index, torch.cat([k, v]).to(kv_cache.dtype))
+    kv_cache.index_put_(index, torch.cat([to_cache(k, k_scale, kv_cache.dtype), to_cache(v, v_scale, kv_cache.dtype)]))
 
 
 def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-                            slots: torch.Tensor) -> torch.Tensor:
-    write_kv_reference(kv_cache, layer, apply_rope(k, cos, sin), v, slots)
+                            slots: torch.Tensor, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    write_kv_reference(kv_cache, layer, apply_rope(k, cos, sin), v, slots, k_scale, v_scale)
     return apply_rope(q, cos, sin)
 
 
 @triton_op("llama_aot::rope_write_kv", mutates_args={"kv_cache"})
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  kv_cache: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
+                  kv_cache: torch.Tensor, layer: int, slots: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, heads, head_dim], k, v: [T, kv_heads, head_dim], all in the model dtype with any
-    strides; writes RoPE(k) and v at `slots` of `layer` and returns RoPE(q) as a new tensor."""
+    strides; writes RoPE(k) and v at `slots` of `layer` and returns RoPE(q) as a new tensor.
+    `k_scale`, `v_scale`: the layer's scalars for an FP8 cache, None otherwise."""
     impl = rope_write_kv_triton if q.is_cuda else rope_write_kv_reference
-    return impl(q, k, v, cos, sin, kv_cache, layer, slots)
+    return impl(q, k, v, cos, sin, kv_cache, layer, slots, k_scale, v_scale)

@@ -26,9 +26,14 @@ else:  # CPU-only installs: the reference is the CPU path
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                               block_tables: torch.Tensor, context_lens: torch.Tensor,
                               query_index: torch.Tensor, positions: torch.Tensor,
-                              scale: float) -> torch.Tensor:
+                              scale: float, k_scale: torch.Tensor | None = None,
+                              v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Gathers each sequence's context once per KV head and attends its queries to it; the query
-    heads that share a KV head are stacked into the matmul instead of repeating K and V."""
+    heads that share a KV head are stacked into the matmul instead of repeating K and V.
+
+    An FP8 cache is read as the CUDA kernel reads it: e4m3 widens to the query dtype exactly, the
+    K scale multiplies the float32 scores and the V scale the output, so no dequantized copy of
+    the context is made."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[4], kv_cache.shape[3]
     batch, q_len = query_index.shape
@@ -38,6 +43,10 @@ def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, layer: in
     tables = block_tables.long()
     k = kv_cache[layer, 0][tables].reshape(batch, ctx, num_kv_heads, head_dim).permute(0, 2, 3, 1)
     v = kv_cache[layer, 1][tables].reshape(batch, ctx, num_kv_heads, head_dim).transpose(1, 2)
+    if kv_cache.dtype.itemsize == 1:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if k_scale is not None:
+        scale = scale * k_scale
 
     q_pad = torch.cat([q, q.new_zeros(1, num_heads, head_dim)])[query_index]
     q_pad = q_pad.view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
@@ -50,7 +59,10 @@ def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, layer: in
     scores = scores.masked_fill(~visible[:, None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(batch, num_kv_heads, q_len * group, ctx)
 
-    out = torch.matmul(probs, v).view(batch, num_kv_heads, q_len, group, head_dim)
+    out = torch.matmul(probs, v)
+    if v_scale is not None:
+        out = (out.float() * v_scale).to(v.dtype)
+    out = out.view(batch, num_kv_heads, q_len, group, head_dim)
     out = out.permute(0, 2, 1, 3, 4).reshape(batch * q_len, num_heads, head_dim).to(q.dtype)
     flat = q.new_zeros(num_tokens + 1, num_heads, head_dim).index_copy(0, query_index.reshape(-1), out)
     return flat[:num_tokens]
@@ -59,6 +71,8 @@ def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, layer: in
 @triton_op("llama_aot::paged_attention", mutates_args=())
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`k_scale`, `v_scale`: the layer's scalars for an FP8 cache (kernels/kv_cache.py), None otherwise."""
     impl = paged_attention_triton if q.is_cuda else paged_attention_reference
-    return impl(q, kv_cache, layer, block_tables, context_lens, query_index, positions, scale)
+    return impl(q, kv_cache, layer, block_tables, context_lens, query_index, positions, scale, k_scale, v_scale)

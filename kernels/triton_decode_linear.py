@@ -7,6 +7,11 @@ columns over the whole of K instead: 32-column tiles give a 4096-row weight 128 
 one per SM, and the pipelined K loop keeps several weight tiles in flight per program. One
 16-row tensor-core tile covers all the step's rows, so the weight is read once.
 
+An FP8 weight (float8_e4m3fn, one float32 scale per output column: `--fp8`'s weight-only mode) is
+read at half the bytes, widened to the activations' dtype in registers (exact), and its column
+scales multiply the float32 accumulator once at the end: a W8A16 GEMV with the same tiles, since
+the K loop's tile is sized in bytes.
+
 Imported only where Triton is; `decode_linear` dispatches here for CUDA tensors.
 """
 from __future__ import annotations
@@ -36,8 +41,9 @@ TILES = Tiles(block_n=32, block_k=512, num_stages=3)
 
 
 @triton.jit
-def _decode_linear_kernel(X, W, Out, M, stride_xm, stride_om, N: tl.constexpr, K: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.constexpr, K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SCALED: tl.constexpr):
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -49,26 +55,34 @@ def _decode_linear_kernel(X, W, Out, M, stride_xm, stride_om, N: tl.constexpr, K
         k_ok = rk[None, :] < K - k0
         w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        if SCALED:
+            w = w.to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SCALED:
+        acc = acc * tl.load(Scale + rn, mask=rn < N, other=0.0)[None, :]
     out_ptrs = Out + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
 
 
-def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: Tiles) -> None:
-    """out = x @ weight.T for x of M <= MAX_ROWS rows, read through their stride."""
+def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: Tiles,
+                         weight_scale: torch.Tensor | None = None) -> None:
+    """out = x @ weight.T for x of M <= MAX_ROWS rows, read through their stride; with
+    `weight_scale` (float32 [N]) an FP8 weight's columns are scaled by it."""
     n, k = weight.shape
     block_k = tiles.block_k * 2 // weight.element_size()
+    scaled = weight_scale is not None
     wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, tiles.block_n),)](
-        x, weight, out, x.shape[0], x.stride(0), out.stride(0), N=n, K=k, BLOCK_M=MAX_ROWS,
-        BLOCK_N=tiles.block_n, BLOCK_K=block_k, num_stages=tiles.num_stages,
+        x, weight, weight_scale if scaled else out, out, x.shape[0], x.stride(0), out.stride(0), N=n, K=k,
+        BLOCK_M=MAX_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=block_k, SCALED=scaled, num_stages=tiles.num_stages,
         num_warps=tiles.num_warps)
 
 
-def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor,
+                         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
-    launch_decode_linear(x, weight.contiguous(), out, TILES)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    launch_decode_linear(x, weight.contiguous(), out, TILES, weight_scale)
     return out

@@ -22,6 +22,9 @@ sequence's context (flash-decoding):
   loop is a `while`: a `for` that Triton could software-pipeline (2 stages) measured slower on
   the H200 (5.3 -> 6.4 us per layer at 128-token context, 8K-context decode 5.47 -> 5.66 ms per
   token, batch 32 at 1K 7.71 -> 8.24 ms), and the interpreter needs the `while` anyway.
+An FP8 cache (e4m3) is read as it is: each page widens to the query dtype in registers (exact),
+the layer's K scale joins the softmax scale on the float32 scores and its V scale multiplies the
+split's accumulator, so the kernel reads half the bytes and dequantizes nothing in memory.
 Masked rows (padding queries, padded group heads) are computed but never stored.
 
 Imported only where Triton is; `paged_attention` dispatches here for CUDA tensors.
@@ -52,15 +55,17 @@ SEQ_SCAN = 128  # sequences whose tile starts a program compares at once while f
 
 
 @triton.jit
-def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb, stride_ks, dims,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr):
+def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb, stride_ks, dims, scale,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_CACHE: tl.constexpr):
     """One online-softmax update over keys [n0, n0 + BLOCK_N) ∩ [.., end), gathered page by page."""
     keys = n0 + tl.arange(0, BLOCK_N)
     in_range = keys < end
     page = tl.load(table + keys // BLOCK_SIZE, mask=in_range, other=0)
     offset = page.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_ks
     k = tl.load(k_base + offset[None, :] + dims[:, None], mask=in_range[None, :], other=0.0)
-    scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * SCALE
+    if FP8_CACHE:
+        k = k.to(q.dtype)
+    scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * scale
     scores = tl.where((keys[None, :] <= pos[:, None]) & in_range[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -68,6 +73,8 @@ def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_
     p = tl.exp(scores - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + offset[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
+    if FP8_CACHE:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
 
@@ -93,12 +100,13 @@ def _query_tile(tile, QueryIndex, batch, q_len, BLOCK_Q: tl.constexpr, SEQ_SCAN:
 
 @triton.jit
 def _paged_attention_kernel(
-        Q, KV, BlockTables, ContextLens, QueryIndex, Positions, Acc, Max, Sum,
+        Q, KV, BlockTables, ContextLens, QueryIndex, Positions, Acc, Max, Sum, KScale, VScale,
         layer, num_tokens, batch, q_len,
         stride_qt, stride_qh, stride_kl, stride_kkv, stride_kb, stride_ks, stride_kh,
         stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt, splits,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, SEQ_SCAN: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, SEQ_SCAN: tl.constexpr,
+        FP8_CACHE: tl.constexpr):
     kv_head, split = tl.program_id(1), tl.program_id(2)
     seq, q_tile = _query_tile(tl.program_id(0), QueryIndex, batch, q_len, BLOCK_Q, SEQ_SCAN)
     if seq >= batch:  # the grid's bound is loose; a tile past a sequence's tokens has no live row
@@ -132,11 +140,16 @@ def _paged_attention_kernel(
     k_base = KV + tl.cast(layer, tl.int64) * stride_kl + kv_head * stride_kh  # int64: a large cache passes 2**31
     v_base = k_base + stride_kkv
     table = BlockTables + seq * stride_bt
+    scale = SCALE
+    if FP8_CACHE:
+        scale = SCALE * tl.load(KScale)
     n0 = start
     while n0 < end:
         m_i, l_i, acc = _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb,
-                                      stride_ks, dims, BLOCK_SIZE, BLOCK_N, SCALE)
+                                      stride_ks, dims, scale, BLOCK_SIZE, BLOCK_N, FP8_CACHE)
         n0 += BLOCK_N
+    if FP8_CACHE:
+        acc = acc * tl.load(VScale)
 
     out_rows = split * stride_ms + token * stride_mt + head
     tl.store(Max + out_rows, m_i, mask=live)
@@ -168,7 +181,8 @@ def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, st
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
-                           scale: float, splits: int | None = None, decode_tile: tuple[int, int] = DECODE_TILE,
+                           scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           splits: int | None = None, decode_tile: tuple[int, int] = DECODE_TILE,
                            chunk_tile: tuple[int, int] = CHUNK_TILE) -> torch.Tensor:
     """`splits` is how many ranges a context is cut into (default: `split_count`, at most
     MAX_SPLITS); `decode_tile` is the (rows, keys per step) tile of a step where every sequence
@@ -182,6 +196,9 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
     num_kv_heads, block_size = kv_cache.shape[4], kv_cache.shape[3]
     batch, q_len = query_index.shape
     group = num_heads // num_kv_heads
+    fp8_cache = k_scale is not None
+    if not fp8_cache:  # the pointers are never read; any tensor stands in
+        k_scale = v_scale = context_lens
     group_pad = triton.next_power_of_2(group)
     decode_only = 1 - torch.sym_min(q_len - 1, 1)  # 1 when q_len is 1, else 0
     if splits is None:
@@ -195,14 +212,14 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
                 (chunk_tile[1], chunk_q, (batch + triton.cdiv(num_tokens, chunk_q)) * (1 - decode_only)))
     for block_n, block_q, programs in launches:
         wrap_triton(_paged_attention_kernel)[(programs, num_kv_heads, splits)](
-            q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums,
+            q, kv_cache, block_tables, context_lens, query_index, positions, acc, maxes, sums, k_scale, v_scale,
             layer, num_tokens, batch, q_len,
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
             kv_cache.stride(3), kv_cache.stride(4), block_tables.stride(0),
             acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), splits,
             BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
             BLOCK_N=block_n, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
-            SEQ_SCAN=SEQ_SCAN)
+            SEQ_SCAN=SEQ_SCAN, FP8_CACHE=fp8_cache)
     out = torch.empty_like(q)
     # A symbolic count (the exported program's) is known only to be at most MAX_SPLITS.
     splits_pad = triton.next_power_of_2(splits if isinstance(splits, int) else MAX_SPLITS)

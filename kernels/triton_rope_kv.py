@@ -7,6 +7,10 @@ qkv projection go in without a copy. The rotation rounds where the reference doe
 then the sum, to the model dtype); on the H200 the compiled kernel still differs from the reference
 by one bf16 rounding in a few elements, which the tests allow and nothing more.
 
+An FP8 cache gets `x / scale` clamped to e4m3's range (the layer's K and V scales, loaded once
+per program); a cache in the model dtype gets the values as they are, and the kernel is built
+without the scale loads.
+
 Cache offsets are computed in int64: a large model's cache holds more than 2**31 elements, and
 `layer * layer_stride` alone can pass that.
 
@@ -32,13 +36,21 @@ def _rotate(x1, x2, c1, c2, s1, s2, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _to_cache(x, scale, cache_dtype, QUANTIZE: tl.constexpr):
+    if QUANTIZE:
+        return tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
+@triton.jit
 def _rope_write_kv_kernel(
-        Q, K, V, Cos, Sin, KV, Slots, QOut, layer,
+        Q, K, V, Cos, Sin, KV, Slots, QOut, KScale, VScale, layer,
         stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
         stride_ct, stride_cd, stride_st, stride_sd, stride_slot,
         stride_cl, stride_ckv, stride_cb, stride_cs, stride_ch, stride_cdim,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-        KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        QUANTIZE: tl.constexpr):
     token = tl.program_id(0)
     dtype = QOut.dtype.element_ty
     dims = tl.arange(0, HALF_PAD)
@@ -67,26 +79,33 @@ def _rope_write_kv_kernel(
 
     slot = tl.load(Slots + token * stride_slot).to(tl.int64)
     cache_dtype = KV.dtype.element_ty
+    k_scale, v_scale = 1.0, 1.0
+    if QUANTIZE:
+        k_scale, v_scale = tl.load(KScale), tl.load(VScale)
     dst = (KV + tl.cast(layer, tl.int64) * stride_cl + (slot // BLOCK_SIZE) * stride_cb
            + (slot % BLOCK_SIZE) * stride_cs + kv_heads * stride_ch + dims[None, :] * stride_cdim)
-    tl.store(dst, k1.to(cache_dtype), mask=kv_mask)
-    tl.store(dst + HALF * stride_cdim, k2.to(cache_dtype), mask=kv_mask)
-    tl.store(dst + stride_ckv, v1.to(cache_dtype), mask=kv_mask)
-    tl.store(dst + stride_ckv + HALF * stride_cdim, v2.to(cache_dtype), mask=kv_mask)
+    tl.store(dst, _to_cache(k1, k_scale, cache_dtype, QUANTIZE), mask=kv_mask)
+    tl.store(dst + HALF * stride_cdim, _to_cache(k2, k_scale, cache_dtype, QUANTIZE), mask=kv_mask)
+    tl.store(dst + stride_ckv, _to_cache(v1, v_scale, cache_dtype, QUANTIZE), mask=kv_mask)
+    tl.store(dst + stride_ckv + HALF * stride_cdim, _to_cache(v2, v_scale, cache_dtype, QUANTIZE), mask=kv_mask)
 
 
 def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-                         slots: torch.Tensor) -> torch.Tensor:
+                         slots: torch.Tensor, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
+    quantize = k_scale is not None
+    if not quantize:  # the pointers are never read; any tensor stands in
+        k_scale = v_scale = slots
     num_kv_heads = k.shape[1]
     heads_pad, half_pad = triton.next_power_of_2(num_heads), triton.next_power_of_2(head_dim // 2)
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     wrap_triton(_rope_write_kv_kernel)[(num_tokens,)](
-        q, k, v, cos, sin, kv_cache, slots, out, layer,
+        q, k, v, cos, sin, kv_cache, slots, out, k_scale, v_scale, layer,
         *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), slots.stride(0),
         *kv_cache.stride(),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=heads_pad,
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, HALF_PAD=half_pad,
-        BLOCK_SIZE=kv_cache.shape[3], num_warps=min(16, max(4, heads_pad * half_pad // 512)))
+        BLOCK_SIZE=kv_cache.shape[3], QUANTIZE=quantize, num_warps=min(16, max(4, heads_pad * half_pad // 512)))
     return out

@@ -4,7 +4,8 @@
  -> g, u = split(linear(x, cat([Wg, Wu])), [I, I], -1);  silu(g) * u
 
 One GEMM of twice the width instead of two; the fused weight is `<mlp module>.gate_up_proj.weight`,
-gate rows first.
+gate rows first. A pre-quantized checkpoint's fp8_linear pair fuses the same way, scales with
+their rows.
 """
 import torch
 

@@ -6,7 +6,9 @@
 
 x is read once and one GEMM replaces three skinny ones, which matters most at decode, where each
 is bound by reading its weight. Matches three sibling projections of one input that all flow into
-the attention ops; the fused weight is `<attention module>.qkv_proj.weight`.
+the attention ops; the fused weight is `<attention module>.qkv_proj.weight`. The FP8 projections
+of a pre-quantized checkpoint (`fp8_linear(x, W8, s, mode)`) fuse the same way, their per-row
+scales concatenated into `qkv_proj.weight_scale`.
 """
 import torch
 

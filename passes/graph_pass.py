@@ -5,7 +5,8 @@ a result.
     def fuse_qkv(ep: ExportedProgram, ctx: PassContext) -> PassResult: ...
 
 The context says what is being built (the build config, and for tensor parallelism the world size
-and this rank), so that a quantizing or sharding pass needs no other input. The result carries the
+and this rank) and carries what the build measured before the passes (the KV cache's per-layer
+scales), so that a quantizing or sharding pass needs no other input. The result carries the
 program, the number of matches (each pass's tested contract: a pattern that silently stops matching
 fails its test instead of quietly costing speed), the weights the pass added or changed, by their
 names in the program's state dict, and what the manifest keeps of the choices it made (`record`).
@@ -29,6 +30,8 @@ PHASES = ("fuse", "quantize", "shard", "route")
 class PassContext:
     build: BuildConfig = field(default_factory=BuildConfig)
     rank: int = 0
+    # [num_layers, 2] float32, each layer's K and V scale for an FP8 KV cache
+    kv_scales: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def target(self) -> str:

@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from torch.fx import Node
 
-from llama_aot.passes.program import ProgramEditor
+from llama_aot.passes.program import ROW_OPERANDS, ProgramEditor
 
 aten = torch.ops.aten
 _CASTS = (aten.to.dtype, aten._to_copy.default)
@@ -28,13 +28,16 @@ def skip_casts(node: Node) -> Node:
 
 
 def sibling_linears(editor: ProgramEditor) -> list[list[Node]]:
-    """Groups of bias-free `linear(x, W)` nodes that share their input x and whose W are weights,
-    in graph order."""
-    groups: dict[Node, list[Node]] = defaultdict(list)
+    """Groups of alike matmuls that share their input x, in graph order: bias-free `linear(x, W)`,
+    or `fp8_linear(x, W, scale, mode)` of one mode, whose W (and scale) are weights. These are
+    what ProgramEditor.fuse_linears fuses."""
+    groups: dict[tuple, list[Node]] = defaultdict(list)
     for node in editor.graph.nodes:
-        if is_call(node, aten.linear.default) and len(node.args) == 2 and not node.kwargs \
-                and editor.weight_name(node.args[1]) is not None:
-            groups[node.args[0]].append(node)
+        rows = ROW_OPERANDS.get(node.target) if node.op == "call_function" else None
+        if rows is None or node.kwargs or (is_call(node, aten.linear.default) and len(node.args) != 2):
+            continue  # not a matmul fuse_linears knows, or a linear with a bias
+        if all(editor.weight_name(a) is not None for a in node.args[1:1 + rows]):
+            groups[(node.args[0], node.target, *node.args[1 + rows:])].append(node)
     return [g for g in groups.values() if len(g) > 1]
 
 

@@ -16,9 +16,19 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
-from torch.fx import Node
+from torch.fx import Graph, GraphModule, Node
+
+import llama_aot.kernels.ops  # noqa: F401  (registers the fp8_linear op that fuse_linears fuses)
 
 aten = torch.ops.aten
+# The matmuls `target(x, <per-output-row tensors>, <options>)` that fuse_linears fuses, with how many
+# per-row tensors each takes: the weight, and for fp8_linear the weight's scale.
+ROW_OPERANDS = {aten.linear.default: 1, torch.ops.llama_aot.fp8_linear.default: 2}
+
+
+def weight_scale_name(weight: str) -> str:
+    """`<module>.weight_scale` for `<module>.weight`, as in compressed-tensors' FP8 checkpoints."""
+    return weight.removesuffix("weight") + "weight_scale"
 
 
 class ProgramEditor:
@@ -80,22 +90,61 @@ class ProgramEditor:
         return node
 
     def fuse_linears(self, linears: list[Node], fused_name: str) -> Node:
-        """Replaces sibling `linear(x, W_i)` nodes by one `linear(x, cat(W_i))` and a split.
+        """Replaces sibling matmuls `linear(x, W_i)` by one `linear(x, cat(W_i))` and a split, or
+        `fp8_linear(x, W_i, s_i, mode)` by `fp8_linear(x, cat(W_i), cat(s_i), mode)`: each scale
+        belongs to its weight's row, so the fused matmul computes exactly what the parts did.
 
-        The fused weight is built once, row-block by row-block, so peak memory is one extra copy of
-        the fused matrices, never of the model."""
-        x = linears[0].args[0]
-        weights = [self.weight(n.args[1]) for n in linears]
-        sizes = [w.shape[0] for w in weights]
-        fused = self.add_weight(fused_name, torch.cat(weights, dim=0))
+        Each fused tensor is built once, so peak memory is one extra copy of the fused matrices,
+        never of the model."""
+        x, target = linears[0].args[0], linears[0].target
+        names = (fused_name, weight_scale_name(fused_name))[:ROW_OPERANDS[target]]
+        fused = [self.add_weight(name, torch.cat([self.weight(n.args[1 + i]) for n in linears], dim=0))
+                 for i, name in enumerate(names)]
+        sizes = [self.weight(n.args[1]).shape[0] for n in linears]
         first = next(n for n in self.graph.nodes if n in linears)
-        out = self.call(aten.linear.default, (x, fused), before=first)
+        out = self.call(target, (x, *fused, *linears[0].args[1 + len(names):]), before=first)
         parts = self.call(aten.split_with_sizes.default, (out, sizes, -1), before=first)
         for i, old in enumerate(linears):
             piece = self.call(operator.getitem, (parts, i), before=first)
             old.replace_all_uses_with(piece)
             self.graph.erase_node(old)
         return out
+
+    def route_by_rows(self, node: Node, inputs: tuple[Node, ...], max_rows: int, small: tuple, large: tuple,
+                      names: tuple[str, str]) -> None:
+        """Replaces `node` by `cond(inputs[0].shape[0] <= max_rows, small, large, inputs)[0]`, where
+        `small` and `large` are `(target, constant args)`: each branch is the one call
+        `target(*inputs, *constants)`, a subgraph named by `names`.
+
+        The exported program has one symbolic token count, so a choice by step size is a
+        `torch.cond` on it: AOTInductor compiles both branches and picks one per call in its C++
+        wrapper, with no copy of the result. A CUDA graph records the branch of the batch it
+        captured, and decode graphs are captured per batch size."""
+        for name, (target, constants) in zip(names, (small, large)):
+            self.gm.add_submodule(name, self._one_call_graph(target, inputs, constants))
+        rows = self.call(aten.sym_size.int, (inputs[0], 0), before=node)
+        fits = self.call(operator.le, (rows, max_rows), before=node)
+        with self.graph.inserting_before(node):
+            branches = [self.graph.get_attr(name) for name in names]
+            cond = self.graph.call_function(torch.ops.higher_order.cond, (fits, *branches, tuple(inputs)))
+        cond.meta["val"] = (node.meta["val"],)
+        result = self.call(operator.getitem, (cond, 0), before=node)
+        node.replace_all_uses_with(result)
+        self.graph.erase_node(node)
+
+    def _one_call_graph(self, target, inputs: tuple[Node, ...], constants: tuple) -> GraphModule:
+        """A graph `(*inputs) -> (target(*inputs, *constants),)` with export's fake values."""
+        graph = Graph()
+        placeholders = []
+        for node in inputs:
+            placeholder = graph.placeholder(node.name)
+            placeholder.meta["val"] = node.meta["val"]
+            placeholders.append(placeholder)
+        out = graph.call_function(target, (*placeholders, *constants))
+        with self._fake_mode:
+            out.meta["val"] = target(*(n.meta["val"] for n in inputs), *constants)
+        graph.output((out,))
+        return GraphModule(torch.nn.Module(), graph)
 
     def finish(self) -> ExportedProgram:
         """Drops dead nodes and unused weights, and rebuilds the signature in placeholder order."""

@@ -6,32 +6,84 @@
 Runs after the fusions, so it quantizes the fused qkv_proj and gate_up_proj weights (each row's
 scale is its own, so fusing first loses nothing). The fp8 weight keeps the weight's name and the
 scale is `<module>.weight_scale`, as in compressed-tensors' FP8 checkpoints. The LM head stays in
-the model dtype unless the build asks for `fp8_lm_head`, and a weight that something besides the
-matmul reads (an LM head tied to the embedding) is never quantized.
+the model dtype unless the build asks for `fp8_lm_head`, a weight that something besides the
+matmul reads (an LM head tied to the embedding) is never quantized, and the build's `fp8_ignore`
+patterns keep the matmuls they name in the model dtype (a small model's MLP gate/up, say: on
+SmolLM2 they carry most of the loss, docs/fp8.md).
+
+The matmuls of such a checkpoint arrive as fp8_linear already (compiler/model.py, fused by the
+fusions like any other) and keep their weights as stored: the pass only chooses their mode, as for
+the weights it quantizes, and its record counts them as `from_checkpoint`.
 
 Which way each matmul computes (kernels/fp8_linear.py: weight-only, or per-token FP8 activations
-through `_scaled_mm`) is chosen per weight shape. On the CPU target speed is not the aim and the
-weight-only form is the accurate one, so it is taken everywhere; the GPU target will choose by
-timing on the building GPU. The choices go to the manifest's `quantization` section.
+through `_scaled_mm` with row-wise or output-applied scales) is chosen per weight shape and step
+size. The GPU target times every mode on the building GPU (kernels/fp8_timing.py) at steps of
+SMALL_STEP_ROWS and of LARGE_STEP_ROWS tokens, and a shape whose best mode differs between the two
+gets both, behind a `torch.cond` on the step's token count at MAX_ROWS (ProgramEditor.route_by_rows):
+
+    y = cond(x.shape[0] <= MAX_ROWS, fp8_linear(x, W8, s, small_mode), fp8_linear(x, W8, s, large_mode))
+
+On the CPU target speed is not the aim and the weight-only form is the accurate one, so it is
+taken everywhere. The choices and the timings go to the manifest's `quantization` section.
 """
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
 
 import torch
 
 import llama_aot.kernels.ops  # noqa: F401  (registers the ops this pass matches and emits)
-from llama_aot.kernels.fp8_linear import FP8, WEIGHT_ONLY, quantize_rows
+from llama_aot.artifacts.errors import ConfigError
+from llama_aot.kernels.decode_linear import MAX_ROWS
+from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, quantize_rows
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.matching import is_call
-from llama_aot.passes.program import ProgramEditor
+from llama_aot.passes.program import ProgramEditor, weight_scale_name
 
 aten = torch.ops.aten
+fp8_linear = torch.ops.llama_aot.fp8_linear.default
 DECODER_PREFIX = "model.layers."
 LM_HEAD = "lm_head.weight"
 
 
-def choose_mode(ctx: PassContext, shape: tuple[int, int]) -> str:
-    """How a matmul of this weight shape computes (see the module docstring)."""
-    return WEIGHT_ONLY
+# Step sizes the GPU target times: decode batches within the weight-only kernel's rows, and a
+# full-width decode step and a prefill chunk beyond them.
+SMALL_STEP_ROWS = (1, MAX_ROWS)
+LARGE_STEP_ROWS = (128, 2048)
+SCALED_MM_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """How a matmul of one weight shape computes in steps of at most MAX_ROWS tokens and in larger
+    ones, and the timings (us by step rows, then by mode) the choice was made from."""
+
+    small_steps: str
+    large_steps: str
+    timings_us: dict = field(default_factory=dict)
+
+
+def choose_modes(ctx: PassContext, shape: tuple[int, int]) -> ModeChoice:
+    """See the module docstring: the fastest mode by timing on the GPU target, weight-only on CPU."""
+    if ctx.target != "cuda":
+        return ModeChoice(WEIGHT_ONLY, WEIGHT_ONLY)
+    if any(d % SCALED_MM_MULTIPLE for d in shape):
+        raise ConfigError(f"--fp8: a matmul with weight shape {shape[0]}x{shape[1]} cannot take FP8 on the GPU "
+                          f"(cuBLASLt's FP8 kernels need both dimensions to be multiples of {SCALED_MM_MULTIPLE}); "
+                          "keep it in the model dtype with --fp8-ignore")
+    from llama_aot.artifacts.config import torch_dtype
+    from llama_aot.kernels.fp8_timing import time_modes
+
+    dtype = torch_dtype(ctx.build.dtype)
+    large_modes = tuple(m for m in MODES if m != WEIGHT_ONLY)  # its CUDA kernel takes MAX_ROWS rows
+    timings = {rows: time_modes(shape, dtype, rows, MODES if rows <= MAX_ROWS else large_modes)
+               for rows in SMALL_STEP_ROWS + LARGE_STEP_ROWS}
+
+    def fastest(rows_set, modes):
+        return min(modes, key=lambda m: sum(timings[r][m] for r in rows_set))
+    return ModeChoice(fastest(SMALL_STEP_ROWS, MODES), fastest(LARGE_STEP_ROWS, large_modes),
+                      {f"rows={r}": t for r, t in timings.items()})
 
 
 def _quantizable(editor: ProgramEditor, node, ctx: PassContext) -> str | None:
@@ -41,28 +93,51 @@ def _quantizable(editor: ProgramEditor, node, ctx: PassContext) -> str | None:
     weight = node.args[1]
     name = editor.weight_name(weight)
     wanted = name is not None and (name.startswith(DECODER_PREFIX) or (name == LM_HEAD and ctx.build.fp8_lm_head))
-    return name if wanted and len(weight.users) == 1 else None
+    return name if wanted and len(weight.users) == 1 and not _ignored(name, ctx.build.fp8_ignore) else None
+
+
+def _ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.search(p[3:], name) if p.startswith("re:") else p in name for p in patterns)
 
 
 @graph_pass(phase="quantize")
 def quantize_fp8(ep, ctx: PassContext) -> PassResult:
     editor = ProgramEditor(ep)
-    modes: dict[str, str] = {}
-    matches = 0
+    choices: dict[str, ModeChoice] = {}
+    fp8_weights, from_checkpoint = [], 0
     for node in list(editor.graph.nodes):
-        name = _quantizable(editor, node, ctx)
-        if name is None:
+        if is_call(node, fp8_linear):  # from a pre-quantized checkpoint
+            x, weight, scale_node, _ = node.args
+            from_checkpoint += 1
+        elif (name := _quantizable(editor, node, ctx)) is not None:
+            x, weight = node.args
+            q, scale = quantize_rows(editor.weight(weight))
+            editor.replace_weight(weight, q)
+            scale_node = editor.add_weight(weight_scale_name(name), scale)
+        else:
             continue
-        x, weight = node.args
-        q, scale = quantize_rows(editor.weight(weight))
-        editor.replace_weight(weight, q)
-        scale_node = editor.add_weight(name.removesuffix("weight") + "weight_scale", scale)
-        mode = modes.setdefault("x".join(map(str, q.shape)), choose_mode(ctx, tuple(q.shape)))
-        matmul = editor.call(torch.ops.llama_aot.fp8_linear.default, (x, weight, scale_node, mode), before=node)
+        shape = tuple(editor.weight(weight).shape)
+        choice = choices.setdefault("x".join(map(str, shape)), choose_modes(ctx, shape))
+        _emit(editor, node, (x, weight, scale_node), choice, len(fp8_weights))
+        fp8_weights.append(editor.weight_name(weight))
+    record = {"weights": str(FP8).removeprefix("torch."), "weight_scale": "per output channel",
+              "lm_head": LM_HEAD in fp8_weights, "from_checkpoint": from_checkpoint,
+              "ignored": list(ctx.build.fp8_ignore),
+              "modes_by_weight_shape": {shape: {f"steps of <= {MAX_ROWS} tokens": c.small_steps,
+                                                f"steps of > {MAX_ROWS} tokens": c.large_steps}
+                                        for shape, c in choices.items()},
+              "chosen_by": (f"timing on the building GPU at steps of {SMALL_STEP_ROWS + LARGE_STEP_ROWS} tokens"
+                            if ctx.target == "cuda" else "rule: weight-only on the CPU target (not timed)"),
+              "timings_us_by_weight_shape": {shape: c.timings_us for shape, c in choices.items() if c.timings_us}}
+    return PassResult(editor.finish(), len(fp8_weights), editor.new_weights, record if fp8_weights else {})
+
+
+def _emit(editor: ProgramEditor, node, inputs: tuple, choice: ModeChoice, index: int) -> None:
+    """Replaces matmul `node` by fp8_linear in the chosen mode, or by a cond between two modes."""
+    if choice.small_steps == choice.large_steps:
+        matmul = editor.call(fp8_linear, (*inputs, choice.small_steps), before=node)
         node.replace_all_uses_with(matmul)
         editor.graph.erase_node(node)
-        matches += 1
-    record = {"weights": str(FP8).removeprefix("torch."), "weight_scale": "per output channel",
-              "lm_head": any(n == LM_HEAD for n in editor.new_weights), "modes_by_weight_shape": modes,
-              "chosen_by": "rule: weight-only on the CPU target (not timed)"}
-    return PassResult(editor.finish(), matches, editor.new_weights, record if matches else {})
+        return
+    editor.route_by_rows(node, inputs, MAX_ROWS, (fp8_linear, (choice.small_steps,)),
+                         (fp8_linear, (choice.large_steps,)), (f"fp8_small_steps_{index}", f"fp8_large_steps_{index}"))

@@ -10,18 +10,13 @@ long K. At decode batch sizes cuBLAS runs them as split-K plus a reduce kernel; 
 the weight once with no reduce (bench/matmul.py on the H200: o_proj 13.5 -> 11.3 us, down_proj
 31.3 -> 30.0 us at batch 1). Prefill steps are compute-bound, and cuBLAS keeps them.
 
-The exported program has one symbolic token count, so the choice is a `torch.cond` on it:
-AOTInductor compiles both branches and picks one per call in its C++ wrapper, with no copy of
-the result. A CUDA graph records the branch of the batch it captured, and decode graphs are
-captured per batch size. Only the CUDA target runs this pass; on CPU both branches would be the
-same matmul.
+The choice is a `torch.cond` on the step's token count (ProgramEditor.route_by_rows). Only the
+CUDA target runs this pass; on CPU both branches would be the same matmul.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Node
 
 import llama_aot.kernels.ops  # noqa: F401  (registers the ops this pass matches and emits)
 from llama_aot.kernels.decode_linear import MAX_ROWS
@@ -52,33 +47,5 @@ def _writes_residual(linear: Node) -> bool:
 
 
 def _route(editor: ProgramEditor, linear: Node, index: int) -> None:
-    x, weight = linear.args
-    small = _branch(torch.ops.llama_aot.decode_linear.default, x, weight, editor)
-    large = _branch(aten.linear.default, x, weight, editor)
-    names = (f"decode_linear_graph_{index}", f"cublas_linear_graph_{index}")
-    for name, gm in zip(names, (small, large)):
-        editor.gm.add_submodule(name, gm)
-    rows = editor.call(aten.sym_size.int, (x, 0), before=linear)
-    fits = editor.call(operator.le, (rows, MAX_ROWS), before=linear)
-    with editor.graph.inserting_before(linear):
-        branches = [editor.graph.get_attr(name) for name in names]
-        cond = editor.graph.call_function(torch.ops.higher_order.cond, (fits, *branches, (x, weight)))
-    cond.meta["val"] = (linear.meta["val"],)
-    result = editor.call(operator.getitem, (cond, 0), before=linear)
-    linear.replace_all_uses_with(result)
-    editor.graph.erase_node(linear)
-
-
-def _branch(target, x: Node, weight: Node, editor: ProgramEditor) -> GraphModule:
-    """A one-op graph `(x, weight) -> (target(x, weight),)` with export's fake values."""
-    graph = Graph()
-    inputs = []
-    for node in (x, weight):
-        placeholder = graph.placeholder(node.name)
-        placeholder.meta["val"] = node.meta["val"]
-        inputs.append(placeholder)
-    out = graph.call_function(target, tuple(inputs))
-    with editor.fake_mode:
-        out.meta["val"] = target(x.meta["val"], weight.meta["val"])
-    graph.output((out,))
-    return GraphModule(torch.nn.Module(), graph)
+    editor.route_by_rows(linear, linear.args, MAX_ROWS, (torch.ops.llama_aot.decode_linear.default, ()),
+                         (aten.linear.default, ()), (f"decode_linear_graph_{index}", f"cublas_linear_graph_{index}"))

@@ -106,7 +106,7 @@ def build_server(args):
     loaded += f", ready {age:.1f} s after launch" if age is not None else ""
     print(f"llama-serve: {loaded} ({stages}, first step "
           f"{warmup.first_step_s * 1e3:.0f} ms{captured}); KV cache {resolved.num_blocks} blocks x "
-          f"{resolved.block_size} tokens "
+          f"{resolved.block_size} tokens in {artifact.build_config.kv_dtype} "
           f"({resolved.num_blocks * resolved.block_bytes / 2**30:.2f} GiB); serving '{config.served_model_name}' "
           f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
 

@@ -49,3 +49,17 @@ def test_other_tiles_match_reference():
         out = torch.full((7, 70), float("nan"), device=DEVICE)
         launch_decode_linear(x, weight, out, tiles)
         _close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp8_weights_with_column_scales_match_the_weight_only_reference(case, dtype):
+    """`--fp8`'s weight-only mode at decode sizes: an e4m3 weight widened in registers, its
+    per-output-channel scales applied to the accumulator."""
+    from llama_aot.kernels.fp8_linear import WEIGHT_ONLY, fp8_linear_reference, quantize_rows
+
+    x, weight = _inputs(*CASES[case], dtype, seed=len(case))
+    q, scale = quantize_rows(weight.float() * torch.logspace(-2, 1, weight.shape[0], device=DEVICE)[:, None])
+    got = decode_linear_triton(x, q, scale)
+    assert got.shape == (x.shape[0], q.shape[0]) and got.dtype == dtype
+    _close(got, fp8_linear_reference(x, q, scale, WEIGHT_ONLY), dtype)

@@ -65,6 +65,10 @@ def fused(tiny_checkpoint, tiny_build):
     return ep, build, model
 
 
+def modes_used(record) -> set[str]:
+    return {mode for by_step in record["modes_by_weight_shape"].values() for mode in by_step.values()}
+
+
 def fp8_build(build, **changes):
     return dataclasses.replace(build, weight_quant="fp8", passes=None, **changes)
 
@@ -87,9 +91,33 @@ def test_quantize_pass_replaces_every_decoder_matmul_and_keeps_the_lm_head(fused
             assert sd[f"{name}.weight"].dtype == FP8 and sd[f"{name}.weight_scale"].dtype == torch.float32
             assert f"{name}.weight" in result.weights and f"{name}.weight_scale" in result.weights
     assert sd["lm_head.weight"].dtype == torch.float32 and "lm_head.weight_scale" not in sd
-    assert result.record["lm_head"] is False and set(result.record["modes_by_weight_shape"].values()) == {WEIGHT_ONLY}
+    assert result.record["lm_head"] is False and modes_used(result.record) == {WEIGHT_ONLY}
     with_head = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build, fp8_lm_head=True)))
     assert with_head.matches == 4 * LAYERS + 1 and with_head.program.state_dict["lm_head.weight"].dtype == FP8
+
+
+def test_ignored_matmuls_stay_in_the_model_dtype(fused):
+    """`--fp8-ignore`: by substring of the weight's (post-fusion) name, or by regex."""
+    ep, build, _ = fused
+    for patterns, kept in ((("gate_up_proj",), ["mlp.gate_up_proj"]),
+                           (("re:layers\\.1\\..*(qkv|o)_proj",), ["self_attn.qkv_proj", "self_attn.o_proj"])):
+        result = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build, fp8_ignore=patterns)))
+        sd = result.program.state_dict
+        plain = [n for n, w in sd.items() if n.endswith("proj.weight") and w.dtype == torch.float32]
+        expected = [f"model.layers.{i}.{m}.weight" for i in range(LAYERS) for m in kept
+                    if patterns[0] == "gate_up_proj" or i == 1]
+        assert sorted(plain) == sorted(expected) and result.matches == 4 * LAYERS - len(expected)
+        assert result.record["ignored"] == list(patterns)
+    with pytest.raises(ConfigError, match="needs --fp8"):
+        BuildConfig(fp8_ignore=("gate_up_proj",))
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        BuildConfig(weight_quant="fp8", fp8_ignore=("re:(",))
+
+
+def test_a_shape_the_gpu_fp8_kernels_cannot_take_is_refused_by_name():
+    cuda = PassContext(BuildConfig(target="cuda"))
+    with pytest.raises(ConfigError, match="weight shape 96x100 cannot take FP8 on the GPU.*--fp8-ignore"):
+        quantize_module.choose_modes(cuda, (96, 100))
 
 
 def test_weight_only_program_is_the_model_with_rounded_weights(fused):
@@ -101,6 +129,29 @@ def test_weight_only_program_is_the_model_with_rounded_weights(fused):
                and quantized.state_dict[n].dtype == FP8 else w for n, w in ep.state_dict.items()}
     torch.testing.assert_close(logits(quantized, build), logits(_with_weights(ep, rounded), build),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_choices_by_step_size_become_a_cond_on_the_token_count(fused, monkeypatch):
+    """The CUDA target times the modes per shape and step size (kernels/fp8_timing.py); where the
+    small-step and the large-step winners differ, the matmul becomes a cond between the two. Its
+    structure and numerics are checked here on CPU, with the timing replaced: a 5-token step
+    (this test's logits) takes the small-step branch, and per-token quantization moves it."""
+    ep, build, _ = fused
+    choice = quantize_module.ModeChoice(WEIGHT_ONLY, PER_TOKEN, {"rows=1": {WEIGHT_ONLY: 1.0, PER_TOKEN: 2.0}})
+    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: choice)
+    cuda = dataclasses.replace(build, target="cuda", passes=None)
+    result = quantize_module.quantize_fp8(ep, PassContext(cuda))
+    conds = [n for n in result.program.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert result.matches == len(conds) == 4 * LAYERS
+    assert modes_used(result.record) == {WEIGHT_ONLY, PER_TOKEN}
+    assert result.record["chosen_by"].startswith("timing on the building GPU")
+    assert all(t == choice.timings_us for t in result.record["timings_us_by_weight_shape"].values())
+    weight_only = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build))).program
+    small = logits(weight_only, build)
+    torch.testing.assert_close(logits(result.program, build), small, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(quantize_module, "MAX_ROWS", 0)  # every step is large now: per-token
+    per_token = quantize_module.quantize_fp8(ep, PassContext(cuda)).program
+    assert not torch.allclose(logits(per_token, build), small, rtol=1e-5, atol=1e-5)
 
 
 def _with_weights(ep, weights):
@@ -121,13 +172,13 @@ def test_fp8_requires_its_pass_and_cpu_for_now():
 def test_fp8_build_verifies_and_records_its_quantization(tiny_checkpoint, tiny_build, tiny_artifact, tmp_path,
                                                         monkeypatch, mode):
     """Through AOTInductor's C++ backend: per-token mode takes torch's CPU `_scaled_mm`."""
-    monkeypatch.setattr(quantize_module, "choose_mode", lambda ctx, shape: mode)
+    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: quantize_module.ModeChoice(mode, mode))
     build = fp8_build(tiny_build)
     manifest = build_artifact(tiny_checkpoint, build, tmp_path / "fp8", Progress(io.StringIO()), use_cache=False)
     assert manifest.verification["passed"] and manifest.verification["relative_error"] < 1e-4
     assert {"name": "quantize_fp8", "phase": "quantize", "matches": 4 * LAYERS} in manifest.passes
     record = manifest.quantization["quantize_fp8"]
-    assert record["weights"] == "float8_e4m3fn" and set(record["modes_by_weight_shape"].values()) == {mode}
+    assert record["weights"] == "float8_e4m3fn" and modes_used(record) == {mode}
     artifact, plain = load_artifact(tmp_path / "fp8"), load_artifact(tiny_artifact)
     weights = artifact.weights["step"]
     quantized = [t for t in weights.values() if t.dtype == FP8]

@@ -63,6 +63,32 @@ def test_rope_write_kv_kernel_matches_reference(case, dtype):
     assert torch.equal(got_cache[1][:, untouched], cache[1][:, untouched])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_write_kv_kernel_quantizes_like_the_reference(case):
+    """An e4m3 cache (`--kv-cache-dtype fp8_e4m3`): the same bytes as the reference's x / scale,
+    clamped, for keys scaled far past the range and values within it. GPU only: Triton's
+    interpreter (3.6) rounds float32 to e4m3 wrongly where rounding carries into the next power of
+    two (127.9 became 64, not 128); compiled on the H200 the kernel wrote the reference's bytes."""
+    heads, kv_heads, head_dim, block_size, seqs = ROPE_CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    num_blocks = blocks_for(seqs, block_size)
+    step = scattered_step(seqs, block_size, num_blocks, gen, DEVICE)
+    num_tokens = step["tokens"].shape[0]
+    q = torch.randn(num_tokens, heads, head_dim, generator=gen).to(DEVICE)
+    k = (torch.randn(num_tokens, kv_heads, head_dim, generator=gen) * 30).to(DEVICE)
+    v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(DEVICE)
+    cos, sin = rope_tables(step["positions"], head_dim, torch.float32)
+    scales = torch.tensor(0.05, device=DEVICE), torch.tensor(0.004, device=DEVICE)
+    cache = torch.zeros(2, 2, num_blocks, block_size, kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE)
+    expected_cache, got_cache = cache.clone(), cache.clone()
+    expected_q = rope_write_kv_reference(q, k, v, cos, sin, expected_cache, 1, step["slots"], *scales)
+    got_q = rope_write_kv_triton(q, k, v, cos, sin, got_cache, 1, step["slots"], *scales)
+    torch.testing.assert_close(got_q, expected_q, atol=1e-6, rtol=1e-6)
+    assert got_cache.float().abs().max() == 448  # some keys saturated, none became NaN
+    assert torch.equal(got_cache.view(torch.uint8), expected_cache.view(torch.uint8))
+
+
 ROWS_CASES = {  # rows, hidden
     "one_row": (1, 64),
     "odd_rows_hidden_not_pow2": (7, 48),

@@ -60,16 +60,26 @@ def test_programs_find_their_sequence_in_several_passes(monkeypatch):
     _check_against_reference("decodes_around_long_chunks", torch.float32)
 
 
-def _check_against_reference(case, dtype, **tiles):
+@pytest.mark.parametrize("case", ["mixed", "decode_only", "group_of_3"])
+def test_fp8_cache_matches_reference(case):
+    """An e4m3 cache with the layer's K and V scales (`--kv-cache-dtype fp8_e4m3`), decode and chunk tiles."""
+    _check_against_reference(case, torch.float32, fp8_scales=(0.03, 0.007))
+
+
+def _check_against_reference(case, dtype, fp8_scales=None, **tiles):
     heads, kv_heads, head_dim, block_size, seqs = CASES[case]
     gen = torch.Generator().manual_seed(0)
     num_blocks = blocks_for(seqs, block_size)
     cache = torch.randn(2, 2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    scales = {}
+    if fp8_scales is not None:  # values across e4m3's range, none past it
+        cache = (cache * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        scales = dict(zip(("k_scale", "v_scale"), (torch.tensor(s, device=DEVICE) for s in fp8_scales)))
     step = scattered_step(seqs, block_size, num_blocks, gen, DEVICE)
     q = torch.randn(step["tokens"].shape[0], heads, head_dim, generator=gen).to(DEVICE, dtype)
     args = (q, cache, 1, step["block_tables"], step["context_lens"], step["query_index"], step["positions"],
             head_dim ** -0.5)
-    expected = paged_attention_reference(*args).float()
-    got = paged_attention_triton(*args, **tiles).float()
+    expected = paged_attention_reference(*args, **scales).float()
+    got = paged_attention_triton(*args, **scales, **tiles).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)

@@ -1,5 +1,6 @@
 """Microseconds per call of a GPU operation, timed the way a decode step runs it: as nodes of a
-CUDA graph, so launch overhead from Python is not in the figure. The kernel tables
+CUDA graph, so launch overhead from Python is not in the figure. The build's kernel choices
+(passes/quantize_fp8.py times the FP8 matmul modes on the building GPU) and the kernel tables
 (bench/attention.py, bench/matmul.py) share this one timer, so their figures compare.
 """
 from __future__ import annotations
