@@ -61,6 +61,8 @@ if [[ ${KERNEL_TABLES:-1} == 1 ]]; then
   python3 -m llama_aot.bench.attention --out-dir "$RESULTS"
   stage "decode matmuls alone (cuBLAS against decode_linear's tiles) and the greedy argmax"
   python3 -m llama_aot.bench.matmul --out-dir "$RESULTS"
+  stage "FP8 weight matmuls: each mode checked, then timed against bf16 (what --fp8 would choose here)"
+  python3 -m llama_aot.bench.fp8_matmul --out-dir "$RESULTS"
 fi
 
 [[ ${BUILD:-1} == 1 ]] || exit 0
