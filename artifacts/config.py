@@ -120,7 +120,7 @@ TARGET_DEFAULTS = {
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How one artifact is built. The seams for later work (fp8 on cuda, tp) are here so that a
+    """How one artifact is built. The seam for later work (tp) is here so that a
     flag is refused by name until its implementation lands, never silently ignored. A field left
     None (dtype, step sizes, passes) takes the target's TARGET_DEFAULTS on construction, and
     `weight_quant="fp8"` adds its quantize pass to them."""
@@ -166,10 +166,6 @@ class BuildConfig:
         object.__setattr__(self, "passes", tuple(self.passes))
         if self.dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"--dtype {self.dtype}: unsupported; choose one of {', '.join(SUPPORTED_DTYPES)}")
-        if self.weight_quant == "fp8" and self.target == "cuda":
-            raise ConfigError("--fp8 with --target cuda is not implemented yet: the GPU's FP8 matmuls are "
-                              "chosen by timing on the building GPU, which lands with the FP8 issue's GPU "
-                              "work; build FP8 for --target cpu, or the GPU artifact without --fp8")
         if self.fp8_lm_head and self.weight_quant != "fp8":
             raise ConfigError("--fp8-lm-head quantizes the LM head along with the other weights; it needs --fp8")
         object.__setattr__(self, "fp8_ignore", tuple(self.fp8_ignore))
@@ -185,10 +181,6 @@ class BuildConfig:
                     raise ConfigError(f"--fp8-ignore {pattern}: not a regular expression ({e})") from None
         if self.kv_dtype == "auto":
             object.__setattr__(self, "kv_dtype", self.dtype)
-        if self.kv_dtype == FP8_KV and self.target == "cuda":
-            raise ConfigError(f"--kv-cache-dtype {FP8_KV} with --target cuda is not implemented yet: its attention "
-                              "and cache-write kernels have not been checked on a GPU; build it for --target cpu, "
-                              "or the GPU artifact with --kv-cache-dtype auto")
         if not isinstance(self.tp, int) or self.tp < 1:
             raise ConfigError(f"--tp {self.tp}: must be a positive integer")
         if self.tp > 1:

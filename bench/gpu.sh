@@ -6,6 +6,8 @@
 #   LAYERS=4 bash bench/gpu.sh          quick iteration on fewer layers
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
 #   BUILD=0 bash bench/gpu.sh           kernel tests and the kernel tables only (~6 minutes)
+#   FP8=0 bash ...                      without the FP8 artifacts (--fp8, and --fp8 with the FP8 KV cache),
+#                                       which otherwise are timed and swept next to the bf16 one
 #   KERNEL_TABLES=0 bash ...            without the attention and matmul tables
 #   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
 #                                       (default: llama-compile's for cuda, 128 and 2048)
@@ -98,6 +100,19 @@ llama-compile --model "$CKPT" --target cuda ${SEQS:+--max-num-seqs "$SEQS"} ${TO
 echo "compile wall time: $(( $(date +%s) - start )) s"
 [[ $PARALLEL == 1 ]] && wait $FP32
 
+FP8_ARTIFACTS=()
+if [[ ${FP8:-1} == 1 ]]; then
+  for variant in fp8 fp8-kv; do
+    stage "llama-compile --target cuda --$variant"
+    flags=(--fp8); [[ $variant == fp8-kv ]] && flags+=(--kv-cache-dtype fp8_e4m3)
+    [[ -f $INPUTS/sharegpt.json && $variant == fp8-kv ]] && flags+=(--calibration-data "$INPUTS/sharegpt.json")
+    start=$(date +%s)
+    llama-compile --model "$CKPT" --target cuda "${flags[@]}" -o "$ART-$variant" || exit 1
+    echo "compile wall time: $(( $(date +%s) - start )) s"
+    FP8_ARTIFACTS+=(--artifact "$ART-$variant")
+  done
+fi
+
 ARTIFACTS=()
 for tree in ${BASELINE_TREES:-}; do
   # One editable install at a time: each tree's code builds its artifact, then this tree's is back.
@@ -113,7 +128,7 @@ for tree in ${BASELINE_TREES:-}; do
   ARTIFACTS+=(--artifact "$base_art")
   [[ ${#ARTIFACTS[@]} == 2 ]] && ARTIFACTS+=(--artifact "$base_art")  # the first baseline twice
 done
-ARTIFACTS+=(--artifact "$ART")
+ARTIFACTS+=(--artifact "$ART" "${FP8_ARTIFACTS[@]}")
 
 # The stages run from the quickest to the longest, so a run cut short by the device's time keeps
 # the most results.
@@ -140,14 +155,17 @@ if [[ ${BENCH:-1} == 1 ]]; then
 fi
 
 if [[ ${SWEEP:-1} == 1 ]]; then
-  stage "serving sweep"
-  llama-serve "$ART" --port 8000 --log-level warning &
-  SERVER=$!
-  until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null; do
-    kill -0 $SERVER 2>/dev/null || exit 1
-    sleep 1
+  SWEPT=("$ART"); [[ ${FP8:-1} == 1 ]] && SWEPT+=("$ART-fp8-kv")
+  for art in "${SWEPT[@]}"; do
+    stage "serving sweep: $(basename "$art")"
+    llama-serve "$art" --port 8000 --log-level warning &
+    SERVER=$!
+    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null; do
+      kill -0 $SERVER 2>/dev/null || exit 1
+      sleep 1
+    done
+    llama-bench sweep --base-url http://127.0.0.1:8000 --tokenizer "$art" --dataset-path "$INPUTS/sharegpt.json" \
+      ${SCENARIOS:+--scenarios "$SCENARIOS"} --plot --out-dir "$RESULTS"
+    kill $SERVER; wait $SERVER
   done
-  llama-bench sweep --base-url http://127.0.0.1:8000 --tokenizer "$ART" --dataset-path "$INPUTS/sharegpt.json" \
-    ${SCENARIOS:+--scenarios "$SCENARIOS"} --plot --out-dir "$RESULTS"
-  kill $SERVER
 fi

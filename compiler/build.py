@@ -157,19 +157,31 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
 def _fp8_checkpoint_build(build: BuildConfig, progress: Progress) -> BuildConfig:
     """A pre-quantized (compressed-tensors FP8) checkpoint builds with FP8 weights, `--fp8` or not,
     as vLLM and SGLang load one: its weights are used as stored."""
-    if build.target == "cuda":
-        raise BuildError("this checkpoint's weights are FP8 (compressed-tensors), and FP8 builds for --target "
-                         "cuda are not implemented yet; build it for --target cpu")
     print("[llama-compile] the checkpoint's weights are FP8 (compressed-tensors): building with FP8 weights",
           file=progress.stream)
-    return dataclasses.replace(build, weight_quant="fp8", passes=(*build.passes, "quantize_fp8"))
+    build = dataclasses.replace(build, weight_quant="fp8", passes=(*build.passes, "quantize_fp8"))
+    check_build_machine(build)
+    return build
+
+
+# FP8 matmuls (`_scaled_mm`) and e4m3 loads in Triton need Ada or Hopper tensor cores.
+FP8_MIN_CAPABILITY = (8, 9)
 
 
 def check_build_machine(build: BuildConfig) -> None:
     """Refuses a build this machine cannot make, before any work."""
-    if build.target == "cuda" and not torch.cuda.is_available():
+    if build.target != "cuda":
+        return
+    if not torch.cuda.is_available():
         raise BuildError("--target cuda needs a CUDA GPU on the build machine: AOTInductor compiles for "
                          "the GPU it runs on, so build on the machine that will serve")
+    fp8 = [flag for flag, on in (("FP8 weights", build.weight_quant == "fp8"),
+                                 (f"--kv-cache-dtype {FP8_KV}", build.kv_dtype == FP8_KV)) if on]
+    capability = torch.cuda.get_device_capability()
+    if fp8 and capability < FP8_MIN_CAPABILITY:
+        raise BuildError(f"{' and '.join(fp8)} need a GPU with FP8 support (sm_89 or newer: Ada, Hopper, "
+                         f"Blackwell); this {torch.cuda.get_device_name()} is sm_{capability[0]}{capability[1]}; "
+                         f"build without them")
 
 
 def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,

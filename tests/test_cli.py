@@ -32,7 +32,6 @@ def assert_nothing_left(parent, name):
 
 @pytest.mark.parametrize("flags, needle", [
     (["--tp", "2"], "--tp 2 is not implemented yet"),
-    (["--fp8", "--target", "cuda"], "--fp8 with --target cuda is not implemented yet"),
     (["--fp8-lm-head"], "--fp8-lm-head quantizes the LM head along with the other weights; it needs --fp8"),
     pytest.param(["--target", "cuda"], "--target cuda needs a CUDA GPU", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="refused only on machines without a GPU")),

@@ -22,6 +22,8 @@ from llama_aot.passes.graph_pass import PassContext
 from llama_aot.passes.pipeline import run_pipeline
 from llama_aot.runtime.artifact import load_artifact
 
+from test_cli import assert_nothing_left, assert_refused
+
 LAYERS = 2
 E4M3_RELATIVE_STEP = 2 ** -3  # 3 mantissa bits: a rounded value is within half of this of the value
 
@@ -160,11 +162,20 @@ def _with_weights(ep, weights):
     return type("Program", (), {"module": lambda self: module, "example_inputs": ep.example_inputs})()
 
 
-def test_fp8_requires_its_pass_and_cpu_for_now():
+def test_fp8_requires_its_pass():
     with pytest.raises(ConfigError, match="disagree"):
         BuildConfig(weight_quant="fp8", passes=("fuse_qkv",))
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        BuildConfig(weight_quant="fp8", target="cuda")
+
+
+@pytest.mark.parametrize("flags", [["--fp8"], ["--kv-cache-dtype", "fp8_e4m3"]])
+def test_fp8_on_a_gpu_without_fp8_is_refused_before_any_work(capsys, tmp_path, monkeypatch, flags):
+    """An A100 (sm_80) has no FP8 tensor cores: one line naming the GPU, nothing written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert_refused(capsys, [*flags, "--target", "cuda", "-o", str(tmp_path / "out")],
+                   "sm_89 or newer", "A100-SXM4-80GB is sm_80")
+    assert_nothing_left(tmp_path, "out")
     assert BuildConfig(weight_quant="fp8").passes[-1] == "quantize_fp8"
 
 
