@@ -31,19 +31,22 @@ def check_modes(rows: int) -> dict[str, float]:
     return {mode: ((fp8_linear(x, q, scale, mode).float() - ref).norm() / ref.norm()).item() for mode in MODES}
 
 
-def time_shape(name: str, rows: int) -> dict:
+def time_shape(name: str, rows: list[int]) -> list[dict]:
     n, k = SHAPES[name]
     copies = max(1, -(-STREAMED_BYTES // (2 * n * k)))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    bf16 = graph_time_us(lambda i: x @ weights[i].T, copies)
+    bf16 = {}
+    for r in rows:
+        x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
+        bf16[r] = graph_time_us(lambda i: x @ weights[i].T, copies)
     del weights
-    modes = MODES if rows <= MAX_ROWS else tuple(m for m in MODES if m != WEIGHT_ONLY)
-    fp8 = time_modes((n, k), torch.bfloat16, rows, modes)
-    best = min(fp8, key=fp8.get)
-    print(f"{name:8s} rows {rows:5d}: bf16 {bf16:8.1f} us; " + ", ".join(f"{m} {t:.1f}" for m, t in fp8.items())
-          + f"; best {best} ({bf16 / fp8[best]:.2f}x)", flush=True)
-    return {"shape": name, "n": n, "k": k, "rows": rows, "bf16_us": bf16, "fp8_us": fp8, "best": best}
+    results = []
+    for r, fp8 in time_modes((n, k), torch.bfloat16, tuple(rows)).items():
+        best = min(fp8, key=fp8.get)
+        print(f"{name:8s} rows {r:5d}: bf16 {bf16[r]:8.1f} us; " + ", ".join(f"{m} {t:.1f}" for m, t in fp8.items())
+              + f"; best {best} ({bf16[r] / fp8[best]:.2f}x)", flush=True)
+        results.append({"shape": name, "n": n, "k": k, "rows": r, "bf16_us": bf16[r], "fp8_us": fp8, "best": best})
+    return results
 
 
 def main(argv=None) -> int:
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
     checks = {rows: check_modes(rows) for rows in (1, 5, MAX_ROWS)}
     for rows, errors in checks.items():
         print(f"check at {rows} rows: " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
-    results = [time_shape(name, int(r)) for name in args.shapes.split(",") for r in args.rows.split(",")]
+    rows = [int(r) for r in args.rows.split(",")]
+    results = [r for name in args.shapes.split(",") for r in time_shape(name, rows)]
     device, sha = torch.cuda.get_device_name(), git_sha()
     print(save_results("fp8-matmul", [{"device": device, "git_sha": sha, "checks": checks, **r} for r in results],
                        args.out_dir))

@@ -10,21 +10,31 @@ from __future__ import annotations
 
 import torch
 
-from llama_aot.kernels.fp8_linear import FP8, fp8_linear
+from llama_aot.kernels.decode_linear import MAX_ROWS
+from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, fp8_linear
 from llama_aot.kernels.graph_timing import graph_time_us
 
 STREAMED_BYTES = 256 << 20  # weight copies per timing together exceed any L2
 
 
-def time_modes(shape: tuple[int, int], dtype: torch.dtype, rows: int, modes: tuple[str, ...]) -> dict[str, float]:
-    """Microseconds per call of `fp8_linear(x, W, s, mode)` for W of `shape` and x of `rows` rows."""
+def candidate_modes(rows: int) -> tuple[str, ...]:
+    """The modes worth timing at `rows` rows: weight-only's CUDA kernel takes at most MAX_ROWS."""
+    return MODES if rows <= MAX_ROWS else tuple(m for m in MODES if m != WEIGHT_ONLY)
+
+
+def time_modes(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]) -> dict[int, dict[str, float]]:
+    """Microseconds per call of `fp8_linear(x, W, s, mode)` for W of `shape`, by x's row count in
+    `rows`, then by mode (each row count's candidate_modes)."""
     n, k = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     copies = max(1, -(-STREAMED_BYTES // (n * k)))
     weights = [torch.randn(n, k, device="cuda", generator=gen).to(FP8) for _ in range(copies)]
     scale = torch.rand(n, device="cuda", generator=gen) + 0.5
-    x = torch.randn(rows, k, device="cuda", generator=gen).to(dtype)
-    times = {mode: graph_time_us(lambda i: fp8_linear(x, weights[i], scale, mode), copies) for mode in modes}
+    times = {}
+    for r in rows:
+        x = torch.randn(r, k, device="cuda", generator=gen).to(dtype)
+        times[r] = {mode: graph_time_us(lambda i: fp8_linear(x, weights[i], scale, mode), copies)
+                    for mode in candidate_modes(r)}
     del weights
     torch.cuda.empty_cache()
     return times

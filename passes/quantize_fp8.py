@@ -36,7 +36,7 @@ import torch
 import llama_aot.kernels.ops  # noqa: F401  (registers the ops this pass matches and emits)
 from llama_aot.artifacts.errors import ConfigError
 from llama_aot.kernels.decode_linear import MAX_ROWS
-from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, quantize_rows
+from llama_aot.kernels.fp8_linear import FP8, WEIGHT_ONLY, quantize_rows
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.matching import is_call
 from llama_aot.passes.program import ProgramEditor, weight_scale_name
@@ -73,16 +73,13 @@ def choose_modes(ctx: PassContext, shape: tuple[int, int]) -> ModeChoice:
                           f"(cuBLASLt's FP8 kernels need both dimensions to be multiples of {SCALED_MM_MULTIPLE}); "
                           "keep it in the model dtype with --fp8-ignore")
     from llama_aot.artifacts.config import torch_dtype
-    from llama_aot.kernels.fp8_timing import time_modes
+    from llama_aot.kernels.fp8_timing import candidate_modes, time_modes
 
-    dtype = torch_dtype(ctx.build.dtype)
-    large_modes = tuple(m for m in MODES if m != WEIGHT_ONLY)  # its CUDA kernel takes MAX_ROWS rows
-    timings = {rows: time_modes(shape, dtype, rows, MODES if rows <= MAX_ROWS else large_modes)
-               for rows in SMALL_STEP_ROWS + LARGE_STEP_ROWS}
+    timings = time_modes(shape, torch_dtype(ctx.build.dtype), SMALL_STEP_ROWS + LARGE_STEP_ROWS)
 
-    def fastest(rows_set, modes):
-        return min(modes, key=lambda m: sum(timings[r][m] for r in rows_set))
-    return ModeChoice(fastest(SMALL_STEP_ROWS, MODES), fastest(LARGE_STEP_ROWS, large_modes),
+    def fastest(rows_set):
+        return min(candidate_modes(max(rows_set)), key=lambda m: sum(timings[r][m] for r in rows_set))
+    return ModeChoice(fastest(SMALL_STEP_ROWS), fastest(LARGE_STEP_ROWS),
                       {f"rows={r}": t for r, t in timings.items()})
 
 

@@ -16,7 +16,7 @@ from llama_aot.compiler.build import Progress, build_artifact
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.model import build_model
-from llama_aot.kernels.fp8_linear import FP8, PER_TOKEN, WEIGHT_ONLY, dequantize_rows, fp8_linear, quantize_rows
+from llama_aot.kernels.fp8_linear import FP8, PER_TOKEN, PER_TOKEN_EPILOGUE, WEIGHT_ONLY, dequantize_rows, fp8_linear, quantize_rows
 from llama_aot.passes import quantize_fp8 as quantize_module
 from llama_aot.passes.graph_pass import PassContext
 from llama_aot.passes.pipeline import run_pipeline
@@ -154,6 +154,28 @@ def test_gpu_choices_by_step_size_become_a_cond_on_the_token_count(fused, monkey
     monkeypatch.setattr(quantize_module, "MAX_ROWS", 0)  # every step is large now: per-token
     per_token = quantize_module.quantize_fp8(ep, PassContext(cuda)).program
     assert not torch.allclose(logits(per_token, build), small, rtol=1e-5, atol=1e-5)
+
+
+def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
+    """Summed over the step sizes each branch covers; weight-only is never a candidate beyond
+    MAX_ROWS rows (its CUDA kernel stops there), however fast a timing says it is."""
+    from llama_aot.kernels import fp8_timing
+
+    table = {1: {WEIGHT_ONLY: 10.0, PER_TOKEN: 30.0, PER_TOKEN_EPILOGUE: 20.0},
+             16: {WEIGHT_ONLY: 30.0, PER_TOKEN: 30.0, PER_TOKEN_EPILOGUE: 25.0},
+             128: {PER_TOKEN: 50.0, PER_TOKEN_EPILOGUE: 60.0}, 2048: {PER_TOKEN: 400.0, PER_TOKEN_EPILOGUE: 380.0}}
+    asked = []
+
+    def fake(shape, dtype, rows):
+        asked.append((shape, dtype, rows))
+        return {r: {m: t for m, t in table[r].items() if m in fp8_timing.candidate_modes(r)} for r in rows}
+    monkeypatch.setattr(fp8_timing, "time_modes", fake)
+    choice = quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 128))
+    assert (choice.small_steps, choice.large_steps) == (WEIGHT_ONLY, PER_TOKEN_EPILOGUE)
+    assert asked == [((64, 128), torch.bfloat16, (1, 16, 128, 2048))]
+    assert choice.timings_us["rows=128"] == table[128]
+    with pytest.raises(ConfigError, match="--fp8-ignore"):
+        quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 120))
 
 
 def _with_weights(ep, weights):
