@@ -18,6 +18,9 @@ WEIGHT_QUANTS = ("none", "fp8")
 # `--kv-cache-dtype`, by SGLang's and vLLM's names: "auto" stores the cache in the model dtype.
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 FP8_KV = "fp8_e4m3"
+# The passes a build config switches on by itself, and when.
+WHEN_PASS_RUNS = {"quantize_fp8": "the weights are fp8", "quantize_kv_cache": f"the KV cache is {FP8_KV}",
+                  "shard_tensor_parallel": "--tp is above 1"}
 TARGETS = ("cpu", "cuda")
 
 
@@ -120,10 +123,9 @@ TARGET_DEFAULTS = {
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How one artifact is built. The seam for later work (tp) is here so that a
-    flag is refused by name until its implementation lands, never silently ignored. A field left
-    None (dtype, step sizes, passes) takes the target's TARGET_DEFAULTS on construction, and
-    `weight_quant="fp8"` adds its quantize pass to them."""
+    """How one artifact is built. A field left None (dtype, step sizes, passes) takes the target's
+    TARGET_DEFAULTS on construction, and the passes WHEN_PASS_RUNS names are added to the defaults
+    when the config asks for them (FP8, an FP8 KV cache, --tp above 1)."""
 
     target: str = "cpu"
     dtype: str | None = None
@@ -151,13 +153,14 @@ class BuildConfig:
                               f"{', '.join(WEIGHT_QUANTS)}")
         if self.kv_dtype not in SUPPORTED_DTYPES + KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype {self.kv_dtype}: unsupported; choose one of {', '.join(KV_CACHE_DTYPES)}")
-        quantize = {"quantize_fp8": self.weight_quant == "fp8", "quantize_kv_cache": self.kv_dtype == FP8_KV}
+        switched = {"quantize_fp8": self.weight_quant == "fp8", "quantize_kv_cache": self.kv_dtype == FP8_KV,
+                    "shard_tensor_parallel": isinstance(self.tp, int) and self.tp > 1}
         if self.passes is None:
-            object.__setattr__(self, "passes", defaults.passes + tuple(name for name, on in quantize.items() if on))
-        for name, on in quantize.items():
+            object.__setattr__(self, "passes", defaults.passes + tuple(name for name, on in switched.items() if on))
+        for name, on in switched.items():
             if (name in self.passes) != on:
-                raise ConfigError(f"passes {list(self.passes)} and the build's quantization disagree: the {name} "
-                                  f"pass runs exactly when {'the weights are fp8' if name == 'quantize_fp8' else 'the KV cache is ' + FP8_KV}")
+                raise ConfigError(f"passes {list(self.passes)} and the build config disagree: the {name} pass runs "
+                                  f"exactly when {WHEN_PASS_RUNS[name]}")
         for name in ("dtype", "max_num_tokens"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))
@@ -183,9 +186,6 @@ class BuildConfig:
             object.__setattr__(self, "kv_dtype", self.dtype)
         if not isinstance(self.tp, int) or self.tp < 1:
             raise ConfigError(f"--tp {self.tp}: must be a positive integer")
-        if self.tp > 1:
-            raise ConfigError(f"--tp {self.tp} is not implemented yet (tensor parallelism lands with its own "
-                             "issue); build with --tp 1")
         if self.max_num_tokens < 8:
             raise ConfigError(f"--max-num-tokens {self.max_num_tokens}: must be at least 8")
         if not 2 <= self.max_num_seqs <= self.max_num_tokens:
@@ -200,7 +200,13 @@ class BuildConfig:
 
     def resolved(self, model: ModelConfig) -> "BuildConfig":
         """Fill the context length from the model when the user gave none, and refuse one the
-        model's positions cannot reach."""
+        model's positions cannot reach, or a --tp that does not divide its heads and MLP."""
+        counts = {"attention heads": model.num_heads, "key/value heads": model.num_kv_heads,
+                  "MLP intermediate size": model.intermediate_size}
+        undivided = [f"{n} {what}" for what, n in counts.items() if n % self.tp]
+        if undivided:
+            raise ConfigError(f"--tp {self.tp} does not divide the model's {' and '.join(undivided)}; choose a --tp "
+                              f"that divides {', '.join(map(str, counts.values()))}")
         ctx = self.context_length or model.max_position_embeddings
         if ctx < 4 * self.block_size:
             raise ConfigError(f"--context-length {ctx}: must be at least 4 blocks ({4 * self.block_size} tokens)")

@@ -28,8 +28,11 @@ class KVCacheLayout:
     dtype: str
 
     @classmethod
-    def of(cls, model: ModelConfig, build: BuildConfig) -> "KVCacheLayout":
-        return cls(model.num_layers, model.num_kv_heads, model.head_dim, build.block_size, build.kv_dtype)
+    def of(cls, model: ModelConfig, build: BuildConfig, whole: bool = False) -> "KVCacheLayout":
+        """One rank's cache: with --tp N each rank holds N-th of the key/value heads. `whole`: the
+        unsharded model's, which the build exports and calibrates before sharding."""
+        heads = model.num_kv_heads if whole else model.num_kv_heads // build.tp
+        return cls(model.num_layers, heads, model.head_dim, build.block_size, build.kv_dtype)
 
     def shape(self, num_blocks: int) -> tuple[int, ...]:
         return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)

@@ -4,20 +4,24 @@ it (kernels/fp8_timing.py) next to cuBLAS bf16, at decode and prefill step sizes
 `quantize_fp8` would choose on this GPU, and what FP8 weights buy per matmul.
 
     python -m llama_aot.bench.fp8_matmul [--rows 1,16,128,2048] [--shapes qkv,o,...] [--out-dir DIR]
+    python -m llama_aot.bench.fp8_matmul --tiles      the weight-only kernel's tiles, at 1 and 16 rows
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
+import triton
 
 from llama_aot.bench.matmul import SHAPES
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
 from llama_aot.kernels.decode_linear import MAX_ROWS
-from llama_aot.kernels.fp8_linear import MODES, WEIGHT_ONLY, fp8_linear, fp8_linear_reference, quantize_rows
+from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, fp8_linear, fp8_linear_reference, quantize_rows
 from llama_aot.kernels.fp8_timing import STREAMED_BYTES, time_modes
+from llama_aot.kernels.triton_decode_linear import FP8_TILES, Tiles, launch_decode_linear
 from llama_aot.kernels.graph_timing import graph_time_us
 
 
@@ -49,18 +53,59 @@ def time_shape(name: str, rows: list[int]) -> list[dict]:
     return results
 
 
+# The FP8 weight-only kernel's tiles to sweep (block_k counts 2-byte elements: an FP8 tile reads
+# twice as many e4m3 values), around kernels/triton_decode_linear.py's FP8_TILES.
+TILE_SWEEP = [Tiles(bn, bk, st, w) for bn in (16, 32, 64) for bk in (256, 512, 1024) for st in (3, 4) for w in (4, 8)]
+
+
+def sweep_tiles(name: str, rows: int) -> list[dict]:
+    """decode_linear's FP8 weight-only kernel with every TILE_SWEEP tile, each checked against the
+    shipped tile's output, graph-replayed over streamed weight copies."""
+    n, k = SHAPES[name]
+    copies = max(1, -(-STREAMED_BYTES // (n * k)))
+    weights = [torch.randn(n, k, device="cuda").to(FP8) for _ in range(copies)]
+    scale = torch.rand(n, device="cuda") + 0.5
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
+    launch_decode_linear(x, weights[0], out, FP8_TILES, scale)
+    ref = out.float().clone()
+    timed = []
+    for tiles in TILE_SWEEP:
+        try:
+            launch_decode_linear(x, weights[0], out, tiles, scale)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if not ((out.float() - ref).norm() / ref.norm()).item() < 1e-3:
+            print(f"{name} rows {rows} {tiles}: WRONG", flush=True)
+            continue
+        us = graph_time_us(lambda i: launch_decode_linear(x, weights[i], out, tiles, scale), copies)
+        timed.append({"shape": name, "rows": rows, "tiles": dataclasses.asdict(tiles), "us": us,
+                      "weight_gbps": n * k / us / 1e3, "shipped": tiles == FP8_TILES})
+    del weights
+    best = min(timed, key=lambda r: r["us"])
+    shipped = next((r["us"] for r in timed if r["shipped"]), float("nan"))
+    print(f"{name:8s} rows {rows:3d}: shipped tile {shipped:6.1f} us, best {best['us']:6.1f} us "
+          f"({best['weight_gbps']:.0f} GB/s) with {best['tiles']}", flush=True)
+    return timed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,16,128,2048")
     p.add_argument("--shapes", default="qkv,o,gate_up,down", help=f"some of {', '.join(SHAPES)}")
     p.add_argument("--out-dir", type=Path, help="where the JSON goes (default bench/results)")
+    p.add_argument("--tiles", action="store_true", help="instead, sweep the weight-only kernel's tiles")
     args = p.parse_args(argv)
+    device, sha = torch.cuda.get_device_name(), git_sha()
+    if args.tiles:
+        swept = [r for name in args.shapes.split(",") for rows in (1, MAX_ROWS) for r in sweep_tiles(name, rows)]
+        print(save_results("fp8-tiles", [{"device": device, "git_sha": sha, **r} for r in swept], args.out_dir))
+        return 0
     checks = {rows: check_modes(rows) for rows in (1, 5, MAX_ROWS)}
     for rows, errors in checks.items():
         print(f"check at {rows} rows: " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
     rows = [int(r) for r in args.rows.split(",")]
     results = [r for name in args.shapes.split(",") for r in time_shape(name, rows)]
-    device, sha = torch.cuda.get_device_name(), git_sha()
     print(save_results("fp8-matmul", [{"device": device, "git_sha": sha, "checks": checks, **r} for r in results],
                        args.out_dir))
     return 0

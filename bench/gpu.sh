@@ -6,7 +6,7 @@
 #   LAYERS=4 bash bench/gpu.sh          quick iteration on fewer layers
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
 #   BUILD=0 bash bench/gpu.sh           kernel tests and the kernel tables only (~6 minutes)
-#   FP8=0 bash ...                      without the FP8 artifacts (--fp8, and --fp8 with the FP8 KV cache),
+#   FP8=0 bash ...                      without the FP8 artifacts (FP8_VARIANTS="fp8-kv": only the one with both) (--fp8, and --fp8 with the FP8 KV cache),
 #                                       which otherwise are timed and swept next to the bf16 one
 #   KERNEL_TABLES=0 bash ...            without the attention and matmul tables
 #   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
@@ -102,7 +102,7 @@ echo "compile wall time: $(( $(date +%s) - start )) s"
 
 FP8_ARTIFACTS=()
 if [[ ${FP8:-1} == 1 ]]; then
-  for variant in fp8 fp8-kv; do
+  for variant in ${FP8_VARIANTS:-fp8 fp8-kv}; do
     stage "llama-compile --target cuda --$variant"
     flags=(--fp8); [[ $variant == fp8-kv ]] && flags+=(--kv-cache-dtype fp8_e4m3)
     [[ -f $INPUTS/sharegpt.json && $variant == fp8-kv ]] && flags+=(--calibration-data "$INPUTS/sharegpt.json")

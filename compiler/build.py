@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 
 from llama_aot.artifacts.config import FP8_KV, BuildConfig, torch_dtype
+from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.artifacts.manifest import STEP_PROGRAM, Manifest, ProgramSpec, read_manifest
 from llama_aot.artifacts.program import attach_weights, load_package
 from llama_aot.artifacts.step_abi import STEP_INPUTS
 from llama_aot.artifacts.target import describe_host
+from llama_aot.artifacts.tensor_parallel import fake_group
 from llama_aot.artifacts.weights_file import read_weights, write_weights
 from llama_aot.compiler import build_cache
 from llama_aot.compiler.calibration import CALIBRATION_TOKENS, CalibrationSet, calibrate_kv_scales, calibration_set
@@ -37,7 +39,8 @@ from llama_aot.compiler.export import export_model
 from llama_aot.compiler.lower import lower, program_constants
 from llama_aot.compiler.model import build_model
 from llama_aot.compiler.package import copy_tokenizer, write_manifest
-from llama_aot.compiler.verify import verify
+from llama_aot.compiler.rank_run import compiled_run_on_ranks
+from llama_aot.compiler.verify import compare, compiled_run, reference_run
 from llama_aot.passes.pipeline import PassContext, run_pipeline
 
 # The source that decides what a build produces: the compile path and the contract it writes.
@@ -118,29 +121,46 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
             kv_scales = calibrate_kv_scales(model, build, calibration)
     with progress.stage("export"):
         ep = export_model(model, build)
-    with progress.stage("passes"):
-        ep, reports = run_pipeline(ep, PassContext(build, kv_scales=kv_scales))
-        for r in reports:
-            print(f"[llama-compile]   {r.phase}/{r.name}: {r.matches} matches", file=progress.stream)
-    quantization = {r.name: r.record for r in reports if r.record}
-    if build.kv_dtype == FP8_KV:
-        quantization["quantize_kv_cache"].update(calibration.describe() if calibration else {"scales_from": "checkpoint"})
-    # Quantization is part of what the build computes: the compiled program is checked against
-    # the quantized program run eagerly, and the quantization's own error is what
-    # `llama-bench accuracy --baseline` measures against the unquantized artifact.
-    reference = ep.module() if quantization else model
-    with progress.stage("lower (AOTInductor)"):
-        lower(ep, tmp / step.package, build.max_autotune)
-    with progress.stage("write weights"):
-        write_weights(tmp / step.weights[0], program_constants(ep))
-        copy_tokenizer(ckpt.tokenizer_files, tmp)
-        del ep
-    with progress.stage("verify"):
-        program = load_package(tmp / step.package)
-        weights = read_weights(tmp / step.weights[0], build.target)
-        attach_weights(program, weights, tmp / step.weights[0])
-        result = verify(reference, program, build, ckpt.config, unquantized=model if build.kv_dtype == FP8_KV else None)
-        del program, weights
+    with tensor_parallel_world(build.tp):
+        with progress.stage("passes" + (f" (rank 0 of {build.tp})" if build.tp > 1 else "")):
+            program, reports = run_pipeline(ep, PassContext(build, kv_scales=kv_scales))
+            for r in reports:
+                print(f"[llama-compile]   {r.phase}/{r.name}: {r.matches} matches", file=progress.stream)
+        quantization = {r.name: r.record for r in reports if r.record and r.phase == "quantize"}
+        if build.kv_dtype == FP8_KV:
+            quantization["quantize_kv_cache"].update(calibration.describe() if calibration else {"scales_from": "checkpoint"})
+        # Quantization is part of what the build computes: the compiled program is checked against
+        # the quantized program run eagerly (unsharded), and the quantization's own error is what
+        # `llama-bench accuracy --baseline` measures against the unquantized artifact.
+        reference = model
+        if quantization:
+            reference = program.module() if build.tp == 1 else run_pipeline(
+                ep, PassContext(build, kv_scales=kv_scales), _unsharded(build.passes))[0].module()
+        with progress.stage("lower (AOTInductor)"):
+            lower(program, tmp / step.package, build.max_autotune)
+        with progress.stage("write weights"):
+            write_weights(tmp / step.weights[0], program_constants(program))
+            del program
+            for rank in range(1, build.tp):
+                ranked, _ = run_pipeline(ep, PassContext(build, rank=rank, kv_scales=kv_scales))
+                write_weights(tmp / step.weights[rank], program_constants(ranked))
+                del ranked
+            copy_tokenizer(ckpt.tokenizer_files, tmp)
+            del ep
+    with progress.stage("verify" + (f" on {build.tp} ranks" if build.tp > 1 else "")):
+        schedule = reference_run(reference, build, ckpt.config,
+                                 unquantized=model if build.kv_dtype == FP8_KV else None)
+        layout = KVCacheLayout.of(ckpt.config, build)
+        if build.tp == 1:
+            program = load_package(tmp / step.package)
+            weights = read_weights(tmp / step.weights[0], build.target)
+            attach_weights(program, weights, tmp / step.weights[0])
+            rows = compiled_run(program, schedule, layout, build.target)
+            del program, weights
+        else:
+            rows = compiled_run_on_ranks(tmp / step.package, [tmp / w for w in step.weights], schedule, layout,
+                                         build.target)
+        result = compare(schedule, rows, build)
     if not result["passed"]:
         raise BuildError(
             f"verification failed: compiled logits differ from the eager model (relative error "
@@ -152,6 +172,16 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
     return write_manifest(tmp, model=ckpt.config, build=build, input_hash=key, programs=[step],
                           quantization=quantization,
                           passes=[r.to_dict() for r in reports], verification=result)
+
+
+def tensor_parallel_world(world_size: int):
+    """Where a --tp build traces, shards and compiles: a `fake` world of that many ranks, whose
+    collectives move no data (artifacts/tensor_parallel.py). Nothing for --tp 1."""
+    return fake_group(world_size) if world_size > 1 else contextlib.nullcontext()
+
+
+def _unsharded(passes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p for p in passes if p != "shard_tensor_parallel")
 
 
 def _fp8_checkpoint_build(build: BuildConfig, progress: Progress) -> BuildConfig:

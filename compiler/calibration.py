@@ -74,7 +74,7 @@ def calibration_set(tokenizer_file: Path, data: Path | None, max_tokens: int) ->
 def calibrate_kv_scales(model: torch.nn.Module, build: BuildConfig, calibration: CalibrationSet) -> torch.Tensor:
     """[num_layers, 2] float32: each layer's largest |K| and |V| over the calibration set, / 448."""
     cfg = model.config
-    layout = dataclasses.replace(KVCacheLayout.of(cfg, build), dtype=build.dtype)
+    layout = dataclasses.replace(KVCacheLayout.of(cfg, build, whole=True), dtype=build.dtype)
     longest = max(map(len, calibration.sequences))
     blocks = layout.blocks_for(longest)
     cache = layout.allocate(1 + blocks, build.target)

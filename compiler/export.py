@@ -25,7 +25,7 @@ def example_inputs(build: BuildConfig, model: Llama) -> tuple[torch.Tensor, ...]
     chunks = [SequenceChunk(tuple(range(1, 5)), 0, tuple(range(1, 1 + table)), all_logits=True),
               SequenceChunk(tuple(range(5, 8)), 0, tuple(range(1 + table, 1 + 2 * table)))]
     step = build_step_inputs(chunks, bs, build.target)
-    kv_cache = KVCacheLayout.of(model.config, build).allocate(2 * table + 2, build.target)
+    kv_cache = KVCacheLayout.of(model.config, build, whole=True).allocate(2 * table + 2, build.target)
     return tuple(step[name] for name in INPUT_NAMES) + (kv_cache,)
 
 

@@ -39,20 +39,35 @@ def _prompts(vocab_size: int, context_length: int, seed: int) -> list[list[int]]
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def verify(eager, compiled, build: BuildConfig, cfg: ModelConfig, seed: int = 0, unquantized=None) -> dict:
-    """`eager`: the model (or, for a quantized build, the passed program's module) the compiled
-    program must agree with; both are called through the step ABI. `unquantized`: for a build
-    with an FP8 KV cache, the model itself, whose distance from `eager` bounds the tolerance."""
+@dataclasses.dataclass
+class Schedule:
+    """The verification steps as the eager reference ran them: each step's inputs (on the CPU), the
+    cache blocks they address, and the reference's logits (and the unquantized model's)."""
+
+    prompts: int
+    steps: list[dict[str, torch.Tensor]]
+    num_blocks: int
+    eager_rows: list[torch.Tensor]
+    plain_rows: list[torch.Tensor]
+
+
+def reference_run(eager, build: BuildConfig, cfg: ModelConfig, seed: int = 0, unquantized=None) -> Schedule:
+    """Runs the schedule through `eager` (and `unquantized`), decode steps fed with its greedy tokens.
+
+    `eager`: the model (or, for a quantized build, the passed program's module, unsharded) the
+    compiled program must agree with, called through the step ABI. `unquantized`: for a build with
+    an FP8 KV cache, the model itself, whose distance from `eager` bounds the tolerance."""
     bs = build.block_size
     prompts = _prompts(cfg.vocab_size, build.context_length, seed)[:build.max_num_seqs]
-    layout = KVCacheLayout.of(cfg, build)
+    layout = KVCacheLayout.of(cfg, build, whole=True)
     per_seq = layout.blocks_for(max(map(len, prompts)) + DECODE_STEPS)
     tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
-    caches = [layout.allocate(1 + len(prompts) * per_seq, build.target) for _ in range(2)]
+    num_blocks = 1 + len(prompts) * per_seq
+    cache = layout.allocate(num_blocks, build.target)
     if unquantized is not None:
-        plain_cache = dataclasses.replace(layout, dtype=build.dtype).allocate(1 + len(prompts) * per_seq, build.target)
+        plain_cache = dataclasses.replace(layout, dtype=build.dtype).allocate(num_blocks, build.target)
 
-    eager_rows, compiled_rows, plain_rows = [], [], []
+    schedule = Schedule(len(prompts), [], num_blocks, [], [])
     cached = [0] * len(prompts)
     decoded = [0] * len(prompts)
     last: dict[int, torch.Tensor] = {}
@@ -73,23 +88,36 @@ def verify(eager, compiled, build: BuildConfig, cfg: ModelConfig, seed: int = 0,
                 budget -= len(toks)
         chunks = [SequenceChunk(tuple(t), start, tables[i], all_logits=True) for i, start, t in step]
         inputs = build_step_inputs(chunks, bs, build.target)
+        schedule.steps.append({k: v.cpu() for k, v in inputs.items()})
         with torch.no_grad():
-            eager_rows.append(call_step(eager, inputs, caches[0]).cpu())
-            compiled_rows.append(call_step(compiled, inputs, caches[1]).cpu())
+            schedule.eager_rows.append(call_step(eager, inputs, cache).cpu())
             if unquantized is not None:
-                plain_rows.append(call_step(unquantized, inputs, plain_cache).cpu())
-        for (i, _, t), rows in zip(step, eager_rows[-1].split([len(t) for _, _, t in step])):
+                schedule.plain_rows.append(call_step(unquantized, inputs, plain_cache).cpu())
+        for (i, _, t), rows in zip(step, schedule.eager_rows[-1].split([len(t) for _, _, t in step])):
             last[i] = rows[-1]
+    return schedule
 
-    eager_all, compiled_all = torch.cat(eager_rows), torch.cat(compiled_rows)
+
+def compiled_run(compiled, schedule: Schedule, layout: KVCacheLayout, device: str) -> list[torch.Tensor]:
+    """The compiled program's logits over the schedule's steps, in a cache of its own (`layout`:
+    this rank's)."""
+    cache = layout.allocate(schedule.num_blocks, device)
+    with torch.no_grad():
+        return [call_step(compiled, {k: v.to(device) for k, v in inputs.items()}, cache).cpu()
+                for inputs in schedule.steps]
+
+
+def compare(schedule: Schedule, compiled_rows: list[torch.Tensor], build: BuildConfig) -> dict:
+    """The verification result of the compiled logits against the schedule's reference."""
+    eager_all, compiled_all = torch.cat(schedule.eager_rows), torch.cat(compiled_rows)
     scale = eager_all.abs().max().item()
     rel_tol, min_agreement = TOLERANCES[build.dtype]
     relative, exact, agreement = _compare(eager_all, compiled_all, rel_tol * scale)
-    result = {"prompts": len(prompts), "steps": len(eager_rows), "rows": eager_all.shape[0],
-              "max_abs_error": relative * scale, "logit_scale": scale, "relative_error": relative,
-              "greedy_agreement": exact, "greedy_agreement_tie_aware": agreement}
-    if unquantized is not None:
-        q_relative, _, q_agreement = _compare(eager_all, torch.cat(plain_rows), rel_tol * scale)
+    result = {"prompts": schedule.prompts, "steps": len(schedule.steps),
+              "rows": eager_all.shape[0], "max_abs_error": relative * scale, "logit_scale": scale,
+              "relative_error": relative, "greedy_agreement": exact, "greedy_agreement_tie_aware": agreement}
+    if schedule.plain_rows:
+        q_relative, _, q_agreement = _compare(eager_all, torch.cat(schedule.plain_rows), rel_tol * scale)
         result["quantization"] = {"relative_error": q_relative, "greedy_agreement_tie_aware": q_agreement}
         rel_tol, min_agreement = max(rel_tol, q_relative), min(min_agreement, q_agreement)
     result["tolerance"] = {"relative_error": rel_tol, "greedy_agreement": min_agreement}

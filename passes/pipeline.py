@@ -17,9 +17,10 @@ from llama_aot.passes.graph_pass import GraphPass, PassContext
 from llama_aot.passes.quantize_fp8 import quantize_fp8
 from llama_aot.passes.quantize_kv_cache import quantize_kv_cache
 from llama_aot.passes.route_decode_linears import route_decode_linears
+from llama_aot.passes.shard_tensor_parallel import shard_tensor_parallel
 
 PIPELINE: tuple[GraphPass, ...] = (fuse_qkv, fuse_gate_up, fuse_add_rmsnorm, quantize_fp8, quantize_kv_cache,
-                                   route_decode_linears)
+                                   shard_tensor_parallel, route_decode_linears)
 
 
 @dataclass(frozen=True)

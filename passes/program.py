@@ -80,14 +80,20 @@ class ProgramEditor:
         self.state_dict[name] = torch.nn.Parameter(value, requires_grad=False)
         self.new_weights[name] = self.state_dict[name]
 
-    def call(self, target, args: tuple, before: Node) -> Node:
-        """Inserts `target(*args)` before `before`, with its fake value, as export would have."""
+    def call(self, target, args: tuple, before: Node, kwargs: dict | None = None) -> Node:
+        """Inserts `target(*args, **kwargs)` before `before`, with its fake value, as export would have."""
+        kwargs = kwargs or {}
         with self.graph.inserting_before(before):
-            node = self.graph.call_function(target, args)
-        fake_args = torch.fx.node.map_arg(args, lambda n: n.meta["val"])
+            node = self.graph.call_function(target, args, kwargs)
+        fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
         with self._fake_mode:
-            node.meta["val"] = target(*fake_args)
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
         return node
+
+    def refresh_values(self) -> None:
+        """Recomputes every node's fake value from the placeholders' (and each `cond` branch's
+        from its operands'), after an edit that changed shapes through the graph, as sharding does."""
+        _propagate(self.gm, [n.meta["val"] for n in self.graph.nodes if n.op == "placeholder"], self._fake_mode)
 
     def fuse_linears(self, linears: list[Node], fused_name: str) -> Node:
         """Replaces sibling matmuls `linear(x, W_i)` by one `linear(x, cat(W_i))` and a split, or
@@ -164,6 +170,17 @@ class ProgramEditor:
             module_call_graph=copy.deepcopy(self.ep.module_call_graph),
             example_inputs=self.ep.example_inputs, constants=self.ep.constants,
             verifiers=self.ep.verifiers)
+
+
+def _propagate(gm: GraphModule, inputs: list, fake_mode) -> None:
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*inputs)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
+            operands = [n.meta["val"] for n in node.args[3]]
+            for branch in node.args[1:3]:
+                _propagate(getattr(gm, branch.target), operands, fake_mode)
 
 
 def _is_impure(node: Node) -> bool:

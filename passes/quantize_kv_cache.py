@@ -39,7 +39,10 @@ def quantize_kv_cache(ep, ctx: PassContext) -> PassResult:
         layer = node.args[arg]
         if layer not in scales:
             prefix = f"model.layers.{layer}.self_attn."
-            k_scale, v_scale = ctx.kv_scales[layer].float().unbind()
+            # On the cache's device: AOTInductor takes a 0-dim CPU tensor in a GPU graph for a
+            # scalar, which a Triton kernel cannot be handed as a pointer.
+            cache = node.args[_LAYER_ARG[node.target] - 1]
+            k_scale, v_scale = ctx.kv_scales[layer].float().to(cache.meta["val"].device).unbind()
             scales[layer] = (editor.add_weight(prefix + "k_scale", k_scale.clone()),
                              editor.add_weight(prefix + "v_scale", v_scale.clone()))
         node.kwargs = {**node.kwargs, "k_scale": scales[layer][0], "v_scale": scales[layer][1]}

@@ -41,9 +41,14 @@ def route_decode_linears(ep, ctx: PassContext) -> PassResult:
 
 def _writes_residual(linear: Node) -> bool:
     """Whether the matmul's result is added to the residual stream: by the fused add + RMSNorm
-    (fuse_add_rmsnorm's op), or by a plain add where that pass did not run."""
+    (fuse_add_rmsnorm's op), or by a plain add where that pass did not run; with --tp, after the
+    all-reduce that sums the ranks' partial products."""
+    users = list(linear.users)
+    if len(users) == 1 and is_call(users[0], torch.ops._c10d_functional.all_reduce.default):
+        users = [w for w in users[0].users if is_call(w, torch.ops._c10d_functional.wait_tensor.default)]
+        users = [u for w in users for u in w.users]
     return any(is_call(user, torch.ops.llama_aot.add_rms_norm.default) or is_call(user, aten.add.Tensor)
-               for user in linear.users)
+               for user in users)
 
 
 def _route(editor: ProgramEditor, linear: Node, index: int) -> None:

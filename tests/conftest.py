@@ -4,10 +4,17 @@ Builds go through the real build cache, pointed at a session temporary directory
 LLAMA_AOT_CACHE is already set (set it to reuse compiled test models across local runs). The
 temporary cache holds about 1 GB of compiled models and is removed when the session ends: left
 behind, a hundred runs filled the CI machine's disk.
+
+The default model's builds take minutes each, most of it in one single-threaded C++ compile. When
+the tests that need them are collected, they start at once as `llama-compile` processes
+(BACKGROUND_BUILDS) and run on the machine's other core while the quick tests go on; their
+fixtures wait for them. On CI's two cores that takes ~6 of the suite's ~17 minutes off.
 """
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +24,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 TINY_BUILD = dict(max_num_tokens=64, max_num_seqs=8, context_length=256, block_size=4)
 _SESSION_CACHE: list[str] = []  # the build cache this session made, if it made one
+# Fixture name -> llama-compile flags for the embedded default model.
+BACKGROUND_BUILDS = {
+    "smollm2_artifact": [],  # llama-compile's defaults, as `make serve` builds it
+    "fp8_default": ["--fp8", "--fp8-ignore", "gate_up_proj", "--kv-cache-dtype", "fp8_e4m3"],
+}
+_BACKGROUND: dict[str, tuple[subprocess.Popen, Path]] = {}
+_ARTIFACTS_DIR: list[str] = []
 
 
 def pytest_configure(config):
@@ -29,8 +43,42 @@ def pytest_configure(config):
         _SESSION_CACHE.append(os.environ["LLAMA_AOT_CACHE"])
 
 
+def pytest_collection_finish(session):
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    wanted &= set(BACKGROUND_BUILDS)
+    if not wanted:
+        return
+    from llama_aot.compiler.gguf_import import default_checkpoint
+
+    checkpoint = default_checkpoint()  # converted once here, not raced by the builds
+    _ARTIFACTS_DIR.append(tempfile.mkdtemp(prefix="llama-aot-test-artifacts-"))
+    for name in sorted(wanted):
+        out = Path(_ARTIFACTS_DIR[0]) / name
+        log = open(out.with_suffix(".log"), "w")
+        cmd = [sys.executable, "-m", "llama_aot.compiler.cli", "--model", str(checkpoint), *BACKGROUND_BUILDS[name],
+               "-o", str(out)]
+        # One thread each: the builds share the machine with the tests.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        _BACKGROUND[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out
+
+
+def background_artifact(name: str) -> Path | None:
+    """The artifact of BACKGROUND_BUILDS[name] once its build has finished, or None if it was not
+    started (its fixture then builds it inline)."""
+    if name not in _BACKGROUND:
+        return None
+    proc, out = _BACKGROUND[name]
+    if proc.wait() != 0:
+        pytest.fail(f"background build {name} failed:\n{out.with_suffix('.log').read_text()[-4000:]}")
+    return out
+
+
 def pytest_unconfigure(config):
-    for path in _SESSION_CACHE:
+    for proc, _ in _BACKGROUND.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for path in _SESSION_CACHE + _ARTIFACTS_DIR:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -68,6 +116,18 @@ def tiny_artifact(tiny_checkpoint, tiny_build, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tp2_artifact(tiny_checkpoint, tiny_build, tmp_path_factory) -> Path:
+    """The tiny model built with --tp 2 (two ranks over gloo on CPU)."""
+    import dataclasses
+
+    from llama_aot.compiler.build import build_artifact
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-tp2"
+    build_artifact(tiny_checkpoint, dataclasses.replace(tiny_build, tp=2, passes=None), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_checkpoint() -> Path:
     from llama_aot.compiler.gguf_import import default_checkpoint
 
@@ -80,6 +140,8 @@ def smollm2_artifact(smollm2_checkpoint, tmp_path_factory) -> Path:
     from llama_aot.artifacts.config import BuildConfig
     from llama_aot.compiler.build import build_artifact
 
+    if (built := background_artifact("smollm2_artifact")) is not None:
+        return built
     out = tmp_path_factory.mktemp("artifacts") / "smollm2"
     build_artifact(smollm2_checkpoint, BuildConfig(), out)
     return out
