@@ -55,7 +55,9 @@ def time_shape(name: str, rows: list[int]) -> list[dict]:
 
 # The FP8 weight-only kernel's tiles to sweep (block_k counts 2-byte elements: an FP8 tile reads
 # twice as many e4m3 values), around kernels/triton_decode_linear.py's FP8_TILES.
-TILE_SWEEP = [Tiles(bn, bk, st, w) for bn in (16, 32, 64) for bk in (256, 512, 1024) for st in (3, 4) for w in (4, 8)]
+# 8 warps never won in fp8-tiles-20261206-020920.
+TILE_SWEEP = [Tiles(bn, bk, st, 4, first) for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 4)
+              for first in (False, True)]
 
 
 def sweep_tiles(name: str, rows: int) -> list[dict]:

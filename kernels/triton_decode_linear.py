@@ -32,6 +32,9 @@ class Tiles:
     block_k: int  # for 2-byte elements; halved for float32 so the pipelined stages still fit
     num_stages: int
     num_warps: int = 4
+    # The weight tile as the dot's first operand (out^T = W x^T), so that the large operand is not
+    # transposed through shared memory; a candidate for FP8 weights, which are widened first.
+    weight_first: bool = False
 
 
 # From bench/matmul.py on the H200 (us at batch 1; cuBLAS 13.5 and 31.3): o_proj 13.3 with 16
@@ -46,7 +49,7 @@ FP8_TILES = Tiles(block_n=32, block_k=256, num_stages=3)
 @triton.jit
 def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.constexpr, K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SCALED: tl.constexpr):
+                          SCALED: tl.constexpr, WEIGHT_FIRST: tl.constexpr):
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -54,15 +57,21 @@ def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.const
     w_ptrs = W + rn[:, None].to(tl.int64) * K + rk[None, :]
     row_ok, col_ok = rm[:, None] < M, rn[:, None] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk[None, :] < K - k0
         w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
         if SCALED:
             w = w.to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        if WEIGHT_FIRST:
+            acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if WEIGHT_FIRST:
+        acc = tl.trans(acc_t)
     if SCALED:
         acc = acc * tl.load(Scale + rn, mask=rn < N, other=0.0)[None, :]
     out_ptrs = Out + rm[:, None] * stride_om + rn[None, :]
@@ -78,7 +87,8 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     scaled = weight_scale is not None
     wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, tiles.block_n),)](
         x, weight, weight_scale if scaled else out, out, x.shape[0], x.stride(0), out.stride(0), N=n, K=k,
-        BLOCK_M=MAX_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=block_k, SCALED=scaled, num_stages=tiles.num_stages,
+        BLOCK_M=MAX_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=block_k, SCALED=scaled,
+        WEIGHT_FIRST=tiles.weight_first, num_stages=tiles.num_stages,
         num_warps=tiles.num_warps)
 
 

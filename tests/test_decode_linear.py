@@ -45,7 +45,7 @@ def test_other_tiles_match_reference():
     """The tiles bench/matmul.py sweeps give the same answer, so its pick can become the default."""
     x, weight = _inputs(7, 70, 600, torch.float32, seed=9)
     expected = decode_linear_reference(x, weight)
-    for tiles in (Tiles(16, 256, 3), Tiles(64, 256, 2, num_warps=8)):
+    for tiles in (Tiles(16, 256, 3), Tiles(64, 256, 2, num_warps=8), Tiles(32, 256, 3, weight_first=True)):
         out = torch.full((7, 70), float("nan"), device=DEVICE)
         launch_decode_linear(x, weight, out, tiles)
         _close(out, expected, torch.float32)
@@ -62,4 +62,7 @@ def test_fp8_weights_with_column_scales_match_the_weight_only_reference(case, dt
     q, scale = quantize_rows(weight.float() * torch.logspace(-2, 1, weight.shape[0], device=DEVICE)[:, None])
     got = decode_linear_triton(x, q, scale)
     assert got.shape == (x.shape[0], q.shape[0]) and got.dtype == dtype
-    _close(got, fp8_linear_reference(x, q, scale, WEIGHT_ONLY), dtype)
+    expected = fp8_linear_reference(x, q, scale, WEIGHT_ONLY)
+    _close(got, expected, dtype)
+    launch_decode_linear(x, q, got, Tiles(32, 256, 3, weight_first=True), scale)  # a tile the FP8 sweep tries
+    _close(got, expected, dtype)
