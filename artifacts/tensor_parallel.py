@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,8 +44,11 @@ def fake_group(world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def join_group(rank: int, world_size: int, device_type: str, init_method: str) -> None:
-    """Joins the world of `world_size` ranks at `init_method` (a tcp:// address) as `rank`, over
-    gloo on CPU and NCCL on CUDA, and registers it under TP_GROUP."""
-    dist.init_process_group(BACKENDS[device_type], init_method=init_method, rank=rank, world_size=world_size)
+def join_group(rank: int, world_size: int, device_type: str, init_method: str,
+               timeout: timedelta | None = None) -> None:
+    """Joins the world of `world_size` ranks at `init_method` (a tcp:// or file:// address) as
+    `rank`, over gloo on CPU and NCCL on CUDA, and registers it under TP_GROUP. `timeout`: how
+    long a collective may wait for the other ranks before it fails instead of hanging."""
+    dist.init_process_group(BACKENDS[device_type], init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timeout)
     register_group(dist.group.WORLD)

@@ -36,6 +36,7 @@ from llama_aot.compiler.calibration import CALIBRATION_TOKENS, CalibrationSet, c
 from llama_aot.compiler.checkpoint import Checkpoint, fingerprint, load_kv_scales, load_weights, open_checkpoint
 from llama_aot.compiler.errors import BuildError
 from llama_aot.compiler.export import export_model
+from llama_aot.compiler.lazy_weights import LazyWeights
 from llama_aot.compiler.lower import lower, program_constants
 from llama_aot.compiler.model import build_model
 from llama_aot.compiler.package import copy_tokenizer, write_manifest
@@ -121,9 +122,15 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
             kv_scales = calibrate_kv_scales(model, build, calibration)
     with progress.stage("export"):
         ep = export_model(model, build)
+    lazy = LazyWeights(ep)
+
+    def passes(rank: int, enabled=None):
+        with lazy.recording():
+            return run_pipeline(ep, PassContext(build, rank=rank, kv_scales=kv_scales), enabled)
+
     with tensor_parallel_world(build.tp):
         with progress.stage("passes" + (f" (rank 0 of {build.tp})" if build.tp > 1 else "")):
-            program, reports = run_pipeline(ep, PassContext(build, kv_scales=kv_scales))
+            program, reports = passes(0)
             for r in reports:
                 print(f"[llama-compile]   {r.phase}/{r.name}: {r.matches} matches", file=progress.stream)
         quantization = {r.name: r.record for r in reports if r.record and r.phase == "quantize"}
@@ -134,19 +141,18 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
         # `llama-bench accuracy --baseline` measures against the unquantized artifact.
         reference = model
         if quantization:
-            reference = program.module() if build.tp == 1 else run_pipeline(
-                ep, PassContext(build, kv_scales=kv_scales), _unsharded(build.passes))[0].module()
+            reference = lazy.real_module(program if build.tp == 1 else passes(0, _unsharded(build.passes))[0])
         with progress.stage("lower (AOTInductor)"):
             lower(program, tmp / step.package, build.max_autotune)
+        # The weights are computed here, one rank at a time (compiler/lazy_weights.py).
         with progress.stage("write weights"):
-            write_weights(tmp / step.weights[0], program_constants(program))
-            del program
-            for rank in range(1, build.tp):
-                ranked, _ = run_pipeline(ep, PassContext(build, rank=rank, kv_scales=kv_scales))
-                write_weights(tmp / step.weights[rank], program_constants(ranked))
-                del ranked
+            for rank in range(build.tp):
+                if rank:
+                    program, _ = passes(rank)
+                write_weights(tmp / step.weights[rank],
+                              {k: lazy.materialize(v) for k, v in program_constants(program).items()})
+            del program, ep
             copy_tokenizer(ckpt.tokenizer_files, tmp)
-            del ep
     with progress.stage("verify" + (f" on {build.tp} ranks" if build.tp > 1 else "")):
         schedule = reference_run(reference, build, ckpt.config,
                                  unquantized=model if build.kv_dtype == FP8_KV else None)

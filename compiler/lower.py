@@ -7,9 +7,11 @@ set globally, so building never changes how other torch.compile users in the pro
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import ExportedProgram
 
 from llama_aot.compiler.inductor_fixes import lowering_fixes
@@ -21,9 +23,33 @@ AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TR
 
 def lower(ep: ExportedProgram, package_path: Path, max_autotune: bool = False) -> Path:
     options = {**INDUCTOR_OPTIONS, **(AUTOTUNE_OPTIONS if max_autotune else {})}
-    with lowering_fixes():
+    with lowering_fixes(), _addressable_weights(ep):
         out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=options)
     return Path(out)
+
+
+@contextlib.contextmanager
+def _addressable_weights(ep: ExportedProgram):
+    """AOTInductor reads a constant's address, never its value: it merges constants that share
+    one. Fake weights (compiler/lazy_weights.py) have none, so while lowering each stands as an
+    untouched `torch.empty` of its layout (on the CPU, address space with no pages behind it)."""
+    tables = [ep.state_dict, ep.constants]
+    saved = [dict(t) for t in tables]
+    stand_ins: dict[int, torch.Tensor] = {}  # one per fake, so tied weights stay tied
+    for table in tables:
+        for name, t in table.items():
+            if isinstance(t, FakeTensor):
+                if id(t) not in stand_ins:
+                    empty = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                    stand_ins[id(t)] = torch.nn.Parameter(empty, requires_grad=False) \
+                        if isinstance(t, torch.nn.Parameter) else empty
+                table[name] = stand_ins[id(t)]
+    try:
+        yield
+    finally:
+        for table, old in zip(tables, saved):
+            table.clear()
+            table.update(old)
 
 
 def program_constants(ep: ExportedProgram) -> dict[str, torch.Tensor]:

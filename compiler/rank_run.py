@@ -10,6 +10,7 @@ as a TCP port could be.
 from __future__ import annotations
 
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -19,15 +20,22 @@ from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.compiler.errors import BuildError
 from llama_aot.compiler.verify import Schedule
 
+# How long a rank waits for the others, to join or in a collective, before it fails rather than
+# hangs. Each loads its weights before joining, so the wait is for the slowest load.
+TIMEOUT_S = 600
+
 
 def compiled_run_on_ranks(package: Path, weight_files: list[Path], schedule: Schedule, layout: KVCacheLayout,
                           device_type: str) -> list[torch.Tensor]:
     """Rank 0's logits over the schedule, with `weight_files[r]` on rank r."""
     world = len(weight_files)
     with tempfile.TemporaryDirectory(prefix="llama-aot-ranks-") as tmp:
-        out = Path(tmp) / "rank0-logits.pt"
+        out, steps = Path(tmp) / "rank0-logits.pt", Path(tmp) / "schedule.pt"
+        # Through a file: tensors among spawn's arguments travel as shared-memory handles that each
+        # child fetches from this process, and that hand-over hung (both ranks waiting on a futex).
+        torch.save(schedule, steps)
         init = f"file://{tmp}/rendezvous"
-        context = mp.start_processes(_rank_main, args=(world, device_type, init, package, weight_files, schedule,
+        context = mp.start_processes(_rank_main, args=(world, device_type, init, package, weight_files, steps,
                                                        layout, out), nprocs=world, join=False, start_method="spawn")
         try:
             while not context.join():
@@ -43,7 +51,7 @@ def compiled_run_on_ranks(package: Path, weight_files: list[Path], schedule: Sch
 
 
 def _rank_main(rank: int, world: int, device_type: str, init: str, package: Path, weight_files: list[Path],
-               schedule: Schedule, layout: KVCacheLayout, out: Path) -> None:
+               steps: Path, layout: KVCacheLayout, out: Path) -> None:
     import torch.distributed as dist
 
     import llama_aot.kernels.ops  # noqa: F401  (the program calls torch.ops.llama_aot)
@@ -56,11 +64,12 @@ def _rank_main(rank: int, world: int, device_type: str, init: str, package: Path
     if device_type == "cuda":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
-    join_group(rank, world, device_type, init)
+    schedule = torch.load(steps, weights_only=False)
+    program = load_package(package)
+    weights = read_weights(weight_files[rank], device)
+    attach_weights(program, weights, weight_files[rank])
+    join_group(rank, world, device_type, init, timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        program = load_package(package)
-        weights = read_weights(weight_files[rank], device)
-        attach_weights(program, weights, weight_files[rank])
         rows = compiled_run(program, schedule, layout, device)
         if rank == 0:
             torch.save(rows, out)

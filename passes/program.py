@@ -48,6 +48,12 @@ class ProgramEditor:
         """The program's fake mode, for computing a new node's value as export would have."""
         return self._fake_mode
 
+    def _describe(self, value: torch.Tensor):
+        """A placeholder's value: a fake tensor of the weight's layout, never the weight itself
+        (which may be a fake the build records ops on, compiler/lazy_weights.py)."""
+        with self._fake_mode:
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+
     def weight_name(self, node: Node) -> str | None:
         """The FQN of the parameter `node` stands for, or None if it is not a parameter."""
         if node.op != "placeholder":
@@ -66,7 +72,7 @@ class ProgramEditor:
                                 and self._specs[n.name].kind == InputKind.USER_INPUT)
         with self.graph.inserting_before(first_user_input):
             node = self.graph.placeholder("p_" + name.replace(".", "_"))
-        node.meta["val"] = self._fake_mode.from_tensor(value, static_shapes=True)
+        node.meta["val"] = self._describe(value)
         self.state_dict[name] = torch.nn.Parameter(value, requires_grad=False)
         self.new_weights[name] = self.state_dict[name]
         self._specs[node.name] = InputSpec(InputKind.PARAMETER, TensorArgument(node.name), name)
@@ -76,7 +82,7 @@ class ProgramEditor:
         """Gives parameter `node` a new value (another dtype or layout) under the same name; the
         pass rewrites its users to match."""
         name = self.weight_name(node)
-        node.meta["val"] = self._fake_mode.from_tensor(value, static_shapes=True)
+        node.meta["val"] = self._describe(value)
         self.state_dict[name] = torch.nn.Parameter(value, requires_grad=False)
         self.new_weights[name] = self.state_dict[name]
 

@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 TINY_BUILD = dict(max_num_tokens=64, max_num_seqs=8, context_length=256, block_size=4)
 _SESSION_CACHE: list[str] = []  # the build cache this session made, if it made one
-# Fixture name -> llama-compile flags for the embedded default model.
+# Fixture name -> (artifact directory name, which the server serves it as; llama-compile flags)
+# for the embedded default model.
 BACKGROUND_BUILDS = {
-    "smollm2_artifact": [],  # llama-compile's defaults, as `make serve` builds it
-    "fp8_default": ["--fp8", "--fp8-ignore", "gate_up_proj", "--kv-cache-dtype", "fp8_e4m3"],
+    "smollm2_artifact": ("smollm2", []),  # llama-compile's defaults, as `make serve` builds it
+    "fp8_default": ("smollm2-fp8-kv-fp8", ["--fp8", "--fp8-ignore", "gate_up_proj", "--kv-cache-dtype", "fp8_e4m3"]),
 }
 _BACKGROUND: dict[str, tuple[subprocess.Popen, Path]] = {}
 _ARTIFACTS_DIR: list[str] = []
@@ -53,13 +54,13 @@ def pytest_collection_finish(session):
     checkpoint = default_checkpoint()  # converted once here, not raced by the builds
     _ARTIFACTS_DIR.append(tempfile.mkdtemp(prefix="llama-aot-test-artifacts-"))
     for name in sorted(wanted):
-        out = Path(_ARTIFACTS_DIR[0]) / name
-        log = open(out.with_suffix(".log"), "w")
-        cmd = [sys.executable, "-m", "llama_aot.compiler.cli", "--model", str(checkpoint), *BACKGROUND_BUILDS[name],
-               "-o", str(out)]
+        directory, flags = BACKGROUND_BUILDS[name]
+        out = Path(_ARTIFACTS_DIR[0]) / directory
+        cmd = [sys.executable, "-m", "llama_aot.compiler.cli", "--model", str(checkpoint), *flags, "-o", str(out)]
         # One thread each: the builds share the machine with the tests.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        _BACKGROUND[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out
+        with open(out.with_suffix(".log"), "w") as log:
+            _BACKGROUND[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out
 
 
 def background_artifact(name: str) -> Path | None:
