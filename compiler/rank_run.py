@@ -4,12 +4,7 @@ them, each with only its own weights and its own shard of the KV cache.
 
 Every rank runs the whole schedule (the steps' inputs are the same on every rank, and the logits
 are gathered to all of them), so no rank waits on another for its inputs; rank 0 hands its logits
-back. A barrier from Python follows each step: a compiled program holds the GIL while it runs,
-and gloo's worker thread, freeing a finished all-gather whose tensor Python has seen, needs the
-GIL while it holds the lock the program's next collective waits for (a deadlock seen under load:
-the worker in ~AsyncAllgatherCoalescedWork -> decref_pyobject, the main thread in
-ProcessGroupGloo::enqueue). The barrier waits with the GIL released, so the worker finishes first.
-The ranks rendezvous through a file in a temporary directory, which no other build can take
+back. The ranks rendezvous through a file in a temporary directory, which no other build can take
 as a TCP port could be.
 """
 from __future__ import annotations
@@ -75,7 +70,7 @@ def _rank_main(rank: int, world: int, device_type: str, init: str, package: Path
     attach_weights(program, weights, weight_files[rank])
     join_group(rank, world, device_type, init, timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        rows = compiled_run(program, schedule, layout, device, after_step=dist.barrier)
+        rows = compiled_run(program, schedule, layout, device)
         if rank == 0:
             torch.save(rows, out)
     finally:

@@ -20,7 +20,6 @@ a missing or wrong scale moves them far more.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import torch
 
@@ -99,18 +98,15 @@ def reference_run(eager, build: BuildConfig, cfg: ModelConfig, seed: int = 0, un
     return schedule
 
 
-def compiled_run(compiled, schedule: Schedule, layout: KVCacheLayout, device: str,
-                 after_step: Callable[[], None] | None = None) -> list[torch.Tensor]:
+def compiled_run(compiled, schedule: Schedule, layout: KVCacheLayout, device: str) -> list[torch.Tensor]:
     """The compiled program's logits over the schedule's steps, in a cache of its own (`layout`:
-    this rank's). `after_step` runs after each step (a rank's barrier, compiler/rank_run.py)."""
+    this rank's). Under inference_mode, as serving calls it: under no_grad AOTInductor reaches the
+    all-gather of a --tp program through a Python autograd kernel, and gloo's worker thread then
+    needs the GIL (which the next step's call holds) to free it, a deadlock."""
     cache = layout.allocate(schedule.num_blocks, device)
-    rows = []
-    with torch.no_grad():
-        for inputs in schedule.steps:
-            rows.append(call_step(compiled, {k: v.to(device) for k, v in inputs.items()}, cache).cpu())
-            if after_step is not None:
-                after_step()
-    return rows
+    with torch.inference_mode():
+        return [call_step(compiled, {k: v.to(device) for k, v in inputs.items()}, cache).cpu()
+                for inputs in schedule.steps]
 
 
 def compare(schedule: Schedule, compiled_rows: list[torch.Tensor], build: BuildConfig) -> dict:
