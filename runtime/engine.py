@@ -29,7 +29,7 @@ import torch
 
 from llama_aot.runtime.block_manager import BlockManager
 from llama_aot.runtime.detokenizer import IncrementalDetokenizer, StopChecker
-from llama_aot.runtime.model_runner import ModelRunner, StepPlan
+from llama_aot.runtime.model_runner import ModelRunner, RunnerFailure, StepPlan
 from llama_aot.runtime.sampling import Sampler, SamplingParams, make_generator
 from llama_aot.runtime.scheduler import Scheduler, SchedulerConfig
 from llama_aot.runtime.sequence import Sequence
@@ -166,7 +166,8 @@ class Engine:
                     continue
                 self._step()
             except Exception as e:  # a bug or a device fault: fail the batch, keep serving
-                log.exception("engine step failed")
+                if not isinstance(e, RunnerFailure):
+                    log.exception("engine step failed")
                 self._pending.clear()
                 for request_id in list(self._requests):
                     self._fail(request_id, f"internal error: {type(e).__name__}: {e}")

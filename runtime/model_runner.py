@@ -26,6 +26,11 @@ from llama_aot.runtime.config import ResolvedRuntime, RuntimeConfigError
 from llama_aot.runtime.decode_graphs import DecodeGraphs, batch_buckets
 
 
+class RunnerFailure(RuntimeError):
+    """The runner can run no more steps (a rank of a tensor-parallel server died); whoever owns
+    it reports why, so the engine fails its requests without logging a traceback of its own."""
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """One step, as every rank must run it: the chunks in row order, and the logit rows the engine

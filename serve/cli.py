@@ -1,21 +1,30 @@
 """`llama-serve ARTIFACT`: load a compiled artifact and serve the OpenAI API over HTTP.
 
 Flags follow SGLang's names where it has them. Start-up problems (a refused artifact, a bad flag,
-a busy port) are one line on stderr and exit status 2. SIGTERM and Ctrl-C stop accepting new
-connections, let requests in flight finish (up to --graceful-timeout seconds), then stop the engine.
+a busy port, a rank that fails to start) are one line on stderr and exit status 2. SIGTERM and
+Ctrl-C stop accepting new connections, let requests in flight finish (up to --graceful-timeout
+seconds), then stop the engine and the other ranks.
+
+An artifact built for N ranks (llama-compile --tp N) is served by N processes: this one is rank 0
+(HTTP, scheduler, its shard) and starts the others (runtime/worker_group.py). A rank that dies
+while serving stops the server (RankFailures), with exit status 1.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 from llama_aot.artifacts.errors import ArtifactError, CLIParser, ConfigError
-from llama_aot.artifacts.manifest import read_manifest
+from llama_aot.artifacts.manifest import Manifest, checked_manifest
 from llama_aot.runtime.config import RuntimeConfig, RuntimeConfigError
+
+RANK_FAILURE_EXIT_S = 5.0  # how long a server whose rank died lets its requests get their errors
 
 
 def parse_args(argv):
@@ -64,16 +73,73 @@ def _check_port(host: str, port: int) -> None:
             raise RuntimeConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
 
 
-def build_server(args):
-    """Loads everything and returns (uvicorn server, engine); raises the user-facing errors."""
-    import uvicorn
-    from tokenizers import Tokenizer
+def _check_gpus(path: Path, manifest: Manifest) -> None:
+    """A CUDA artifact built for N ranks needs N visible GPUs, one per rank."""
+    if manifest.device_type != "cuda" or manifest.world_size == 1:
+        return
+    import torch
 
-    from llama_aot.runtime.artifact import load_artifact
-    from llama_aot.runtime.engine import Engine
-    from llama_aot.runtime.model_runner import ModelRunner
-    from llama_aot.serve.app import ServeConfig, create_app
-    from llama_aot.serve.chat_template import load_chat_template
+    ranks, visible = manifest.world_size, torch.cuda.device_count()
+    if visible < ranks:
+        raise RuntimeConfigError(f"{path} was built for {ranks} GPUs (--tp {ranks}) but {visible} are visible; "
+                                 f"serve it on a machine with {ranks} GPUs (see CUDA_VISIBLE_DEVICES), or rebuild "
+                                 f"it with a --tp this machine has")
+
+
+class RankFailures:
+    """What a failed rank does to the server, called once from the worker monitor's thread.
+
+    During start-up rank 0 may be blocked where no exception reaches it (joining a group a worker
+    never joins), so the process prints the one error line and exits with status 2 at once; the
+    other workers die with it (runtime/tp_worker.py). Once serving, the engine fails the requests
+    in flight (their next step raises RankFailure), uvicorn stops, and RANK_FAILURE_EXIT_S later
+    the process exits regardless, in case rank 0 is stuck where a dead rank left it."""
+
+    def __init__(self):
+        self.server = None  # set once serving
+        self.failed = False
+        self._lock = threading.Lock()
+
+    def report(self, message: str) -> bool:
+        """Prints the error line unless one was printed already; says whether it printed."""
+        with self._lock:
+            if self.failed:
+                return False
+            self.failed = True
+        print(f"llama-serve: error: {message}", file=sys.stderr, flush=True)
+        return True
+
+    def __call__(self, message: str) -> None:
+        if not self.report(message):
+            return
+        if self.server is None:
+            os._exit(2)
+        self.server.should_exit = True
+        deadline = threading.Timer(RANK_FAILURE_EXIT_S, os._exit, args=(1,))
+        deadline.daemon = True
+        deadline.start()
+
+
+def _start_ranks(args, failures: RankFailures):
+    """Checks that this machine can run the artifact and, for one built for N ranks, starts ranks
+    1..N-1, which load alongside rank 0; returns (whether decode runs as CUDA graphs, the workers
+    or None)."""
+    if not args.artifact.is_dir():  # load_artifact says why
+        return False, None
+    manifest, device = checked_manifest(args.artifact)
+    capturable = device == "cuda" and not args.disable_cuda_graph
+    _check_gpus(args.artifact, manifest)
+    if manifest.world_size == 1:
+        return capturable, None
+    from llama_aot.runtime.worker_group import WorkerGroup
+
+    return capturable, WorkerGroup.start(args.artifact, manifest.world_size, device, capturable, failures)
+
+
+def build_server(args, failures: RankFailures | None = None):
+    """Loads everything and returns (uvicorn server, engine); raises the user-facing errors.
+    `failures` hears of a rank that fails, if the artifact has more than one."""
+    from llama_aot.serve.app import ServeConfig
 
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
                          served_model_name=args.served_model_name or args.artifact.resolve().name,
@@ -85,14 +151,32 @@ def build_server(args):
                             disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=args.cuda_graph_max_bs)
     _check_port(config.host, config.port)
     start = time.perf_counter()
-    capturable = (not runtime.disable_cuda_graph and args.artifact.is_dir()  # else load_artifact says why
-                  and read_manifest(args.artifact).device_type == "cuda")
+    capturable, workers = _start_ranks(args, failures or RankFailures())
+    with contextlib.ExitStack() as on_error:
+        if workers is not None:
+            on_error.callback(workers.close)
+        server, engine = _load_and_serve(args, config, runtime, capturable, workers, start)
+        on_error.pop_all()  # the server stops the workers from now on
+    return server, engine
+
+
+def _load_and_serve(args, config, runtime: RuntimeConfig, capturable: bool, workers, start: float):
+    import uvicorn
+    from tokenizers import Tokenizer
+
+    from llama_aot.runtime.artifact import load_artifact
+    from llama_aot.runtime.engine import Engine
+    from llama_aot.runtime.model_runner import ModelRunner
+    from llama_aot.runtime.tensor_parallel import TensorParallelRunner
+    from llama_aot.serve.app import create_app
+    from llama_aot.serve.chat_template import load_chat_template
+
     artifact = load_artifact(args.artifact, single_threaded=capturable)
     template = load_chat_template(args.artifact)
     tokenizer = template.tokenizer if template else Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
     resolved = runtime.resolve(artifact.model_config, artifact.build_config, artifact.weight_bytes)
     engine_start = time.perf_counter()
-    runner = ModelRunner(artifact, resolved)
+    runner = TensorParallelRunner(artifact, resolved, workers) if workers else ModelRunner(artifact, resolved)
     engine = Engine(runner, tokenizer)
     engine_s = time.perf_counter() - engine_start
     warmup = runner.warmup()
@@ -109,6 +193,10 @@ def build_server(args):
           f"{resolved.block_size} tokens in {artifact.build_config.kv_dtype} "
           f"({resolved.num_blocks * resolved.block_bytes / 2**30:.2f} GiB); serving '{config.served_model_name}' "
           f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
+    if workers is not None:
+        handover = ", ".join(f"{s * 1e6:.0f} us ({name})" for name, s in runner.handover_s.items())
+        print(f"llama-serve: {artifact.manifest.world_size} ranks; handing a step's plan to the other ranks takes "
+              f"{handover}", file=sys.stderr, flush=True)
 
     app = create_app(engine, template, config)
 
@@ -119,6 +207,8 @@ def build_server(args):
         async def shutdown(self, sockets=None):
             await super().shutdown(sockets)
             engine.shutdown()
+            if workers is not None:
+                workers.close()
 
     server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                    timeout_graceful_shutdown=args.graceful_timeout))
@@ -128,16 +218,20 @@ def build_server(args):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+    from llama_aot.runtime.worker_group import RankFailure
+
+    failures = RankFailures()
     try:
-        server, engine = build_server(args)
-    except (ArtifactError, ConfigError, ValueError) as e:
-        print(f"llama-serve: error: {e}", file=sys.stderr)
+        server, engine = build_server(args, failures)
+    except (ArtifactError, ConfigError, ValueError, RankFailure) as e:
+        failures.report(str(e))
         return 2
+    failures.server = server
     try:
         server.run()
     finally:
         engine.shutdown()
-    return 0
+    return 1 if failures.failed else 0
 
 
 if __name__ == "__main__":
