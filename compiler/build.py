@@ -38,6 +38,7 @@ from llama_aot.compiler.errors import BuildError
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.lazy_weights import LazyWeights
 from llama_aot.compiler.lower import lower, program_constants
+from llama_aot.compiler.mapped_files import release_pages, released_after_each_module
 from llama_aot.compiler.model import build_model
 from llama_aot.compiler.package import copy_tokenizer, write_manifest
 from llama_aot.compiler.rank_run import compiled_run_on_ranks
@@ -118,11 +119,12 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
     with progress.stage("load weights"):
         model = build_model(ckpt.config, load_weights(ckpt, torch_dtype(build.dtype))).to(build.target)
     if calibration is not None:
-        with progress.stage(f"calibrate the FP8 KV cache ({len(calibration.sequences)} prompts)"):
+        with progress.stage(f"calibrate the FP8 KV cache ({len(calibration.sequences)} prompts)"), \
+                released_after_each_module(model):
             kv_scales = calibrate_kv_scales(model, build, calibration)
     with progress.stage("export"):
         ep = export_model(model, build)
-    lazy = LazyWeights(ep)
+    lazy = LazyWeights(ep, release=release_pages)
 
     def passes(rank: int, enabled=None):
         with lazy.recording():
@@ -149,13 +151,16 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
             for rank in range(build.tp):
                 if rank:
                     program, _ = passes(rank)
-                write_weights(tmp / step.weights[rank],
-                              {k: lazy.materialize(v) for k, v in program_constants(program).items()})
+                weights = {k: lazy.materialize(v) for k, v in program_constants(program).items()}
+                write_weights(tmp / step.weights[rank], weights)
+                release_pages(weights.values())  # the ones written as loaded (a replicated embedding)
+                del weights
             del program, ep
             copy_tokenizer(ckpt.tokenizer_files, tmp)
     with progress.stage("verify" + (f" on {build.tp} ranks" if build.tp > 1 else "")):
-        schedule = reference_run(reference, build, ckpt.config,
-                                 unquantized=model if build.kv_dtype == FP8_KV else None)
+        with released_after_each_module(model):
+            schedule = reference_run(reference, build, ckpt.config,
+                                     unquantized=model if build.kv_dtype == FP8_KV else None)
         layout = KVCacheLayout.of(ckpt.config, build)
         if build.tp == 1:
             program = load_package(tmp / step.package)
@@ -211,6 +216,11 @@ def check_build_machine(build: BuildConfig) -> None:
     if not torch.cuda.is_available():
         raise BuildError("--target cuda needs a CUDA GPU on the build machine: AOTInductor compiles for "
                          "the GPU it runs on, so build on the machine that will serve")
+    visible = torch.cuda.device_count()
+    if build.tp > visible:
+        raise BuildError(f"--tp {build.tp} needs {build.tp} GPUs on the build machine, which verifies every rank on "
+                         f"its own, and {visible} {'is' if visible == 1 else 'are'} visible (see CUDA_VISIBLE_DEVICES); "
+                         f"build on a machine with {build.tp} GPUs")
     fp8 = [flag for flag, on in (("FP8 weights", build.weight_quant == "fp8"),
                                  (f"--kv-cache-dtype {FP8_KV}", build.kv_dtype == FP8_KV)) if on]
     capability = torch.cuda.get_device_capability()

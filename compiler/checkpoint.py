@@ -32,6 +32,7 @@ from llama_aot.artifacts.errors import ConfigError
 from llama_aot.compiler.compressed_tensors import (FP8_DTYPE, Quantization, kv_scale_names, per_row,
                                                    read_quantization, weight_scale_name)
 from llama_aot.compiler.errors import BuildError
+from llama_aot.compiler.mapped_files import map_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -369,8 +370,7 @@ def _map(ckpt: Checkpoint, path: Path) -> mmap.mmap:
     if path.stat().st_size < need:
         raise BuildError(f"{path.name}: truncated since it was opened ({path.stat().st_size} bytes, "
                          f"needs {need}); re-download the checkpoint")
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return map_file(path)
 
 
 def _view(mm: mmap.mmap, info: TensorInfo) -> torch.Tensor:

@@ -16,7 +16,8 @@ then materializes the program's weights one at a time:
         value = lazy.materialize(w)                                # computed now, from the model's
 
 Each materialization holds its weight's inputs and intermediates only: a rank's weights need that
-rank's tensors and one layer's sources at a time, never a fused or quantized copy of the model.
+rank's tensors and one layer's sources at a time, never a fused or quantized copy of the model
+(and with `release`, the sources' checkpoint pages are given back as soon as each is computed).
 Recipes are keyed by the fake tensor's storage and layout, which a detach or an `nn.Parameter`
 wrapper keeps; the recorder keeps every recorded tensor alive, so no storage is reused under
 another tensor.
@@ -24,6 +25,7 @@ another tensor.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +66,10 @@ class LazyWeights:
     """Takes over an exported program's weights: `ep.state_dict` then holds fake tensors in the
     program's own fake mode, each recorded with the real tensor it stands for."""
 
-    def __init__(self, ep: ExportedProgram):
+    def __init__(self, ep: ExportedProgram, release: Callable[[list[torch.Tensor]], None] | None = None):
+        """`release`, if given, hears of the real tensors each materialization read, once it is done
+        with them (the build drops their checkpoint pages: compiler/mapped_files.py)."""
+        self._release = release
         self.fake_mode = detect_fake_mode([n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"])
         self._recipes: dict[tuple, _Recipe] = {}
         self._alive: list[torch.Tensor] = []
@@ -106,7 +111,10 @@ class LazyWeights:
             return memo[k]
 
         with torch.no_grad():
-            return value(key).contiguous()
+            out = value(key).contiguous()
+        if self._release is not None:
+            self._release([self._recipes[k].source for k in memo if self._recipes[k].source is not None])
+        return out
 
     def real_module(self, ep) -> torch.nn.Module:
         """`ep.module()` with its weights materialized: the program run eagerly, for verification."""

@@ -77,6 +77,14 @@ def test_a_tp_that_does_not_divide_the_heads_is_refused(capsys, tiny_checkpoint,
     assert_nothing_left(tmp_path, "out")
 
 
+def test_a_tp_beyond_the_visible_gpus_is_refused_before_any_work(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert_refused(capsys, ["--model", str(tiny_checkpoint), "--target", "cuda", "--tp", "2", "-o", str(tmp_path / "out")],
+                   "--tp 2 needs 2 GPUs on the build machine", "and 1 is visible")
+    assert_nothing_left(tmp_path, "out")
+
+
 def test_the_tp2_artifact_computes_the_tp1_artifacts_logits(tiny_tp2_artifact, tiny_artifact, model_and_program):
     """Both ranks run over gloo, each with half the heads and its own half of the KV cache."""
     model, _, build = model_and_program
