@@ -17,7 +17,8 @@ the weights it quantizes, and its record counts them as `from_checkpoint`.
 
 Which way each matmul computes (kernels/fp8_linear.py: weight-only, or per-token FP8 activations
 through `_scaled_mm` with row-wise or output-applied scales) is chosen per weight shape and step
-size. The GPU target times every mode on the building GPU (kernels/fp8_timing.py) at steps of
+size; a --tp build's shapes are one rank's, as its kernels will see them (the pass runs before
+sharding). The GPU target times every mode on the building GPU (kernels/fp8_timing.py) at steps of
 SMALL_STEP_ROWS and of LARGE_STEP_ROWS tokens, and a shape whose best mode differs between the two
 gets both, behind a `torch.cond` on the step's token count at MAX_ROWS (ProgramEditor.route_by_rows):
 
@@ -40,6 +41,7 @@ from llama_aot.kernels.fp8_linear import FP8, WEIGHT_ONLY, quantize_rows
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.matching import is_call
 from llama_aot.passes.program import ProgramEditor, weight_scale_name
+from llama_aot.passes.shard_tensor_parallel import rank_weight_shape
 
 aten = torch.ops.aten
 fp8_linear = torch.ops.llama_aot.fp8_linear.default
@@ -113,7 +115,7 @@ def quantize_fp8(ep, ctx: PassContext) -> PassResult:
             scale_node = editor.add_weight(weight_scale_name(name), scale)
         else:
             continue
-        shape = tuple(editor.weight(weight).shape)
+        shape = rank_weight_shape(editor.weight_name(weight), tuple(editor.weight(weight).shape), ctx.world_size)
         choice = choices.setdefault("x".join(map(str, shape)), choose_modes(ctx, shape))
         _emit(editor, node, (x, weight, scale_node), choice, len(fp8_weights))
         fp8_weights.append(editor.weight_name(weight))

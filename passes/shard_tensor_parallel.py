@@ -53,6 +53,18 @@ _ELEMENTWISE = (aten.silu.default, aten.mul.Tensor, aten.to.dtype, aten._to_copy
 _BY_HEADS = (llama.rope_write_kv.default, llama.paged_attention.default)
 
 
+def rank_weight_shape(name: str, shape: tuple[int, int], tp: int) -> tuple[int, int]:
+    """The shape of one rank's part of the matmul weight `name`: 1/tp of the rows of a
+    column-parallel weight and of the LM head, of the columns of a row-parallel one (what the
+    quantize pass, which runs before sharding, times its kernels at)."""
+    module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+    if (module in COLUMN_PARALLEL or name == LM_HEAD) and shape[0] % tp == 0:
+        return shape[0] // tp, shape[1]
+    if module in ROW_PARALLEL and shape[1] % tp == 0:
+        return shape[0], shape[1] // tp
+    return shape
+
+
 @graph_pass(phase="shard")
 def shard_tensor_parallel(ep, ctx: PassContext) -> PassResult:
     tp, rank = ctx.world_size, ctx.rank

@@ -156,6 +156,22 @@ def test_gpu_choices_by_step_size_become_a_cond_on_the_token_count(fused, monkey
     assert not torch.allclose(logits(per_token, build), small, rtol=1e-5, atol=1e-5)
 
 
+def test_a_tp_build_times_the_shapes_each_rank_multiplies(fused, monkeypatch):
+    """The pass runs before sharding; under --tp 2 the GPU's kernels see half of each weight:
+    the rows of qkv and gate_up, the columns of o and down."""
+    ep, build, model = fused
+    timed = []
+    monkeypatch.setattr(quantize_module, "choose_modes",
+                        lambda ctx, shape: timed.append(shape) or quantize_module.ModeChoice(WEIGHT_ONLY, WEIGHT_ONLY))
+    tp2 = dataclasses.replace(build, target="cuda", tp=2, passes=None)
+    result = quantize_module.quantize_fp8(ep, PassContext(fp8_build(tp2)))
+    cfg = model.config
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    assert sorted(set(timed)) == sorted({(qkv // 2, h), (h, cfg.num_heads * cfg.head_dim // 2), (i, h), (h, i // 2)})
+    assert set(result.record["modes_by_weight_shape"]) == {f"{n}x{k}" for n, k in set(timed)}
+
+
 def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
     """Summed over the step sizes each branch covers; weight-only is never a candidate beyond
     MAX_ROWS rows (its CUDA kernel stops there), however fast a timing says it is."""
