@@ -2,9 +2,14 @@
 step size: what the quantize pass chooses by at build time (kernels differ per shape and per batch
 size by up to 2x, see kernels/fp8_linear.py, so the choice is measured, not assumed).
 
-Each mode is timed through the fp8_linear op itself, graph-replayed (kernels/graph_timing.py),
-with enough weight copies that the weights stream from memory as in a real step rather than sit
-in L2.
+Each mode is timed as the artifact runs it: the fp8_linear op compiled by Inductor, which traces
+into it, graph-replayed (kernels/graph_timing.py), with enough weight copies that the weights
+stream from memory as in a real step rather than sit in L2. Compiled, because Inductor fuses the
+per-token modes' activation quantization (abs, amax, divide, clamp, cast) into one kernel (in the
+artifact, into the kernel that produces x: seen on the CPU backend, where silu * mul and all of the
+quantization became one kernel before `_scaled_mm`), and their output scaling into the next op.
+Run eagerly, each of those ops is a kernel of its own: ~20 us a call on the H200
+(fp8-matmul-20261206-014432), more than the FP8 matmul saves, so eager timings ruled those modes out.
 """
 from __future__ import annotations
 
@@ -30,11 +35,23 @@ def time_modes(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]
     copies = max(1, -(-STREAMED_BYTES // (n * k)))
     weights = [torch.randn(n, k, device="cuda", generator=gen).to(FP8) for _ in range(copies)]
     scale = torch.rand(n, device="cuda", generator=gen) + 0.5
+    compiled = {mode: _compiled(mode) for mode in MODES}
     times = {}
-    for r in rows:
-        x = torch.randn(r, k, device="cuda", generator=gen).to(dtype)
-        times[r] = {mode: graph_time_us(lambda i: fp8_linear(x, weights[i], scale, mode), copies)
-                    for mode in candidate_modes(r)}
-    del weights
+    with torch._dynamo.config.patch(recompile_limit=64):  # a variant per mode, static at 1 row and dynamic
+        for r in rows:
+            x = torch.randn(r, k, device="cuda", generator=gen).to(dtype)
+            if r > 1:
+                torch._dynamo.mark_dynamic(x, 0)  # as in the artifact, where the step's token count is
+            times[r] = {mode: graph_time_us(lambda i: compiled[mode](x, weights[i], scale), copies)
+                        for mode in candidate_modes(r)}
+    del weights, compiled
+    torch._dynamo.reset()
     torch.cuda.empty_cache()
     return times
+
+
+def _compiled(mode: str):
+    """fp8_linear in `mode`, compiled by Inductor as the artifact's program is."""
+    def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, weight, scale, mode)
+    return torch.compile(matmul, fullgraph=True)

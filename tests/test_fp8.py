@@ -16,7 +16,8 @@ from llama_aot.compiler.build import Progress, build_artifact
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.model import build_model
-from llama_aot.kernels.fp8_linear import FP8, PER_TOKEN, PER_TOKEN_EPILOGUE, WEIGHT_ONLY, dequantize_rows, fp8_linear, quantize_rows
+from llama_aot.kernels.fp8_linear import (FP8, MODES, PER_TOKEN, PER_TOKEN_EPILOGUE, WEIGHT_ONLY, dequantize_rows, fp8_linear,
+                                         quantize_rows)
 from llama_aot.passes import quantize_fp8 as quantize_module
 from llama_aot.passes.graph_pass import PassContext
 from llama_aot.passes.pipeline import run_pipeline
@@ -192,6 +193,21 @@ def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
     assert choice.timings_us["rows=128"] == table[128]
     with pytest.raises(ConfigError, match="--fp8-ignore"):
         quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 120))
+
+
+def test_the_modes_are_timed_as_inductor_compiles_them_and_compute_the_same():
+    """kernels/fp8_timing.py times each mode compiled (Inductor fuses the per-token quantization
+    into one kernel); compiled with a dynamic row count, each mode still computes the op's product."""
+    from llama_aot.kernels.fp8_timing import _compiled
+
+    q, scale = quantize_rows(torch.randn(32, 64))
+    for mode in MODES:
+        matmul = _compiled(mode)
+        for rows in (3, 7):
+            x = torch.randn(rows, 64).to(torch.bfloat16)
+            torch._dynamo.mark_dynamic(x, 0)
+            torch.testing.assert_close(matmul(x, q, scale), fp8_linear(x, q, scale, mode), rtol=1e-2, atol=1e-2)
+    torch._dynamo.reset()
 
 
 def _with_weights(ep, weights):
