@@ -213,14 +213,19 @@ def test_step_time_does_not_grow_with_the_kv_cache(tiny_artifact):
     layout = KVCacheLayout.of(artifact.model_config, artifact.build_config)
     inputs = build_step_inputs([SequenceChunk((5,), 9, (1, 2, 3))], layout.block_size)
 
-    def best_step_time(num_blocks):
-        cache = layout.allocate(num_blocks, "cpu")
+    def best_time(fn, cache):
         times = []
-        for _ in range(5):
+        for _ in range(10):
             start = time.perf_counter()
-            call_step(artifact.step, inputs, cache)
+            fn(cache)
             times.append(time.perf_counter() - start)
         return min(times)
 
-    small, large = best_step_time(16), best_step_time(100_000)  # 0.1 MB vs 200 MB of cache
-    assert large < 5 * small + 2e-3, f"step {small * 1e3:.2f} ms with a small cache, {large * 1e3:.2f} ms with a large one"
+    def step(cache):
+        call_step(artifact.step, inputs, cache)
+
+    small_cache, large_cache = layout.allocate(16, "cpu"), layout.allocate(100_000, "cpu")  # 0.1 vs 200 MB
+    small, large = best_time(step, small_cache), best_time(step, large_cache)
+    copy = best_time(torch.clone, large_cache)  # what one copy of the cache costs on this machine, now
+    assert large < small + copy / 4, (f"step {small * 1e3:.2f} ms with a small cache, {large * 1e3:.2f} ms with "
+                                      f"a large one, whose copy takes {copy * 1e3:.2f} ms")
