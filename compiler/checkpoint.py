@@ -86,14 +86,17 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def model_config_from_hf(hf: dict, generation_config: dict | None = None) -> ModelConfig:
+def model_config_from_hf(hf: dict, generation_config: dict | None = None,
+                         architecture: str = "LlamaForCausalLM") -> ModelConfig:
     """Translate a Hugging Face config.json (plus generation_config.json, whose eos ids are merged
-    in: Llama 3.1 Instruct lists its three stop tokens only there) into our ModelConfig."""
+    in: Llama 3.1 Instruct lists its three stop tokens only there) into our ModelConfig.
+    `architecture`: what `architectures` must name (an EAGLE-3 head's config is a Llama config
+    under another name, compiler/eagle_head.py)."""
     archs = hf.get("architectures")
     if archs:
-        if "LlamaForCausalLM" not in archs:
+        if architecture not in archs:
             raise BuildError(f"config.json: unsupported architecture {', '.join(map(str, archs))}; "
-                             "llama-aot compiles LlamaForCausalLM checkpoints")
+                             f"expected {architecture}")
     elif hf.get("model_type") != "llama":
         raise BuildError(f"config.json: unsupported architecture {hf.get('model_type')!r} (no "
                          "'architectures' and model_type is not 'llama'); llama-aot compiles "

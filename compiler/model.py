@@ -75,14 +75,24 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def rotary(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin for each position, in HF's layout (each frequency twice, halves concatenated)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, input_size: int | None = None):
+        """`input_size`: what q, k and v project from, the hidden size unless given (an EAGLE-3
+        head's layer reads twice that, compiler/eagle_head.py)."""
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=False)
+        input_size = input_size or cfg.hidden_size
+        self.q_proj = nn.Linear(input_size, cfg.q_size, bias=False)
+        self.k_proj = nn.Linear(input_size, cfg.kv_size, bias=False)
+        self.v_proj = nn.Linear(input_size, cfg.kv_size, bias=False)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, batch: "BatchInputs", kv_cache: torch.Tensor) -> torch.Tensor:
@@ -156,9 +166,7 @@ class Llama(nn.Module):
                 kv_cache):
         batch = BatchInputs(positions, slots, block_tables, context_lens, query_index)
         x = self.model.embed_tokens(tokens)
-        freqs = positions.float()[:, None] * self.rope_inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = rotary(positions, self.rope_inv_freq, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, kv_cache)
         x = self.model.norm(x)
