@@ -217,7 +217,7 @@ def check_build_machine(build: BuildConfig) -> None:
         raise BuildError("--target cuda needs a CUDA GPU on the build machine: AOTInductor compiles for "
                          "the GPU it runs on, so build on the machine that will serve")
     visible = torch.cuda.device_count()
-    if build.tp > visible:
+    if build.tp > 1 and build.tp > visible:
         raise BuildError(f"--tp {build.tp} needs {build.tp} GPUs on the build machine, which verifies every rank on "
                          f"its own, and {visible} {'is' if visible == 1 else 'are'} visible (see CUDA_VISIBLE_DEVICES); "
                          f"build on a machine with {build.tp} GPUs")

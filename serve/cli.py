@@ -1,5 +1,8 @@
 """`llama-serve ARTIFACT`: load a compiled artifact and serve the OpenAI API over HTTP.
 
+ARTIFACT may also be a store REF (an http(s) URL, hf://ORG/REPO, a store directory; see
+llama-artifacts): the build that fits this machine is pulled into the cache first (artifacts/pull.py).
+
 Flags follow SGLang's names where it has them. Start-up problems (a refused artifact, a bad flag,
 a busy port, a rank that fails to start) are one line on stderr and exit status 2. SIGTERM and
 Ctrl-C stop accepting new connections, let requests in flight finish (up to --graceful-timeout
@@ -29,7 +32,8 @@ RANK_FAILURE_EXIT_S = 5.0  # how long a server whose rank died lets its requests
 
 def parse_args(argv):
     p = CLIParser(prog="llama-serve", description=__doc__.splitlines()[0])
-    p.add_argument("artifact", type=Path, help="artifact directory built by llama-compile")
+    p.add_argument("artifact", help="artifact directory built by llama-compile, or a store REF to pull it from "
+                                    "(http(s)://..., hf://ORG/REPO, a store directory; see llama-artifacts)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
@@ -139,8 +143,11 @@ def _start_ranks(args, failures: RankFailures):
 def build_server(args, failures: RankFailures | None = None):
     """Loads everything and returns (uvicorn server, engine); raises the user-facing errors.
     `failures` hears of a rank that fails, if the artifact has more than one."""
+    from llama_aot.artifacts.pull import resolve_artifact
     from llama_aot.serve.app import ServeConfig
 
+    args.artifact = resolve_artifact(args.artifact, say=lambda line: print(f"llama-serve: {line}", file=sys.stderr,
+                                                                           flush=True))
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
                          served_model_name=args.served_model_name or args.artifact.resolve().name,
                          tool_call_parser=args.tool_call_parser)

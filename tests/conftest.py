@@ -129,6 +129,19 @@ def tiny_tp2_artifact(tiny_checkpoint, tiny_build, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tp2_fp8_artifact(tiny_checkpoint, tiny_build, tmp_path_factory) -> Path:
+    """The tiny model built with --tp 2 --fp8 --kv-cache-dtype fp8_e4m3."""
+    import dataclasses
+
+    from llama_aot.compiler.build import build_artifact
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-tp2-fp8"
+    build_artifact(tiny_checkpoint, dataclasses.replace(tiny_build, tp=2, weight_quant="fp8", kv_dtype="fp8_e4m3",
+                                                        passes=None), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_checkpoint() -> Path:
     from llama_aot.compiler.gguf_import import default_checkpoint
 

@@ -13,7 +13,6 @@ from llama_aot.artifacts.manifest import read_manifest
 from llama_aot.artifacts.program import attach_weights, load_package
 from llama_aot.artifacts.tensor_parallel import fake_group
 from llama_aot.artifacts.weights_file import read_weights
-from llama_aot.compiler.build import build_artifact
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.model import build_model
@@ -114,14 +113,13 @@ def test_the_gpu_still_routes_the_residual_projections_after_their_all_reduce(mo
     assert next(r for r in reports if r.name == "route_decode_linears").matches == 2 * model.config.num_layers
 
 
-def test_tp2_composes_with_fp8_weights_and_the_fp8_kv_cache(tiny_checkpoint, tiny_build, tmp_path):
+def test_tp2_composes_with_fp8_weights_and_the_fp8_kv_cache(tiny_tp2_fp8_artifact):
     """Per-row scales go with their rows (column-parallel) or stay whole (row-parallel); the
     per-layer KV scales are every rank's."""
-    build = dataclasses.replace(tiny_build, tp=TP, weight_quant="fp8", kv_dtype="fp8_e4m3", passes=None)
-    manifest = build_artifact(tiny_checkpoint, build, tmp_path / "tp2-fp8")
+    manifest = read_manifest(tiny_tp2_fp8_artifact)
     assert manifest.verification["passed"] and manifest.world_size == TP
     assert manifest.quantization["quantize_fp8"]["modes_by_weight_shape"]
-    ranks = [read_weights(tmp_path / "tp2-fp8" / w, "cpu") for w in manifest.programs[0].weights]
+    ranks = [read_weights(tiny_tp2_fp8_artifact / w, "cpu") for w in manifest.programs[0].weights]
     for name in ("model.layers.0.self_attn.qkv_proj.weight_scale", "model.layers.0.mlp.down_proj.weight_scale"):
         assert ranks[0][name].shape[0] == ranks[0][name.replace("_scale", "")].shape[0]
     torch.testing.assert_close(ranks[0]["model.layers.0.mlp.down_proj.weight_scale"],

@@ -242,17 +242,19 @@ def test_too_few_gpus_are_refused_before_anything_loads(tp_artifact, monkeypatch
                    "machine has")
 
 
-def test_a_tp2_fp8_artifact_serves_the_one_rank_fp8_artifacts_tokens(tiny_checkpoint, tiny_build, tmp_path):
+def test_a_tp2_fp8_artifact_serves_the_one_rank_fp8_artifacts_tokens(tiny_tp2_fp8_artifact, tiny_checkpoint,
+                                                                      tiny_build, tmp_path):
     """--tp 2 --fp8 --kv-cache-dtype fp8_e4m3 through the stock client, against --tp 1 with the same
     quantization: each rank holds its rows' weights and scales, and each its KV heads in e4m3."""
     from llama_aot.compiler.build import build_artifact
 
-    fp8 = dict(weight_quant="fp8", kv_dtype="fp8_e4m3", passes=None)
+    one_rank = tmp_path / "tp1"
+    build_artifact(tiny_checkpoint, dataclasses.replace(tiny_build, weight_quant="fp8", kv_dtype="fp8_e4m3",
+                                                        passes=None), one_rank)
     servers = []
     try:
-        for tp in (2, 1):
-            build_artifact(tiny_checkpoint, dataclasses.replace(tiny_build, tp=tp, **fp8), tmp_path / f"tp{tp}")
-            servers.append(ServerProcess(tmp_path / f"tp{tp}", "--served-model-name", MODEL))
+        for artifact in (tiny_tp2_fp8_artifact, one_rank):
+            servers.append(ServerProcess(artifact, "--served-model-name", MODEL))
         ranks2, ranks1 = ([completion(s, p)[0] for p in PROMPTS[:3]] for s in servers)
         assert ranks2 == ranks1 and all(len(tokens) == 16 for tokens in ranks2)
     finally:
