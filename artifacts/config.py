@@ -15,6 +15,7 @@ from llama_aot.artifacts.errors import ConfigError
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_QUANTS = ("none", "fp8")
+SPECULATIVE_ALGORITHMS = ("EAGLE3",)  # SGLang's --speculative-algorithm names
 # `--kv-cache-dtype`, by SGLang's and vLLM's names: "auto" stores the cache in the model dtype.
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 FP8_KV = "fp8_e4m3"
@@ -143,6 +144,10 @@ class BuildConfig:
     context_length: int = 0
     max_autotune: bool = False
     passes: tuple[str, ...] | None = None
+    # EAGLE: the draft head is its own program in the artifact (compiler/eagle_head.py); the
+    # target program also returns the head's input. `speculative_num_steps`: tokens drafted per step.
+    speculative_algorithm: str | None = None
+    speculative_num_steps: int = 3
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -197,6 +202,14 @@ class BuildConfig:
             raise ConfigError("--max-autotune tunes GPU kernels; it needs --target cuda")
         if self.context_length < 0:
             raise ConfigError(f"--context-length {self.context_length}: must be positive")
+        if self.speculative_algorithm is not None:
+            if self.speculative_algorithm not in SPECULATIVE_ALGORITHMS:
+                raise ConfigError(f"--speculative-algorithm {self.speculative_algorithm}: unsupported; choose one of "
+                                  f"{', '.join(SPECULATIVE_ALGORITHMS)}")
+            if self.tp > 1:
+                raise ConfigError("--speculative-algorithm with --tp above 1 is not built yet; build one of them")
+            if not isinstance(self.speculative_num_steps, int) or not 1 <= self.speculative_num_steps <= 8:
+                raise ConfigError(f"--speculative-num-steps {self.speculative_num_steps}: must be between 1 and 8")
 
     def resolved(self, model: ModelConfig) -> "BuildConfig":
         """Fill the context length from the model when the user gave none, and refuse one the

@@ -32,6 +32,7 @@ from llama_aot.artifacts.target import check_target
 FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 STEP_PROGRAM = "step"
+DRAFT_PROGRAM = "draft"
 KEYS = ("format_version", "producer", "target", "model", "build", "input_hash", "programs", "quantization",
         "passes", "verification", "files")
 

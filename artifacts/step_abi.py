@@ -6,6 +6,11 @@ the benchmarks and the serving loop cannot drift apart. A step program is called
 `program(*inputs in INPUT_NAMES order, kv_cache) -> logits[len(logits_index), vocab]`; the manifest
 lists each program's `STEP_INPUTS`, and the loader refuses a program whose list differs. See
 kernels/paged_attention.py for the meaning of each tensor.
+
+An artifact built with an EAGLE head (llama-compile --speculative-algorithm) has a second program,
+the draft: `draft(tokens, hidden, *the other inputs, draft_kv_cache) -> (logits[len(logits_index),
+vocab], hidden[tokens, H])`, and its step program returns the draft's input besides the logits,
+`(logits, hidden[tokens, H])`. `call_step` returns the logits of either kind; `step_outputs` all.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from llama_aot.artifacts.kv_layout import slot_of
 INPUT_NAMES = ("tokens", "positions", "slots", "block_tables", "context_lens", "query_index",
                "logits_index")
 STEP_INPUTS = (*INPUT_NAMES, "kv_cache")
+DRAFT_INPUTS = ("tokens", "hidden", *INPUT_NAMES[1:], "kv_cache")
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,13 @@ def build_step_inputs(chunks: list[SequenceChunk], block_size: int,
 
 
 def call_step(program, inputs: dict[str, torch.Tensor], kv_cache: torch.Tensor) -> torch.Tensor:
-    """Runs one step: `program` is a loaded step program or the eager model, `inputs` the step's
-    tensors by name (extra names are ignored), `kv_cache` the cache it updates in place."""
-    return program(*[inputs[n] for n in INPUT_NAMES], kv_cache)
+    """Runs one step and returns its logits: `program` is a loaded step program or the eager model,
+    `inputs` the step's tensors by name (extra names are ignored), `kv_cache` the cache it updates
+    in place."""
+    return step_outputs(program, inputs, kv_cache)[0]
+
+
+def step_outputs(program, inputs: dict[str, torch.Tensor], kv_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Runs one step and returns every output: (logits,), or (logits, the draft's hidden input)."""
+    out = program(*[inputs[n] for n in INPUT_NAMES], kv_cache)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)

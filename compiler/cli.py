@@ -11,7 +11,8 @@ import time
 import warnings
 from pathlib import Path
 
-from llama_aot.artifacts.config import FP8_KV, KV_CACHE_DTYPES, SUPPORTED_DTYPES, TARGET_DEFAULTS, TARGETS, BuildConfig
+from llama_aot.artifacts.config import (FP8_KV, KV_CACHE_DTYPES, SPECULATIVE_ALGORITHMS, SUPPORTED_DTYPES,
+                                       TARGET_DEFAULTS, TARGETS, BuildConfig)
 from llama_aot.artifacts.errors import ArtifactError, CLIParser, ConfigError
 from llama_aot.compiler.errors import BuildError
 
@@ -34,6 +35,11 @@ def parse_args(argv):
                         "package's)")
     def by_target(field):
         return ", ".join(f"{getattr(defaults, field)} on {target}" for target, defaults in TARGET_DEFAULTS.items())
+    p.add_argument("--speculative-algorithm", choices=SPECULATIVE_ALGORITHMS,
+                   help="build the draft head of --speculative-draft-model-path into the artifact as its own program")
+    p.add_argument("--speculative-draft-model-path", type=Path, metavar="DIR",
+                   help="an EAGLE-3 head for this model, in the Hugging Face layout SGLang and vLLM load")
+    p.add_argument("--speculative-num-steps", type=int, default=3, help="tokens drafted per step (default: 3)")
     p.add_argument("--dtype", choices=SUPPORTED_DTYPES, help=f"compute dtype (default: {by_target('dtype')})")
     p.add_argument("--max-num-tokens", type=int,
                    help=f"largest number of tokens in one step (default: {by_target('max_num_tokens')})")
@@ -60,7 +66,8 @@ def main(argv=None) -> int:
                             kv_dtype=args.kv_cache_dtype, tp=args.tp,
                             max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs,
                             context_length=args.context_length, block_size=args.block_size,
-                            max_autotune=args.max_autotune)
+                            max_autotune=args.max_autotune, speculative_algorithm=args.speculative_algorithm,
+                            speculative_num_steps=args.speculative_num_steps)
         from llama_aot.compiler.build import build_artifact, check_build_machine
         from llama_aot.compiler.gguf_import import default_checkpoint
 
@@ -70,7 +77,8 @@ def main(argv=None) -> int:
         quantized = ("-fp8" if build.weight_quant == "fp8" else "") + ("-kv-fp8" if build.kv_dtype == FP8_KV else "")
         out = args.output or Path("artifacts") / f"{checkpoint.name.lower()}-{build.target}-{build.dtype}{quantized}"
         manifest = build_artifact(checkpoint, build, out, use_cache=not args.no_cache,
-                                  calibration_data=args.calibration_data)
+                                  calibration_data=args.calibration_data,
+                                  draft_model=args.speculative_draft_model_path)
     except (BuildError, ConfigError, ArtifactError) as e:
         print(f"llama-compile: error: {e}", file=sys.stderr)
         return 2

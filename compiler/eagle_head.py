@@ -71,7 +71,10 @@ class EagleHeadConfig:
 
 
 def read_head_config(path: Path, target: ModelConfig) -> EagleHeadConfig:
-    """The head's config, checked against the target it will draft for."""
+    """The head's config, checked against the target it will draft for: the same hidden size and
+    vocabulary (it reads the target's residual stream and embeddings), and the same key/value
+    heads and head size (its one-layer cache is laid out as the target's, which the runtime
+    derives it from)."""
     where = path / "config.json"
     try:
         hf = json.loads(where.read_text())
@@ -86,7 +89,8 @@ def read_head_config(path: Path, target: ModelConfig) -> EagleHeadConfig:
         raise BuildError(f"{path}: {e}") from None
     if model.num_layers != 1:
         raise BuildError(f"{where}: num_hidden_layers is {model.num_layers}; an EAGLE-3 head has one layer")
-    for field, what in (("hidden_size", "hidden size"), ("vocab_size", "vocabulary")):
+    for field, what in (("hidden_size", "hidden size"), ("vocab_size", "vocabulary"),
+                        ("num_kv_heads", "key/value head count"), ("head_dim", "head size")):
         if getattr(model, field) != getattr(target, field):
             raise BuildError(f"{path}: the head's {what} is {getattr(model, field)} but the target's is "
                              f"{getattr(target, field)}; use a head trained for this model")
@@ -136,6 +140,18 @@ def read_head(path: Path, target: ModelConfig) -> tuple[EagleHeadConfig, dict[st
     return config, tensors
 
 
+def head_fingerprint(path: Path) -> str:
+    """What the build cache keys a head on: its config and its weight file's name, size and mtime."""
+    import hashlib
+
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            st = (path / name).stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 def write_head(path: Path, config: EagleHeadConfig, tensors: dict[str, torch.Tensor], base: dict) -> None:
     """Writes a head in the layout read_head reads: `base` is the target's config.json, whose
     Llama fields the head's config repeats (as trained heads' configs do)."""
@@ -168,11 +184,13 @@ class Eagle3Layer(nn.Module):
 
 class Eagle3Head(nn.Module):
     """`forward(tokens, hidden, positions, slots, block_tables, context_lens, query_index,
-    logits_index, kv_cache) -> (draft logits [len(logits_index), Vd] in float32, hidden [T, H])`.
+    logits_index, kv_cache) -> (logits [len(logits_index), V] in float32, hidden [T, H])`.
 
     `tokens[t]` is the token after position t, `hidden[t]` the mixed taps of the target at t
     (`mix`) or, one draft step on, the head's own returned hidden state. The cache is the head's
-    own, of one layer, addressed by the target's block tables."""
+    own, of one layer, addressed by the target's block tables. The logits are the draft
+    vocabulary's placed at their target ids, -inf elsewhere, so the runtime samples and compares
+    draft and target over one vocabulary."""
 
     def __init__(self, config: EagleHeadConfig):
         super().__init__()
@@ -196,10 +214,10 @@ class Eagle3Head(nn.Module):
         embeds = self.embed_tokens(tokens)
         cos, sin = rotary(positions, self.rope_inv_freq, embeds.dtype)
         h = self.midlayer(embeds, hidden, cos, sin, batch, kv_cache)
-        return self.lm_head(self.norm(h[logits_index])).float(), h
-
-    def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return draft_ids + self.d2t[draft_ids]
+        draft = self.lm_head(self.norm(h[logits_index])).float()
+        target_ids = torch.arange(draft.shape[1], device=draft.device) + self.d2t
+        logits = draft.new_full((draft.shape[0], self.config.model.vocab_size), float("-inf"))
+        return logits.index_copy(1, target_ids, draft), h
 
 
 def build_head(config: EagleHeadConfig, tensors: dict[str, torch.Tensor], embed_tokens: torch.Tensor) -> Eagle3Head:

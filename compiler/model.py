@@ -153,35 +153,46 @@ class Llama(nn.Module):
     kv_cache) -> logits[len(logits_index), vocab]` in float32.
 
     Only the rows in `logits_index` reach the LM head: a prefill chunk needs logits for its last
-    token alone, and the vocabulary projection is the largest matmul in the model."""
+    token alone, and the vocabulary projection is the largest matmul in the model.
 
-    def __init__(self, cfg: ModelConfig):
+    With `eagle_taps` (an EAGLE-3 head's three layers, compiler/eagle_head.py) it also returns the
+    head's input for every token, `eagle_fc` of the residual stream entering those layers, so that
+    the draft program reads an H-wide hidden state whether the target or the draft made it."""
+
+    def __init__(self, cfg: ModelConfig, eagle_taps: tuple[int, ...] = ()):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.eagle_taps = tuple(eagle_taps)
+        if self.eagle_taps:
+            self.eagle_fc = nn.Linear(len(self.eagle_taps) * cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, tokens, positions, slots, block_tables, context_lens, query_index, logits_index,
                 kv_cache):
         batch = BatchInputs(positions, slots, block_tables, context_lens, query_index)
         x = self.model.embed_tokens(tokens)
         cos, sin = rotary(positions, self.rope_inv_freq, x.dtype)
-        for layer in self.model.layers:
+        taps = []
+        for i, layer in enumerate(self.model.layers):
+            taps += [x] * self.eagle_taps.count(i)
             x = layer(x, cos, sin, batch, kv_cache)
-        x = self.model.norm(x)
-        return self.lm_head(x[logits_index]).float()
+        logits = self.lm_head(self.model.norm(x)[logits_index]).float()
+        if not self.eagle_taps:
+            return logits
+        return logits, self.eagle_fc(torch.cat(taps, dim=-1))
 
 
-def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Llama:
+def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], eagle_taps: tuple[int, ...] = ()) -> Llama:
     """Constructs on the meta device and adopts `weights` as the parameters (no copy, no random
     init), tying the LM head to the embedding when the config says so. A linear whose weight is
-    FP8 becomes an Fp8Linear."""
+    FP8 becomes an Fp8Linear. With `eagle_taps`, `weights` holds the head's `eagle_fc.weight`."""
     weights = dict(weights)
     if cfg.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     with torch.device("meta"):
-        model = Llama(cfg)
+        model = Llama(cfg, eagle_taps)
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and weights[f"{name}.weight"].dtype == FP8:
                 parent, _, child = name.rpartition(".")

@@ -23,9 +23,9 @@ import dataclasses
 
 import torch
 
-from llama_aot.artifacts.config import BuildConfig, ModelConfig
+from llama_aot.artifacts.config import BuildConfig, ModelConfig, torch_dtype
 from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
+from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs, call_step
 
 PROMPT_LENGTHS = (5, 37, 18)
 DECODE_STEPS = 8
@@ -135,3 +135,32 @@ def _compare(reference: torch.Tensor, other: torch.Tensor, tie: float) -> tuple[
     exact = (picked == reference.argmax(-1)).float().mean().item()
     near = reference.gather(1, picked[:, None])[:, 0] >= reference.max(-1).values - tie
     return (reference - other).abs().max().item() / scale, exact, near.float().mean().item()
+
+
+def verify_draft(compiled, eager, schedule: Schedule, layout: KVCacheLayout, build: BuildConfig,
+                 hidden_size: int, seed: int = 0) -> dict:
+    """The compiled draft program against the eager head over the schedule's steps, each with the
+    same seeded hidden input (what the target's taps would give; the head's arithmetic does not
+    depend on where it came from), in caches of their own (`layout`: the draft's). Compared as
+    the target is, over the draft vocabulary's logits (the -inf elsewhere are equal by
+    construction), and the hidden states the next draft step reads."""
+    gen = torch.Generator().manual_seed(seed)
+    caches = [layout.allocate(schedule.num_blocks, build.target) for _ in range(2)]
+    rows = ([], [])
+    with torch.inference_mode():
+        for inputs in schedule.steps:
+            hidden = torch.randn(inputs["tokens"].shape[0], hidden_size, generator=gen).to(torch_dtype(build.dtype))
+            args = {k: v.to(build.target) for k, v in inputs.items()}
+            for program, cache, out in zip((eager, compiled), caches, rows):
+                logits, h = program(args["tokens"], hidden.to(build.target),
+                                    *[args[n] for n in INPUT_NAMES[1:]], cache)
+                out.append((logits.cpu(), h.float().cpu()))
+    drafted = torch.isfinite(torch.cat([r[0] for r in rows[0]]))
+    eager_logits = torch.cat([r[0] for r in rows[0]])[drafted]
+    compiled_logits = torch.cat([r[0] for r in rows[1]])[drafted]
+    draft = dataclasses.replace(schedule, eager_rows=[eager_logits.view(len(drafted), -1)], plain_rows=[])
+    result = compare(draft, [compiled_logits.view(len(drafted), -1)], build)
+    eager_h, compiled_h = torch.cat([r[1] for r in rows[0]]), torch.cat([r[1] for r in rows[1]])
+    result["hidden_relative_error"] = ((eager_h - compiled_h).abs().max() / eager_h.abs().max()).item()
+    result["passed"] = result["passed"] and result["hidden_relative_error"] <= result["tolerance"]["relative_error"]
+    return result

@@ -19,14 +19,14 @@ import llama_aot.kernels.ops  # noqa: F401  (the programs call torch.ops.llama_a
 from llama_aot.artifacts.config import BuildConfig, ModelConfig
 from llama_aot.artifacts.digest import DigestMismatch, check_files, mismatch_message
 from llama_aot.artifacts.errors import ArtifactError
-from llama_aot.artifacts.manifest import STEP_PROGRAM, Manifest, ProgramSpec, checked_manifest
+from llama_aot.artifacts.manifest import DRAFT_PROGRAM, STEP_PROGRAM, Manifest, ProgramSpec, checked_manifest
 from llama_aot.artifacts.program import attach_weights, load_package
-from llama_aot.artifacts.step_abi import STEP_INPUTS
+from llama_aot.artifacts.step_abi import DRAFT_INPUTS, STEP_INPUTS
 from llama_aot.artifacts.weights_file import restore_ties
 from llama_aot.runtime.weights_loader import load_safetensors
 
 # What this runtime calls each program with; a program built for other inputs must be rebuilt.
-PROGRAM_INPUTS = {STEP_PROGRAM: STEP_INPUTS}
+PROGRAM_INPUTS = {STEP_PROGRAM: STEP_INPUTS, DRAFT_PROGRAM: DRAFT_INPUTS}
 
 
 @dataclass
