@@ -176,9 +176,11 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, embeds, hidden, cos, sin, batch: BatchInputs, kv_cache):
+    def forward(self, embeds, hidden, attend):
+        """`attend(x)`: the attention over x's 2H-wide rows, paged (Eagle3Head.forward) or dense
+        over an unrolled chain (compiler/eagle_train.py)."""
         x = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), dim=-1)
-        h = hidden + self.self_attn(x, cos, sin, batch, kv_cache)
+        h = hidden + attend(x)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -213,7 +215,7 @@ class Eagle3Head(nn.Module):
         batch = BatchInputs(positions, slots, block_tables, context_lens, query_index)
         embeds = self.embed_tokens(tokens)
         cos, sin = rotary(positions, self.rope_inv_freq, embeds.dtype)
-        h = self.midlayer(embeds, hidden, cos, sin, batch, kv_cache)
+        h = self.midlayer(embeds, hidden, lambda x: self.midlayer.self_attn(x, cos, sin, batch, kv_cache))
         draft = self.lm_head(self.norm(h[logits_index])).float()
         target_ids = torch.arange(draft.shape[1], device=draft.device) + self.d2t
         logits = draft.new_full((draft.shape[0], self.config.model.vocab_size), float("-inf"))
