@@ -15,6 +15,10 @@ Whatever a token alone decides (EOS, a stop token id, max_tokens, a full context
 sequence before the next schedule, so no step runs past it. A stop string is found a step later:
 its sequence may sit in step N+1, whose token for it is then dropped (commit skips finished
 sequences), and an abort that arrives meanwhile likewise drops the outputs still pending.
+
+With an EAGLE draft program in the artifact, greedy requests speculate (runtime/speculative.py):
+a decode verifies the drafts made for it and may commit several tokens at once, cut at the first
+that ends the request.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from llama_aot.runtime.model_runner import ModelRunner, RunnerFailure, StepPlan
 from llama_aot.runtime.sampling import Sampler, SamplingParams, make_generator
 from llama_aot.runtime.scheduler import Scheduler, SchedulerConfig
 from llama_aot.runtime.sequence import Sequence
+from llama_aot.runtime.speculative import Speculator
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
@@ -64,6 +69,7 @@ class _Request:
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
+    emitted: int = 0  # tokens handed to the sink: what usage counts, as a step may commit more than are sent
 
 
 @dataclass
@@ -79,6 +85,8 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     preemptions: int = 0
+    spec_verify_steps: int = 0
+    spec_accept_length: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -105,9 +113,13 @@ class Engine:
         runtime = self.runtime
         self.eos_token_ids = tuple(runner.model_config.eos_token_ids)
         self.blocks = BlockManager(runtime.num_blocks, runtime.block_size, runtime.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=runtime.max_num_seqs,
+        lookahead = getattr(runner, "num_speculative_steps", 0)
+        self.speculator = Speculator(runner, self.blocks) if lookahead else None
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=min(runtime.max_num_seqs,
+                                                                    runtime.max_num_tokens // (1 + lookahead)),
                                                    max_num_tokens=runtime.max_num_tokens,
-                                                   max_model_len=runtime.context_length), self.blocks)
+                                                   max_model_len=runtime.context_length,
+                                                   num_lookahead_slots=lookahead), self.blocks)
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
         self._pending: list[_Pending] = []
@@ -186,7 +198,9 @@ class Engine:
                 self._add(*command[1:])
             elif command[1] in self._requests:
                 self.scheduler.abort(command[1])
-                del self._requests[command[1]]
+                state = self._requests.pop(command[1])
+                if self.speculator is not None:
+                    self.speculator.forget(state.seq.seq_id)
 
     def _add(self, request_id, prompt, params: SamplingParams, sink, limit) -> None:
         seq = Sequence(request_id, prompt, limit)
@@ -209,21 +223,47 @@ class Engine:
         items = step.sampled_items()
         # Taken before emitting: a request that a stop string ends there still has its row here.
         states = [self._requests[item.seq.request_id] for item in items]
-        logits = self.runner.execute(StepPlan(tuple(step.chunks()), tuple(step.sample_rows)))
+        speculative = None
+        if self.speculator is not None:
+            params = {item.seq.seq_id: self._requests[item.seq.request_id].params for item in step.items}
+            speculative = self.speculator.plan(step, params)
+        plan = speculative.plan if speculative else StepPlan(tuple(step.chunks()), tuple(step.sample_rows))
+        logits = self.runner.execute(plan)
         self._emit_pending()  # the previous step's text, while the device runs this one
         if not items:  # only mid-prompt chunks: nothing to sample yet
             self.scheduler.commit(step, {})
+            if speculative:
+                self.speculator.after_commit(speculative, {})
             return
+        verified = [None] * len(items)
+        if speculative:  # the sampler gets each item's first row; a verified item's token is not used
+            verified = self.speculator.accept(speculative, logits)
+            logits = logits[[rows.start for rows in speculative.rows]]
         sampled = self.sampler.sample(logits, [s.params for s in states], [s.generator for s in states],
                                       [s.seq.prompt_token_ids for s in states],
                                       [s.seq.output_token_ids for s in states])
-        tokens = {item.seq.seq_id: tok for item, tok in zip(items, sampled.token_ids)}
+        tokens = {}
+        for i, item in enumerate(items):
+            new = verified[i] if verified[i] is not None else [sampled.token_ids[i]]
+            tokens[item.seq.seq_id] = self._cut(states[i], new)
         by_seq = {item.seq.seq_id: i for i, item in enumerate(items)}
         for seq in self.scheduler.commit(step, tokens):
-            i, token = by_seq[seq.seq_id], tokens[seq.seq_id]
-            if states[i].stop.ends_with(token) or seq.reached_max_tokens:
+            i, new = by_seq[seq.seq_id], tokens[seq.seq_id]
+            if states[i].stop.ends_with(new[-1]) or seq.reached_max_tokens:
                 self.scheduler.finish(seq)  # its text and finish reason follow with the others
-            self._pending.append(_Pending(states[i], token, sampled.logprobs[i], sampled.top_logprobs[i]))
+                if self.speculator is not None:
+                    self.speculator.forget(seq.seq_id)
+            for token in new:  # logprobs only for a request sampled one token a step (speculates() excludes them)
+                self._pending.append(_Pending(states[i], token, sampled.logprobs[i], sampled.top_logprobs[i]))
+        if speculative:
+            self.speculator.after_commit(speculative, tokens)
+
+    @staticmethod
+    def _cut(state: _Request, new: list[int]) -> list[int]:
+        """Verified tokens up to the first that ends the request (EOS, a stop token) or its limit."""
+        new = new[:state.seq.max_total_tokens - state.seq.num_tokens]
+        end = next((j for j, token in enumerate(new) if state.stop.ends_with(token)), len(new) - 1)
+        return new[:end + 1]
 
     def _emit_pending(self) -> None:
         """Emits the outputs held back from the last step, skipping requests aborted since."""
@@ -233,9 +273,10 @@ class Engine:
                 self._emit(p.state, p.token, p.logprob, p.top)
 
     def _emit(self, state: _Request, token: int, logprob, top) -> None:
+        state.emitted += 1
         delta = state.detokenizer.add(token)
         text, reason = state.stop.check(token, delta)
-        if reason is None and state.seq.reached_max_tokens:
+        if reason is None and state.seq.num_prompt_tokens + state.emitted >= state.seq.max_total_tokens:
             flushed, reason = state.stop.finish("length")
             text += flushed
         if reason is None:
@@ -245,19 +286,23 @@ class Engine:
 
     def _finish_request(self, state: _Request, text: str, reason: str, token=None, logprob=None, top=None):
         self.scheduler.finish(state.seq)
+        if self.speculator is not None:
+            self.speculator.forget(state.seq.seq_id)
         self._requests.pop(state.seq.request_id, None)
         state.sink(self._output(state, text, token, logprob, top, reason))
 
     def _fail(self, request_id: str, message: str) -> None:
         state = self._requests.pop(request_id)
         self.scheduler.abort(request_id)
+        if self.speculator is not None:
+            self.speculator.forget(state.seq.seq_id)
         state.sink(self._output(state, "", None, None, None, "error", error=message))
 
     def _output(self, state: _Request, text, token, logprob, top, reason, error=None) -> RequestOutput:
         seq = state.seq
         return RequestOutput(request_id=seq.request_id, text=text, token_id=token, logprob=logprob,
                              top_logprobs=top, finish_reason=reason, prompt_tokens=len(seq.prompt_token_ids),
-                             completion_tokens=len(seq.output_token_ids), cached_tokens=seq.num_cached_tokens,
+                             completion_tokens=state.emitted, cached_tokens=seq.num_cached_tokens,
                              error=error)
 
     def _update_stats(self) -> None:
@@ -267,3 +312,6 @@ class Engine:
         s.prefix_cache_hit_rate, s.prefix_cache_queries, s.prefix_cache_hits = (
             b.prefix_hit_rate, b.prefix_queries, b.prefix_hits)
         s.preemptions = self.scheduler.num_preemptions
+        if self.speculator is not None:
+            s.spec_verify_steps = self.speculator.stats.verify_steps
+            s.spec_accept_length = self.speculator.stats.mean_accept_length

@@ -10,9 +10,16 @@ is a second program this runner owns.
 On CUDA, decode-only steps replay CUDA graphs captured by `warmup` (runtime/decode_graphs.py); the
 artifact must then have been loaded with `single_threaded=True`. Other steps run the step program
 eagerly, with the LM head applied only to the rows that will be sampled.
+
+An artifact with an EAGLE draft program (llama-compile --speculative-algorithm) speculates: the
+runner keeps the target's hidden output of each step (`last_hidden`), owns the draft's one-layer
+cache, which shares the target's block ids, and drafts on request (`draft`); runtime/speculative.py
+decides what to draft and what to accept. Its steps run eagerly for now: the decode graphs capture
+one token per sequence and the logits alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -20,10 +27,12 @@ import torch
 
 from llama_aot.artifacts.config import ModelConfig
 from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_step
+from llama_aot.artifacts.manifest import DRAFT_PROGRAM
+from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs, call_step, step_outputs
 from llama_aot.runtime.artifact import Artifact
 from llama_aot.runtime.config import ResolvedRuntime, RuntimeConfigError
 from llama_aot.runtime.decode_graphs import DecodeGraphs, batch_buckets
+from llama_aot.runtime.sampling import greedy_tokens
 
 
 class RunnerFailure(RuntimeError):
@@ -70,8 +79,14 @@ class ModelRunner:
         self.device = device or artifact.device_type
         self.layout = KVCacheLayout.of(artifact.model_config, artifact.build_config)
         self.kv_cache = _allocate_kv_cache(self.layout, runtime, self.device)
+        self.draft_program = artifact.programs.get(DRAFT_PROGRAM)
+        self.num_speculative_steps = artifact.build_config.speculative_num_steps if self.draft_program else 0
+        self.last_hidden: torch.Tensor | None = None
+        if self.draft_program is not None:
+            draft_layout = dataclasses.replace(self.layout, num_layers=1, dtype=artifact.build_config.dtype)
+            self.draft_cache = _allocate_kv_cache(draft_layout, runtime, self.device)
         self.decode_graphs = None
-        if runtime.cuda_graph_max_bs and self.kv_cache.is_cuda:
+        if runtime.cuda_graph_max_bs and self.kv_cache.is_cuda and self.draft_program is None:
             self.decode_graphs = DecodeGraphs(artifact.step, self.kv_cache, batch_buckets(runtime.cuda_graph_max_bs),
                                               runtime.block_size, runtime.context_length)
 
@@ -105,4 +120,28 @@ class ModelRunner:
         if plan.sample_rows:
             inputs["logits_index"] = inputs["logits_index"][list(plan.sample_rows)]
         with torch.inference_mode():
-            return call_step(self.artifact.step, inputs, self.kv_cache)
+            outputs = step_outputs(self.artifact.step, inputs, self.kv_cache)
+        if self.draft_program is not None:
+            self.last_hidden = outputs[1]
+        return outputs[0]
+
+    def draft(self, chunks: list[SequenceChunk], hidden: torch.Tensor, steps: int) -> list[list[int]]:
+        """Writes the draft cache at each chunk's positions (a chunk's tokens are those after its
+        positions; `hidden`: the target's rows for them, in order), then drafts `steps` tokens
+        after each chunk's last position, greedily, one position further per draft call."""
+        block_size = self.runtime.block_size
+        with torch.inference_mode():
+            inputs = build_step_inputs(chunks, block_size, self.device)
+            logits, hidden = self._draft_call(inputs, hidden)
+            drafted = [[t] for t in greedy_tokens(logits).tolist()]
+            hidden = hidden[inputs["logits_index"]]
+            for j in range(1, steps):
+                step = [SequenceChunk((d[-1],), c.start + len(c.tokens) + j - 1, c.block_table)
+                        for c, d in zip(chunks, drafted)]
+                logits, hidden = self._draft_call(build_step_inputs(step, block_size, self.device), hidden)
+                for d, t in zip(drafted, greedy_tokens(logits).tolist()):
+                    d.append(t)
+        return drafted
+
+    def _draft_call(self, inputs: dict[str, torch.Tensor], hidden: torch.Tensor):
+        return self.draft_program(inputs["tokens"], hidden, *[inputs[n] for n in INPUT_NAMES[1:]], self.draft_cache)

@@ -47,14 +47,17 @@ class SchedulerConfig:
     max_model_len: int
     max_prefill_chunk: int | None = None
     watermark: float = 0.01
+    # Speculative decoding: each decode reserves this many more slots and tokens of the budget,
+    # for the draft tokens the step verifies (runtime/speculative.py).
+    num_lookahead_slots: int = 0
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs {self.max_num_seqs}: must be at least 1")
-        if self.max_num_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_tokens {self.max_num_tokens} is below "
-                             f"max_num_seqs {self.max_num_seqs}: every running sequence needs room "
-                             "for its decode token in each step; raise the budget or lower the seqs")
+        if self.max_num_tokens < self.max_num_seqs * (1 + self.num_lookahead_slots):
+            raise ValueError(f"max_num_tokens {self.max_num_tokens} is below max_num_seqs {self.max_num_seqs} "
+                             f"times {1 + self.num_lookahead_slots}: every running sequence needs room for its "
+                             "decode token (and its draft tokens) in each step; raise the budget or lower the seqs")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len {self.max_model_len}: must be at least 2")
         if self.max_prefill_chunk is None:
@@ -71,13 +74,16 @@ class ScheduledItem:
     """`num_tokens` tokens of `seq` from position `start`. `sample` is true iff the piece ends at
     the sequence's last known token (it completes the prefill, or it is a decode), i.e. iff its
     logits row is a next-token distribution. `chunk` is the piece as the program consumes it,
-    taken when scheduled so that an abort before the step runs cannot change the step."""
+    taken when scheduled so that an abort before the step runs cannot change the step.
+    `lookahead`: for a decode, the draft tokens it has slots and budget for (at most
+    num_lookahead_slots, fewer near the sequence's token limit)."""
 
     seq: Sequence
     start: int
     num_tokens: int
     sample: bool
     chunk: SequenceChunk
+    lookahead: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,15 +205,17 @@ class Scheduler:
             if seq.reached_max_tokens:
                 raise RuntimeError(f"{seq} reached max_total_tokens but was not finished; the "
                                    "engine must finish a sequence once seq.reached_max_tokens")
-            while not self.block_manager.ensure_capacity(seq, seq.num_tokens):
+            # Drafts beyond the last token the request may produce would never be used.
+            lookahead = max(0, min(self.config.num_lookahead_slots, seq.max_total_tokens - seq.num_tokens - 1))
+            while not self.block_manager.ensure_capacity(seq, seq.num_tokens + lookahead):
                 victim = self._running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             if seq.status is SequenceStatus.RUNNING:
-                items.append(self._item(seq, 1))
-                budget -= 1
+                items.append(self._item(seq, 1, lookahead))
+                budget -= 1 + lookahead
 
         for seq in self._running:
             if budget == 0:
@@ -230,11 +238,13 @@ class Scheduler:
         self._last_step = step
         return step
 
-    def commit(self, step: ScheduledStep, tokens: dict[int, int]) -> list[Sequence]:
+    def commit(self, step: ScheduledStep, tokens: dict[int, int | list[int]]) -> list[Sequence]:
         """Record that `step` ran: its tokens' K/V are in the cache, and `tokens` maps the seq_id
-        of each sampling item to its new token. Items of sequences finished or aborted since
-        `schedule` are skipped. Returns the sequences that got a token, in item order, for the
-        engine's stop checks. Only the latest step can be committed, and only once."""
+        of each sampling item to its new token, or, for a decode that verified drafts, to its
+        accepted drafts and the target's token after them (whose K/V the step computed too, but
+        for the last). Items of sequences finished or aborted since `schedule` are skipped.
+        Returns the sequences that got tokens, in item order, for the engine's stop checks. Only
+        the latest step can be committed, and only once."""
         if step is not self._last_step:
             raise ValueError(f"step {step.step_id} is not the latest scheduled step or was "
                              "already committed; commit each step once, before scheduling again")
@@ -251,18 +261,23 @@ class Scheduler:
             seq = item.seq
             seq.num_computed_tokens += item.num_tokens
             if item.sample:
-                seq.output_token_ids.append(tokens[seq.seq_id])
+                new = tokens[seq.seq_id]
+                new = [new] if isinstance(new, int) else list(new)
+                if not 1 <= len(new) <= 1 + item.lookahead:
+                    raise ValueError(f"{len(new)} tokens for {seq}, whose step had room for 1 to {1 + item.lookahead}")
+                seq.output_token_ids.extend(new)
+                seq.num_computed_tokens += len(new) - 1  # the accepted drafts' K/V were computed too
                 got.append(seq)
             self.block_manager.commit_full_blocks(seq)
         return got
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _item(self, seq: Sequence, n: int) -> ScheduledItem:
+    def _item(self, seq: Sequence, n: int, lookahead: int = 0) -> ScheduledItem:
         start = seq.num_computed_tokens
         sample = start + n == seq.num_tokens
         chunk = SequenceChunk(tuple(seq.tokens(start, start + n)), start, tuple(seq.block_table))
-        return ScheduledItem(seq, start, n, sample, chunk)
+        return ScheduledItem(seq, start, n, sample, chunk, lookahead)
 
     def _admit(self, seq: Sequence) -> bool:
         """Admit the queue's head if its blocks fit. The watermark is waived when nothing runs:

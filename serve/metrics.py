@@ -93,4 +93,10 @@ class Metrics:
         lines += metric("llama_aot_running_requests", "gauge", "Requests being decoded.", [("", stats.running)])
         lines += metric("llama_aot_preemptions_total", "counter", "Requests preempted for lack of KV blocks.",
                         [("", stats.preemptions)])
+        lines += metric("llama_aot_spec_verify_steps_total", "counter",
+                        "Decode steps that verified EAGLE drafts (0 without a draft program).",
+                        [("", stats.spec_verify_steps)])
+        lines += metric("llama_aot_spec_accept_length", "gauge",
+                        "Mean tokens a verify step yields: accepted drafts plus the target's own (SGLang's accept length).",
+                        [("", stats.spec_accept_length)])
         return "\n".join(lines) + "\n"

@@ -129,6 +129,34 @@ def tiny_tp2_artifact(tiny_checkpoint, tiny_build, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_eagle_head(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A random EAGLE-3 head for the tiny model, in the Hugging Face layout (draft ids: the even ones)."""
+    import json
+
+    from llama_aot.compiler.checkpoint import open_checkpoint
+    from llama_aot.compiler.eagle_head import write_head
+    from test_eagle_head import random_head
+
+    ckpt = open_checkpoint(tiny_checkpoint)
+    path = tmp_path_factory.mktemp("heads") / "eagle3"
+    write_head(path, *random_head(ckpt.config), json.loads((ckpt.path / "config.json").read_text()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_eagle_artifact(tiny_checkpoint, tiny_build, tiny_eagle_head, tmp_path_factory) -> Path:
+    """The tiny model built with that head: --speculative-algorithm EAGLE3, 3 draft steps."""
+    import dataclasses
+
+    from llama_aot.compiler.build import build_artifact
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-eagle3"
+    build = dataclasses.replace(tiny_build, speculative_algorithm="EAGLE3", speculative_num_steps=3)
+    build_artifact(tiny_checkpoint, build, out, draft_model=tiny_eagle_head)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tp2_fp8_artifact(tiny_checkpoint, tiny_build, tmp_path_factory) -> Path:
     """The tiny model built with --tp 2 --fp8 --kv-cache-dtype fp8_e4m3."""
     import dataclasses

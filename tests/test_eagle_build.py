@@ -9,30 +9,22 @@ import torch
 
 from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs, step_outputs
-from llama_aot.compiler.build import build_artifact
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
-from llama_aot.compiler.eagle_head import build_head, read_head, write_head
+from llama_aot.compiler.eagle_head import build_head, read_head
 from llama_aot.compiler.model import build_model
 from llama_aot.runtime.artifact import load_artifact
 
 from test_cli import assert_nothing_left, assert_refused
-from test_eagle_head import random_head
 
 
 @pytest.fixture(scope="module")
-def head_dir(tiny_checkpoint, tmp_path_factory):
-    ckpt = open_checkpoint(tiny_checkpoint)
-    path = tmp_path_factory.mktemp("heads") / "eagle3"
-    write_head(path, *random_head(ckpt.config), json.loads((ckpt.path / "config.json").read_text()))
-    return path
+def head_dir(tiny_eagle_head):
+    return tiny_eagle_head
 
 
 @pytest.fixture(scope="module")
-def eagle_artifact(tiny_checkpoint, tiny_build, head_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-eagle3"
-    build = dataclasses.replace(tiny_build, speculative_algorithm="EAGLE3", speculative_num_steps=3)
-    build_artifact(tiny_checkpoint, build, out, draft_model=head_dir)
-    return out
+def eagle_artifact(tiny_eagle_artifact):
+    return tiny_eagle_artifact
 
 
 def test_the_head_becomes_a_verified_draft_program(eagle_artifact):

@@ -1,0 +1,118 @@
+"""Speculative decoding in the engine (runtime/speculative.py) on the tiny target with an EAGLE-3
+head built in (tests/test_eagle_build.py's artifact): greedy output is the target's own, token for
+token, with a random head (almost every draft rejected) and with drafts that are always right
+(every draft accepted, several tokens committed a step), and a request still ends exactly where it
+must (max_tokens, a stop token inside the accepted drafts) with its usage counted right."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from llama_aot.runtime.artifact import load_artifact
+from llama_aot.runtime.config import RuntimeConfig
+from llama_aot.runtime.engine import Engine
+from llama_aot.runtime.model_runner import ModelRunner
+from llama_aot.runtime.sampling import SamplingParams
+
+from test_engine import Collector
+
+PROMPTS = [[(7 * i + j) % 500 + 1 for j in range(3 + i % 9)] for i in range(16)]
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_eagle_artifact):
+    return load_artifact(tiny_eagle_artifact)
+
+
+def run(artifact, requests, speculate=True, drafts=None):
+    """Serves `requests` ({id: (prompt, params)}) at once; returns (collector, speculator stats).
+    `drafts`: replaces the head's drafts by this function of (sequence tokens so far, steps)."""
+    runtime = RuntimeConfig(kv_cache_blocks=128).resolve(artifact.model_config, artifact.build_config,
+                                                         artifact.weight_bytes)
+    runner = ModelRunner(artifact, runtime)
+    if not speculate:
+        runner.num_speculative_steps = 0
+    engine = Engine(runner, Tokenizer.from_file(str(artifact.path / "tokenizer.json")))
+    if drafts is not None:
+        by_seq = {}
+        original = engine.speculator.after_commit
+
+        def after_commit(sp, committed):
+            original(sp, committed)
+            for item in sp.step.items:
+                if item.seq.seq_id in engine.speculator._drafts:
+                    engine.speculator._drafts[item.seq.seq_id] = drafts(item.seq.token_ids, runner.num_speculative_steps)
+            by_seq.update(committed)
+        engine.speculator.after_commit = after_commit
+    engine.start()
+    collector = Collector()
+    try:
+        for rid, (prompt, params) in requests.items():
+            engine.submit(rid, prompt, params, collector.sink(rid))
+        collector.wait(list(requests))
+    finally:
+        engine.shutdown()
+    return collector, engine.speculator.stats if engine.speculator else None
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def plain(artifact):
+    collector, _ = run(artifact, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)}, speculate=False)
+    return {rid: collector.tokens(rid) for rid in collector.outputs}
+
+
+def test_greedy_tokens_are_the_targets_with_a_head_that_drafts_badly(artifact, plain):
+    collector, stats = run(artifact, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)})
+    assert {rid: collector.tokens(rid) for rid in collector.outputs} == plain
+    assert stats.verify_steps > 0 and stats.verify_steps <= stats.drafted <= 3 * stats.verify_steps  # fewer near the limit
+
+
+def test_drafts_that_are_always_right_are_all_accepted(artifact, plain):
+    continuation = {tuple(p): plain[f"r{i}"] for i, p in enumerate(PROMPTS)}
+
+    def oracle(tokens, steps):
+        for prompt, out in continuation.items():
+            if tuple(tokens[:len(prompt)]) == prompt:
+                done = len(tokens) - len(prompt)
+                return (out[done:done + steps] + [0] * steps)[:steps]
+        raise AssertionError("unknown sequence")
+    collector, stats = run(artifact, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)}, drafts=oracle)
+    assert {rid: collector.tokens(rid) for rid in collector.outputs} == plain
+    assert stats.mean_accept_length > 3.0  # 4 at most: three drafts and the target's token
+    for rid in collector.outputs:
+        final = collector.outputs[rid][-1]
+        assert final.finish_reason == "length" and final.completion_tokens == NEW_TOKENS
+
+
+def test_a_stop_token_inside_accepted_drafts_ends_the_request_there(artifact, plain):
+    expected = plain["r3"]
+    stop = expected[9]
+    cut = expected[:expected.index(stop) + 1]
+    prompt = PROMPTS[3]
+
+    def oracle(tokens, steps):
+        done = len(tokens) - len(prompt)
+        return (expected[done:done + steps] + [0] * steps)[:steps]
+    collector, _ = run(artifact, {"stop": (prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                                                  stop_token_ids=[stop]))}, drafts=oracle)
+    assert collector.tokens("stop") == cut
+    final = collector.outputs["stop"][-1]
+    assert final.finish_reason == "stop" and final.completion_tokens == len(cut)
+
+
+def test_sampled_requests_decode_beside_speculating_ones(artifact, plain):
+    requests = {"greedy": (PROMPTS[0], greedy()),
+                "sampled": (PROMPTS[1], SamplingParams(temperature=1.0, seed=3, max_tokens=NEW_TOKENS, ignore_eos=True))}
+    collector, _ = run(artifact, requests)
+    assert collector.tokens("greedy") == plain["r0"]
+    assert len(collector.tokens("sampled")) == NEW_TOKENS
+    reference, _ = run(artifact, {"sampled": requests["sampled"]}, speculate=False)
+    assert collector.tokens("sampled") == reference.tokens("sampled")
+
+
