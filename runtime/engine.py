@@ -16,7 +16,7 @@ sequence before the next schedule, so no step runs past it. A stop string is fou
 its sequence may sit in step N+1, whose token for it is then dropped (commit skips finished
 sequences), and an abort that arrives meanwhile likewise drops the outputs still pending.
 
-With an EAGLE draft program in the artifact, greedy requests speculate (runtime/speculative.py):
+With an EAGLE draft program in the artifact, requests speculate (runtime/speculative.py):
 a decode verifies the drafts made for it and may commit several tokens at once, cut at the first
 that ends the request.
 """
@@ -236,16 +236,21 @@ class Engine:
                 self.speculator.after_commit(speculative, {})
             return
         verified = [None] * len(items)
-        if speculative:  # the sampler gets each item's first row; a verified item's token is not used
-            verified = self.speculator.accept(speculative, logits)
+        if speculative:
+            verified = self.speculator.accept(speculative, logits, [s.params for s in states],
+                                              [s.generator for s in states])
             logits = logits[[rows.start for rows in speculative.rows]]
-        sampled = self.sampler.sample(logits, [s.params for s in states], [s.generator for s in states],
-                                      [s.seq.prompt_token_ids for s in states],
-                                      [s.seq.output_token_ids for s in states])
-        tokens = {}
-        for i, item in enumerate(items):
-            new = verified[i] if verified[i] is not None else [sampled.token_ids[i]]
-            tokens[item.seq.seq_id] = self._cut(states[i], new)
+        logprobs = {}
+        plain = [i for i, v in enumerate(verified) if v is None]  # the items sampled one token, as usual
+        if plain:
+            ps = [states[i] for i in plain]
+            sampled = self.sampler.sample(logits if len(plain) == len(items) else logits[plain],
+                                          [s.params for s in ps], [s.generator for s in ps],
+                                          [s.seq.prompt_token_ids for s in ps], [s.seq.output_token_ids for s in ps])
+            for j, i in enumerate(plain):
+                verified[i] = [sampled.token_ids[j]]
+                logprobs[i] = (sampled.logprobs[j], sampled.top_logprobs[j])
+        tokens = {item.seq.seq_id: self._cut(states[i], verified[i]) for i, item in enumerate(items)}
         by_seq = {item.seq.seq_id: i for i, item in enumerate(items)}
         for seq in self.scheduler.commit(step, tokens):
             i, new = by_seq[seq.seq_id], tokens[seq.seq_id]
@@ -253,8 +258,9 @@ class Engine:
                 self.scheduler.finish(seq)  # its text and finish reason follow with the others
                 if self.speculator is not None:
                     self.speculator.forget(seq.seq_id)
-            for token in new:  # logprobs only for a request sampled one token a step (speculates() excludes them)
-                self._pending.append(_Pending(states[i], token, sampled.logprobs[i], sampled.top_logprobs[i]))
+            logprob, top = logprobs.get(i, (None, None))  # a request that wants logprobs never speculates
+            for token in new:
+                self._pending.append(_Pending(states[i], token, logprob, top))
         if speculative:
             self.speculator.after_commit(speculative, tokens)
 

@@ -270,7 +270,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return out
 
 
-def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """argmax(probs / E), E ~ Exp(1) drawn as -log(U) from each row's own generator (None: torch's
     default); torch's exponential_ is ~10x slower on CPU. U = 0 gives E = inf, a token that
     cannot win: a bias of 2**-24 at most."""
@@ -366,16 +366,23 @@ class Sampler:
     @staticmethod
     def _sample_random(logits: torch.Tensor, params: list[SamplingParams],
                        generators: list[torch.Generator | None]) -> torch.Tensor:
-        dev = logits.device
-        vocab = logits.shape[1]
-        logits = logits / _temperatures(params, dev)
-        if any(p.min_p > 0 for p in params):
-            logits = _apply_min_p(logits, torch.tensor([p.min_p for p in params], device=dev))
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        if any(k < vocab for k in top_k) or any(p.top_p < 1.0 for p in params):
-            logits = _apply_top_k_top_p(logits, torch.tensor(top_k, device=dev),
-                                        torch.tensor([p.top_p for p in params], device=dev))
-        return _exponential_race(logits.softmax(-1), generators)
+        return exponential_race(token_probabilities(logits, params), generators)
+
+
+def token_probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """What a sampled row draws from: each row's logits with its temperature, min_p, top_k and
+    top_p applied, as probabilities (penalties are the caller's). Speculative verification
+    (runtime/speculative.py) accepts drafts against these."""
+    dev = logits.device
+    vocab = logits.shape[1]
+    logits = logits.float() / _temperatures(params, dev)
+    if any(p.min_p > 0 for p in params):
+        logits = _apply_min_p(logits, torch.tensor([p.min_p for p in params], device=dev))
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in top_k) or any(p.top_p < 1.0 for p in params):
+        logits = _apply_top_k_top_p(logits, torch.tensor(top_k, device=dev),
+                                    torch.tensor([p.top_p for p in params], device=dev))
+    return logits.softmax(-1)
 
 
 def _temperatures(params: list[SamplingParams], device) -> torch.Tensor:

@@ -4,16 +4,21 @@ Around each scheduled step (runtime/engine.py drives it):
 - `plan`: every decode of a speculating request feeds its last token and the drafts made for it
   after the previous step, with a logits row for each (`all_logits`); the scheduler reserved the
   cache slots and the step's budget for them (`ScheduledItem.lookahead`).
-- `accept`: greedy verification. The target's choice after each fed token is its argmax; the
-  drafts are accepted while each equals the target's choice before it, and the target's choice
-  after the last accepted token comes with them. So the tokens are the target's greedy tokens
-  exactly, whatever the drafts were; the accepted drafts' K/V were computed by the same step.
+- `accept`: verification. For a greedy request the target's choice after each fed token is its
+  argmax; the drafts are accepted while each equals the target's choice before it, and the
+  target's choice after the last accepted token comes with them: the target's greedy tokens
+  exactly, whatever the drafts were. For a sampled request, rejection sampling (Leviathan et al.,
+  Chen et al.) against the distribution the sampler would draw from, p (its temperature, top-k,
+  top-p, min-p): draft d is accepted with probability p(d), since the draft is chosen greedily
+  (its q puts all mass on d, so min(1, p/q) = p(d)); on rejection the token is drawn from p
+  without d, renormalised (max(0, p - q)), and after every draft accepted, from the next row's p.
+  Each token is then distributed as p exactly. The accepted drafts' K/V were computed by the step.
 - `after_commit`: the draft program reads the target's hidden state at every position the step
   computed (next to the token after it) into its own cache, and from each sampled sequence's last
   computed position drafts `num_speculative_steps` tokens for the next step.
 
-Which requests speculate: greedy ones without penalties or logprobs. Sampled requests decode one
-token a step beside them; their rejection sampling is still to come (docs/eagle.md). A rejected
+Which requests speculate: those without penalties (which depend on every token before) or
+logprobs; the others decode one token a step beside them. A rejected
 draft's K/V (target and draft caches) lie past the sequence's computed tokens and are overwritten
 when those positions are computed again.
 """
@@ -26,13 +31,27 @@ import torch
 from llama_aot.artifacts.step_abi import SequenceChunk
 from llama_aot.runtime.block_manager import BlockManager
 from llama_aot.runtime.model_runner import ModelRunner, StepPlan
-from llama_aot.runtime.sampling import SamplingParams, greedy_tokens
+from llama_aot.runtime.sampling import SamplingParams, exponential_race, greedy_tokens, token_probabilities
 from llama_aot.runtime.scheduler import ScheduledStep
 from llama_aot.runtime.sequence import SequenceStatus
 
 
 def speculates(params: SamplingParams) -> bool:
-    return params.greedy and not params.has_penalties and not params.logprobs
+    return not params.has_penalties and not params.logprobs
+
+
+def verify_sampled(probs: torch.Tensor, drafts: tuple[int, ...], generator: torch.Generator | None) -> list[int]:
+    """Rejection sampling of greedy drafts: `probs` [len(drafts) + 1, V], the target's sampling
+    distribution after each fed token; returns the accepted drafts and one token drawn after them."""
+    out = []
+    for row, draft in zip(probs, drafts):
+        if torch.rand((), generator=generator, device=probs.device) < row[draft]:
+            out.append(draft)
+            continue
+        residual = row.clone()
+        residual[draft] = 0
+        return out + exponential_race(residual[None], [generator]).tolist()
+    return out + exponential_race(probs[len(drafts)][None].clone(), [generator]).tolist()
 
 
 @dataclass(frozen=True)
@@ -95,21 +114,27 @@ class Speculator:
             chunks.append(chunk)
         return SpeculativePlan(step, StepPlan(tuple(chunks), tuple(sample_rows)), tuple(drafts), tuple(rows))
 
-    def accept(self, sp: SpeculativePlan, logits: torch.Tensor) -> list[list[int] | None]:
-        """Per sampled item: the accepted drafts and the target's token after them, or None for an
-        item that fed no drafts (the engine samples its one row as usual)."""
+    def accept(self, sp: SpeculativePlan, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> list[list[int] | None]:
+        """Per sampled item (with its request's params and generator): the accepted drafts and the
+        target's token after them, or None for an item that fed no drafts (the engine samples its
+        one row as usual)."""
         out: list[list[int] | None] = []
-        for fed, rows in zip(sp.drafts, sp.rows):
+        for fed, rows, p, gen in zip(sp.drafts, sp.rows, params, generators):
             if not fed:
                 out.append(None)
                 continue
-            choices = greedy_tokens(logits[rows]).tolist()
-            accepted = 0
-            while accepted < len(fed) and fed[accepted] == choices[accepted]:
-                accepted += 1
-            out.append(list(fed[:accepted]) + [choices[accepted]])
+            if p.greedy:
+                choices = greedy_tokens(logits[rows]).tolist()
+                accepted = 0
+                while accepted < len(fed) and fed[accepted] == choices[accepted]:
+                    accepted += 1
+                tokens = list(fed[:accepted]) + [choices[accepted]]
+            else:
+                tokens = verify_sampled(token_probabilities(logits[rows], [p] * len(fed + (0,))), fed, gen)
+            out.append(tokens)
             self.stats.verify_steps += 1
-            self.stats.accepted_drafts += accepted
+            self.stats.accepted_drafts += len(tokens) - 1
             self.stats.drafted += len(fed)
         return out
 
