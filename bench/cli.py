@@ -274,7 +274,7 @@ def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool
     from llama_aot.compiler.package import git_sha
 
     outcome = asyncio.run(run_benchmark(cfg, requests))
-    metrics = compute_metrics(outcome.results, outcome.duration_s)
+    metrics = compute_metrics(outcome.results, outcome.duration_s, outcome.accept_length)
     print(format_table(metrics, "llama-aot" + ("-chat" if cfg.chat else ""), cfg.request_rate, cfg.max_concurrency))
     record = {"kind": "serve", "label": label, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_sha": git_sha(),
               "device": device_of(Path(arguments["tokenizer"])), "model": outcome.model, "arguments": arguments,

@@ -44,6 +44,8 @@ def format_table(m: Metrics, backend: str, request_rate: float, max_concurrency:
              _row("Output token throughput (tok/s):", m.output_throughput),
              _row("Total token throughput (tok/s):", m.total_throughput),
              _row("Concurrency:", m.concurrency)]
+    if m.accept_length is not None:
+        lines.append(_row("Accept length:", m.accept_length))
     lines += _section("End-to-End Latency", "E2E Latency", m.e2e)
     lines += _section("Time to First Token", "TTFT", m.ttft)
     lines += _section("Time per Output Token (excl. 1st token)", "TPOT", m.tpot)

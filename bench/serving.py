@@ -180,11 +180,39 @@ async def first_model(client: httpx.AsyncClient, cfg: ServeConfig) -> str:
 @dataclass(frozen=True)
 class RunOutcome:
     """A finished run: per-request results in prompt order, the wall time of the measured part,
-    and the model actually driven."""
+    the model actually driven, and the server's speculative accept length over the run (None
+    when it reports none)."""
 
     results: list[RequestResult]
     duration_s: float
     model: str
+    accept_length: float | None = None
+
+
+SPEC_COUNTERS = ("llama_aot_spec_verify_steps_total", "llama_aot_spec_accepted_drafts_total")
+
+
+async def spec_counters(client: httpx.AsyncClient, cfg: ServeConfig) -> tuple[float, float] | None:
+    """The server's verify steps and accepted drafts from /metrics, or None where it has none
+    (another server, or one without a draft program)."""
+    try:
+        response = await asyncio.wait_for(client.get(cfg.base_url + "/metrics"), cfg.timeout_s)
+    except (httpx.HTTPError, asyncio.TimeoutError):
+        return None
+    if response.status_code != 200:
+        return None
+    values = dict(line.rsplit(" ", 1) for line in response.text.splitlines() if line and not line.startswith("#"))
+    if not all(name in values for name in SPEC_COUNTERS):
+        return None
+    return tuple(float(values[name]) for name in SPEC_COUNTERS)
+
+
+def accept_length(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """Tokens per verify step over the run (accepted drafts plus the target's own), as SGLang's
+    bench_serving prints it; None without verify steps."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return 1 + (after[1] - before[1]) / (after[0] - before[0])
 
 
 async def run_benchmark(cfg: ServeConfig, requests: list[BenchRequest]) -> RunOutcome:
@@ -212,6 +240,7 @@ async def run_benchmark(cfg: ServeConfig, requests: list[BenchRequest]) -> RunOu
             async with gate:
                 return await send_request(client, cfg, model, req)
 
+        counters = await spec_counters(client, cfg)
         start = time.perf_counter()
         tasks = []
         gaps = arrival_gaps(len(requests), cfg.request_rate, cfg.seed)
@@ -220,7 +249,8 @@ async def run_benchmark(cfg: ServeConfig, requests: list[BenchRequest]) -> RunOu
             if i + 1 < len(requests) and gaps[i]:
                 await asyncio.sleep(gaps[i])
         results = await asyncio.gather(*tasks)
-        return RunOutcome(list(results), time.perf_counter() - start, model)
+        duration = time.perf_counter() - start
+        return RunOutcome(list(results), duration, model, accept_length(counters, await spec_counters(client, cfg)))
 
 
 @dataclass(frozen=True)
@@ -264,9 +294,10 @@ class Metrics:
     tpot: Summary
     itl: Summary
     e2e: Summary
+    accept_length: float | None = None
 
 
-def compute_metrics(results: list[RequestResult], duration_s: float) -> Metrics:
+def compute_metrics(results: list[RequestResult], duration_s: float, accept_length: float | None = None) -> Metrics:
     """TPOT is (latency - TTFT) / (output tokens - 1) per request with more than one token; ITL
     pools the gaps between text-carrying chunks of all requests; concurrency is the summed request
     latency over the wall time, the mean number of requests in flight."""
@@ -286,4 +317,4 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> Metrics:
         ttft=Summary.of([r.ttft for r in ok]),
         tpot=Summary.of([(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]),
         itl=Summary.of([gap for r in ok for gap in r.itl]),
-        e2e=Summary.of([r.latency for r in ok]))
+        e2e=Summary.of([r.latency for r in ok]), accept_length=accept_length)

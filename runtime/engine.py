@@ -86,6 +86,7 @@ class EngineStats:
     prefix_cache_hits: int = 0
     preemptions: int = 0
     spec_verify_steps: int = 0
+    spec_accepted_drafts: int = 0
     spec_accept_length: float = 0.0
 
 
@@ -320,4 +321,5 @@ class Engine:
         s.preemptions = self.scheduler.num_preemptions
         if self.speculator is not None:
             s.spec_verify_steps = self.speculator.stats.verify_steps
+            s.spec_accepted_drafts = self.speculator.stats.accepted_drafts
             s.spec_accept_length = self.speculator.stats.mean_accept_length

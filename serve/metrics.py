@@ -96,6 +96,8 @@ class Metrics:
         lines += metric("llama_aot_spec_verify_steps_total", "counter",
                         "Decode steps that verified EAGLE drafts (0 without a draft program).",
                         [("", stats.spec_verify_steps)])
+        lines += metric("llama_aot_spec_accepted_drafts_total", "counter", "EAGLE drafts the target accepted.",
+                        [("", stats.spec_accepted_drafts)])
         lines += metric("llama_aot_spec_accept_length", "gauge",
                         "Mean tokens a verify step yields: accepted drafts plus the target's own (SGLang's accept length).",
                         [("", stats.spec_accept_length)])

@@ -150,3 +150,25 @@ def test_rejection_sampling_draws_from_the_targets_distribution():
     plain = torch.bincount(torch.cat([Sampler()._sample_random(logits[:1], [params], [draws]) for _ in range(5000)]),
                            minlength=64)
     assert chi_square_p_value(plain, probs[0]) > 1e-3  # the plain sampler draws from the same p
+
+
+def test_the_served_accept_length_reaches_metrics_and_the_benchmark(tiny_eagle_artifact, capsys):
+    """llama-serve on the EAGLE artifact counts its verify steps and accepted drafts in /metrics,
+    and `llama-bench serve` prints the run's accept length as SGLang's bench_serving does."""
+    from llama_aot.bench import cli
+
+    from server import ServerProcess
+
+    server = ServerProcess(tiny_eagle_artifact)
+    try:
+        code = cli.main(["serve", "--base-url", server.base_url, "--tokenizer", str(tiny_eagle_artifact),
+                         "--dataset", "random", "--num-prompts", "6", "--random-input-len", "16",
+                         "--random-output-len", "12", "--max-concurrency", "3"])
+        metrics = server.metrics()
+    finally:
+        server.stop()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert metrics["llama_aot_spec_verify_steps_total"] > 0
+    line = next(line for line in out.splitlines() if line.startswith("Accept length:"))
+    assert 1.0 <= float(line.split()[-1]) <= 4.0
