@@ -151,8 +151,10 @@ class Speculator:
                 continue
             computed = item.num_tokens + (len(committed[seq.seq_id]) - 1 if item.sample else 0)
             last = item.start + computed - 1
-            # Drafting writes the draft cache up to position last + num_steps - 1.
-            drafts = item.sample and self.blocks.ensure_capacity(seq, last + self.num_steps)
+            # Drafting writes the draft cache up to position last + num_steps - 1, which must stay
+            # within the request's limit (and so the context); a request near it just extends.
+            drafts = item.sample and seq.num_tokens + self.num_steps <= seq.max_total_tokens \
+                and self.blocks.ensure_capacity(seq, last + self.num_steps)
             reads = SequenceChunk(tuple(seq.tokens(item.start + 1, last + 2)), item.start, tuple(seq.block_table))
             (drafting if drafts else extending).append((seq.seq_id, reads, hidden[first_row:first_row + computed]))
         if extending:

@@ -116,6 +116,17 @@ def test_sampled_requests_speculate_beside_greedy_ones(artifact, plain):
     assert stats.verify_steps > 0
 
 
+def test_a_request_runs_to_the_end_of_the_context(artifact):
+    """No draft or verify step may reach past the context (the programs' block tables end there)."""
+    context = artifact.build_config.context_length
+    prompt = [(5 * j) % 500 + 1 for j in range(context - 14)]
+    requests = {"long": (prompt, SamplingParams(temperature=0, ignore_eos=True))}
+    spec, stats = run(artifact, requests)
+    reference, _ = run(artifact, requests, speculate=False)
+    assert spec.tokens("long") == reference.tokens("long") and len(spec.tokens("long")) == 14
+    assert spec.outputs["long"][-1].finish_reason == "length" and stats.verify_steps > 0
+
+
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson's test of `counts` against `probs`, the tokens expected fewer than 5 times pooled."""
     expected = probs * counts.sum()
