@@ -41,6 +41,7 @@ from llama_aot.runtime.speculative import Speculator
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
+LOG_EVERY_S = 10.0  # a busy engine logs its throughput (and accept length) this often, as SGLang's decode log
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = EngineStats(kv_blocks_total=runtime.num_blocks - 1)
+        self._logged = (time.monotonic(), 0, 0, 0)  # when, tokens sent, verify steps, accepted drafts
+        self._tokens_sent = 0
 
     # ---- called from any thread -------------------------------------------------------------
     def check_request(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -178,6 +181,7 @@ class Engine:
                     self._commands.wake.clear()
                     continue
                 self._step()
+                self._log_progress()
             except Exception as e:  # a bug or a device fault: fail the batch, keep serving
                 if not isinstance(e, RunnerFailure):
                     log.exception("engine step failed")
@@ -279,7 +283,23 @@ class Engine:
             if self._requests.get(p.state.seq.request_id) is p.state:
                 self._emit(p.state, p.token, p.logprob, p.top)
 
+    def _log_progress(self) -> None:
+        """Every LOG_EVERY_S of serving, one line: requests, tokens per second, cache use, and with a
+        draft program the accept length over those seconds."""
+        now = time.monotonic()
+        when, sent, verify, accepted = self._logged
+        if now - when < LOG_EVERY_S:
+            return
+        stats = self.speculator.stats if self.speculator else None
+        line = (f"{self.scheduler.num_running} running, {self.scheduler.num_waiting} waiting, "
+                f"{(self._tokens_sent - sent) / (now - when):.1f} tokens/s, KV cache {self.blocks.usage:.0%}")
+        if stats is not None and stats.verify_steps > verify:
+            line += f", accept length {1 + (stats.accepted_drafts - accepted) / (stats.verify_steps - verify):.2f}"
+        log.info(line)
+        self._logged = (now, self._tokens_sent, stats.verify_steps if stats else 0, stats.accepted_drafts if stats else 0)
+
     def _emit(self, state: _Request, token: int, logprob, top) -> None:
+        self._tokens_sent += 1
         state.emitted += 1
         delta = state.detokenizer.add(token)
         text, reason = state.stop.check(token, delta)

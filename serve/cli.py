@@ -222,9 +222,20 @@ def _load_and_serve(args, config, runtime: RuntimeConfig, capturable: bool, work
     return server, engine
 
 
+def _log_to_stderr(level: str) -> None:
+    """The engine's progress lines (runtime/engine.py) on stderr, at --log-level."""
+    logger = logging.getLogger("llama_aot")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("llama-serve: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+    _log_to_stderr(args.log_level)
     from llama_aot.runtime.worker_group import RankFailure
 
     failures = RankFailures()

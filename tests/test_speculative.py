@@ -183,3 +183,13 @@ def test_the_served_accept_length_reaches_metrics_and_the_benchmark(tiny_eagle_a
     assert metrics["llama_aot_spec_verify_steps_total"] > 0
     line = next(line for line in out.splitlines() if line.startswith("Accept length:"))
     assert 1.0 <= float(line.split()[-1]) <= 4.0
+
+
+def test_a_busy_engine_logs_its_accept_length(artifact, plain, monkeypatch, caplog):
+    from llama_aot.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LOG_EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger="llama_aot.runtime.engine"):
+        run(artifact, {"r0": (PROMPTS[0], greedy())})
+    lines = [r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage()]
+    assert any("running" in line and "accept length" in line for line in lines), lines
