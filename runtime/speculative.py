@@ -79,6 +79,8 @@ class SpeculationStats:
 
 @dataclass
 class Speculator:
+    """The engine's speculative side: which requests speculate, the drafts each sequence carries
+    between steps, and the counts /metrics reads. The runner owns the draft program and cache."""
     runner: ModelRunner
     blocks: BlockManager
     stats: SpeculationStats = field(default_factory=SpeculationStats)

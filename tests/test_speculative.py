@@ -1,8 +1,10 @@
 """Speculative decoding in the engine (runtime/speculative.py) on the tiny target with an EAGLE-3
-head built in (tests/test_eagle_build.py's artifact): greedy output is the target's own, token for
-token, with a random head (almost every draft rejected) and with drafts that are always right
-(every draft accepted, several tokens committed a step), and a request still ends exactly where it
-must (max_tokens, a stop token inside the accepted drafts) with its usage counted right."""
+head built in (conftest's tiny_eagle_artifact): greedy output is the target's own, token for token,
+with a random head (almost every draft rejected) and with drafts that are always right (every
+draft accepted, several tokens committed a step); a request still ends exactly where it must
+(max_tokens, a stop token inside the accepted drafts, the end of the context) with its usage
+counted right; rejection sampling keeps the target's distribution (chi-square); and the accept
+length reaches /metrics, the benchmark and the server's log."""
 from __future__ import annotations
 
 import pytest
