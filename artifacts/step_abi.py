@@ -91,3 +91,11 @@ def step_outputs(program, inputs: dict[str, torch.Tensor], kv_cache: torch.Tenso
     """Runs one step and returns every output: (logits,), or (logits, the draft's hidden input)."""
     out = program(*[inputs[n] for n in INPUT_NAMES], kv_cache)
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def call_draft(program, inputs: dict[str, torch.Tensor], hidden: torch.Tensor,
+               kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the draft program (or the eager head) on a step's inputs, whose tokens are those after
+    each position, with `hidden` [tokens, H]: (logits, hidden for the next draft step)."""
+    logits, hidden = program(inputs["tokens"], hidden, *[inputs[n] for n in INPUT_NAMES[1:]], kv_cache)
+    return logits, hidden

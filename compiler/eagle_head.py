@@ -132,9 +132,8 @@ def read_head(path: Path, target: ModelConfig) -> tuple[EagleHeadConfig, dict[st
     if unknown:
         raise BuildError(f"{file.name}: unexpected tensor {unknown[0]}; not an EAGLE-3 head (EAGLE-1/2 heads are "
                          "not read yet)")
-    if "d2t" in tensors and (tensors["d2t"].dtype != torch.int64 or
-                             not ((tensors["d2t"] + torch.arange(config.draft_vocab_size)).lt(config.model.vocab_size).all()
-                                  and (tensors["d2t"] + torch.arange(config.draft_vocab_size)).ge(0).all())):
+    ids = tensors["d2t"] + torch.arange(config.draft_vocab_size) if "d2t" in tensors else None
+    if ids is not None and (tensors["d2t"].dtype != torch.int64 or not (ids.ge(0) & ids.lt(config.model.vocab_size)).all()):
         raise BuildError(f"{file.name}: d2t must be int64 offsets that map every draft id into the target's "
                          f"{config.model.vocab_size} ids")
     return config, tensors
@@ -217,9 +216,12 @@ class Eagle3Head(nn.Module):
         cos, sin = rotary(positions, self.rope_inv_freq, embeds.dtype)
         h = self.midlayer(embeds, hidden, lambda x: self.midlayer.self_attn(x, cos, sin, batch, kv_cache))
         draft = self.lm_head(self.norm(h[logits_index])).float()
-        target_ids = torch.arange(draft.shape[1], device=draft.device) + self.d2t
         logits = draft.new_full((draft.shape[0], self.config.model.vocab_size), float("-inf"))
-        return logits.index_copy(1, target_ids, draft), h
+        return logits.index_copy(1, self.target_ids(), draft), h
+
+    def target_ids(self) -> torch.Tensor:
+        """[Vd]: the target id of each draft id."""
+        return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
 
 
 def build_head(config: EagleHeadConfig, tensors: dict[str, torch.Tensor], embed_tokens: torch.Tensor) -> Eagle3Head:

@@ -166,8 +166,7 @@ def train(head: Eagle3Head, sequences: list[Sequence], max_steps: int, ttt_steps
           batch: int = 4, lr: float = 1e-3, seed: int = 0, device: str = "cpu", progress=None) -> TrainingLog:
     """AdamW with a cosine schedule on the sum of each unrolled step's cross-entropy."""
     draft_index = torch.full((head.config.model.vocab_size,), -100, dtype=torch.int64)
-    draft_ids = torch.arange(head.config.draft_vocab_size) + head.d2t.cpu()
-    draft_index[draft_ids] = torch.arange(head.config.draft_vocab_size)
+    draft_index[head.target_ids().cpu()] = torch.arange(head.config.draft_vocab_size)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, max_steps) / max_steps)))
@@ -207,7 +206,7 @@ def accept_lengths(head: Eagle3Head, sequences: list[Sequence], max_steps: int =
             continue
         logits = unrolled_logits(head, s.tokens[None, :t + max_steps + 1].to(device), s.taps[None, :t].to(device),
                                  max_steps)
-        draft_ids = torch.arange(head.config.draft_vocab_size, device=device) + head.d2t
+        draft_ids = head.target_ids()
         right = torch.stack([draft_ids[lg[0].argmax(-1)].cpu() == s.choices[1 + j:1 + j + t]
                              for j, lg in enumerate(logits)])[:, s.continuation_start - 1:]
         for k in accepted:

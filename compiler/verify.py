@@ -25,7 +25,7 @@ import torch
 
 from llama_aot.artifacts.config import BuildConfig, ModelConfig, torch_dtype
 from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs, call_step
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_draft, call_step
 
 PROMPT_LENGTHS = (5, 37, 18)
 DECODE_STEPS = 8
@@ -152,8 +152,7 @@ def verify_draft(compiled, eager, schedule: Schedule, layout: KVCacheLayout, bui
             hidden = torch.randn(inputs["tokens"].shape[0], hidden_size, generator=gen).to(torch_dtype(build.dtype))
             args = {k: v.to(build.target) for k, v in inputs.items()}
             for program, cache, out in zip((eager, compiled), caches, rows):
-                logits, h = program(args["tokens"], hidden.to(build.target),
-                                    *[args[n] for n in INPUT_NAMES[1:]], cache)
+                logits, h = call_draft(program, args, hidden.to(build.target), cache)
                 out.append((logits.cpu(), h.float().cpu()))
     drafted = torch.isfinite(torch.cat([r[0] for r in rows[0]]))
     eager_logits = torch.cat([r[0] for r in rows[0]])[drafted]

@@ -115,7 +115,7 @@ class Engine:
         runtime = self.runtime
         self.eos_token_ids = tuple(runner.model_config.eos_token_ids)
         self.blocks = BlockManager(runtime.num_blocks, runtime.block_size, runtime.enable_prefix_caching)
-        lookahead = getattr(runner, "num_speculative_steps", 0)
+        lookahead = runner.num_speculative_steps
         self.speculator = Speculator(runner, self.blocks) if lookahead else None
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=min(runtime.max_num_seqs,
                                                                     runtime.max_num_tokens // (1 + lookahead)),
@@ -261,8 +261,6 @@ class Engine:
             i, new = by_seq[seq.seq_id], tokens[seq.seq_id]
             if states[i].stop.ends_with(new[-1]) or seq.reached_max_tokens:
                 self.scheduler.finish(seq)  # its text and finish reason follow with the others
-                if self.speculator is not None:
-                    self.speculator.forget(seq.seq_id)
             logprob, top = logprobs.get(i, (None, None))  # a request that wants logprobs never speculates
             for token in new:
                 self._pending.append(_Pending(states[i], token, logprob, top))

@@ -28,7 +28,7 @@ import torch
 from llama_aot.artifacts.config import ModelConfig
 from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.artifacts.manifest import DRAFT_PROGRAM
-from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs, call_step, step_outputs
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_draft, call_step, step_outputs
 from llama_aot.runtime.artifact import Artifact
 from llama_aot.runtime.config import ResolvedRuntime, RuntimeConfigError
 from llama_aot.runtime.decode_graphs import DecodeGraphs, batch_buckets
@@ -132,16 +132,14 @@ class ModelRunner:
         block_size = self.runtime.block_size
         with torch.inference_mode():
             inputs = build_step_inputs(chunks, block_size, self.device)
-            logits, hidden = self._draft_call(inputs, hidden)
+            logits, hidden = call_draft(self.draft_program, inputs, hidden, self.draft_cache)
             drafted = [[t] for t in greedy_tokens(logits).tolist()]
             hidden = hidden[inputs["logits_index"]]
             for j in range(1, steps):
                 step = [SequenceChunk((d[-1],), c.start + len(c.tokens) + j - 1, c.block_table)
                         for c, d in zip(chunks, drafted)]
-                logits, hidden = self._draft_call(build_step_inputs(step, block_size, self.device), hidden)
+                logits, hidden = call_draft(self.draft_program, build_step_inputs(step, block_size, self.device), hidden,
+                                            self.draft_cache)
                 for d, t in zip(drafted, greedy_tokens(logits).tolist()):
                     d.append(t)
         return drafted
-
-    def _draft_call(self, inputs: dict[str, torch.Tensor], hidden: torch.Tensor):
-        return self.draft_program(inputs["tokens"], hidden, *[inputs[n] for n in INPUT_NAMES[1:]], self.draft_cache)

@@ -29,6 +29,7 @@ class TensorParallelRunner:
         self.local = ModelRunner(artifact, runtime)
         self.artifact, self.runtime, self.device = artifact, runtime, self.local.device
         self.handover_s: dict[str, float] = {}
+        self.num_speculative_steps = 0  # a --tp artifact has no draft program (refused at build)
 
     @property
     def model_config(self) -> ModelConfig:

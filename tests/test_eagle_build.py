@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs, step_outputs
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_draft, step_outputs
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.eagle_head import build_head, read_head
 from llama_aot.compiler.model import build_model
@@ -53,9 +53,8 @@ def test_the_step_returns_the_heads_input_and_the_draft_reads_it(eagle_artifact,
     expected_logits, expected_hidden = step_outputs(eager, step, layout.allocate(4, "cpu"))
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hidden, expected_hidden, rtol=1e-4, atol=1e-4)
-    draft_args = (step["tokens"], hidden, *[step[n] for n in INPUT_NAMES[1:]])
-    drafted = artifact.programs["draft"](*draft_args, draft_layout.allocate(4, "cpu"))
-    expected = head(*draft_args, draft_layout.allocate(4, "cpu"))
+    drafted = call_draft(artifact.programs["draft"], step, hidden, draft_layout.allocate(4, "cpu"))
+    expected = call_draft(head, step, hidden, draft_layout.allocate(4, "cpu"))
     for got, want in zip(drafted, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 

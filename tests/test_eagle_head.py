@@ -9,7 +9,7 @@ import torch
 
 from llama_aot.artifacts.config import BuildConfig
 from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_draft
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.eagle_head import (EagleHeadConfig, build_head, default_aux_layers, read_head,
                                            write_head)
@@ -132,7 +132,7 @@ def test_the_head_drafts_the_same_through_its_cache_in_any_chunking(target, head
         logits, states = [], []
         for start, end in chunks:
             step = build_step_inputs([SequenceChunk(tuple(tokens[start:end]), start, table, all_logits=True)], 4)
-            out, h = head(step["tokens"], hidden[start:end], *[step[n] for n in INPUT_NAMES[1:]], cache)
+            out, h = call_draft(head, step, hidden[start:end], cache)
             logits.append(out)
             states.append(h)
         return torch.cat(logits), torch.cat(states)

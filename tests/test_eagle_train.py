@@ -7,7 +7,7 @@ import torch
 
 from llama_aot.artifacts.config import BuildConfig
 from llama_aot.artifacts.kv_layout import KVCacheLayout
-from llama_aot.artifacts.step_abi import INPUT_NAMES, SequenceChunk, build_step_inputs
+from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_draft
 from llama_aot.compiler import train_eagle_cli as train_cli
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.eagle_head import read_head
@@ -38,7 +38,7 @@ def test_the_unrolled_chain_is_what_drafting_through_the_cache_computes(tiny):
 
         def paged(start, toks, hidden):
             step = build_step_inputs([SequenceChunk(tuple(toks.tolist()), start, table, all_logits=True)], 4)
-            return head(step["tokens"], hidden, *[step[n] for n in INPUT_NAMES[1:]], cache)
+            return call_draft(head, step, hidden, cache)
 
         logits, hidden = paged(0, tokens[1:p + 2], head.mix(taps[:p + 1]))
         torch.testing.assert_close(logits[:, draft_ids], step0[0, :p + 1], rtol=1e-5, atol=1e-5)
