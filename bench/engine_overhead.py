@@ -36,7 +36,7 @@ class _StandInRunner:
     def __init__(self, runtime):
         from llama_aot.artifacts.config import ModelConfig
 
-        self.runtime, self.device = runtime, "cpu"
+        self.runtime, self.device, self.num_speculative_steps = runtime, "cpu", 0
         self.model_config = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=1,
                                         num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-5,
                                         rope_theta=1e4, max_position_embeddings=1 << 14, tie_word_embeddings=True)
