@@ -7,7 +7,7 @@ H200, docs/fp8.md). Run on the GPU machine:
 Each candidate is checked against x @ (W * s)^T, then timed as CUDA-graph replays with the weights
 cycled past L2 (kernels/graph_timing.py), next to:
   bf16            cuBLAS on the bf16 weight
-  shipped         the decode_linear kernel with FP8_TILES (tl.dot, W widened to bf16 first)
+  shipped         the decode_linear kernel with fp8_tiles(N): at 1 row its single-row FMA loop
   scaled_mm_bare  torch._scaled_mm with unit tensor-wise scales, x already e4m3: the GEMM alone of
                   a per-token mode whose quantization Inductor fuses into x's producer
 The candidates:
@@ -28,7 +28,7 @@ import llama_aot.kernels.decode_linear  # noqa: F401  (imports the Triton module
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
 from llama_aot.kernels.graph_timing import graph_time_us
-from llama_aot.kernels.triton_decode_linear import FP8_TILES, launch_decode_linear
+from llama_aot.kernels.triton_decode_linear import fp8_tiles, launch_decode_linear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 FP8 = torch.float8_e4m3fn
@@ -169,7 +169,7 @@ def main():
             row = {"shape": name, "rows": rows, "device": dev, "us": {}, "err": {}}
             row["us"]["bf16"] = graph_time_us(lambda i: x @ wb[i].T, copies)
             out = torch.empty(rows, n, device=DEV, dtype=torch.bfloat16)
-            row["us"]["shipped"] = graph_time_us(lambda i: launch_decode_linear(x, w8[i], out, FP8_TILES, s), copies)
+            row["us"]["shipped"] = graph_time_us(lambda i: launch_decode_linear(x, w8[i], out, fp8_tiles(n), s), copies)
             x8 = (x.float() / (x.float().abs().amax() / 448)).to(FP8)
             pad = torch.zeros(16, k, device=DEV, dtype=FP8)
             pad[:rows] = x8

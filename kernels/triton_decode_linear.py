@@ -10,13 +10,21 @@ one per SM, and the pipelined K loop keeps several weight tiles in flight per pr
 An FP8 weight (float8_e4m3fn, one float32 scale per output column: `--fp8`'s weight-only mode) is
 read at half the bytes, widened to the activations' dtype in registers (exact), and its column
 scales multiply the float32 accumulator once at the end: a W8A16 GEMV with the same tiles, since
-the K loop's tile is sized in bytes.
+the K loop's tile is sized in bytes. A single row (batch-1 decode, the case `--fp8` is bought for)
+goes to a kernel of its own when the tiles name one: no tensor-core tile, whose 16 rows would be 15
+of padding, but each weight element widened to float32 and multiplied by x's broadcast row into an
+accumulator the size of the tile, summed across K once at the end, unpipelined. On the H100 it
+read the FP8 gate_up weight at 2.8 TB/s (42.4 us; cuBLAS bf16 85.7) and down_proj's at 2.6 TB/s
+(22.8 us against 44.6; fp8-gemv-candidates-20261206-081024). In an artifact the row count is
+symbolic, so both kernels are launched, with grids that are empty except for the one the count
+wants: one kernel holding both loops behind a run-time branch ran 11-25 % slower at one row, the
+tensor-core loop's pipeline stages costing the single-row loop its occupancy (docs/fp8.md).
 
 Imported only where Triton is; `decode_linear` dispatches here for CUDA tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -35,6 +43,10 @@ class Tiles:
     # The weight tile as the dot's first operand (out^T = W x^T), so that the large operand is not
     # transposed through shared memory; a candidate for FP8 weights, which are widened first.
     weight_first: bool = False
+    # The single-row kernel's tile (columns, and K elements of the weight's own dtype); 0: none, one
+    # row goes through the tensor-core kernel like any other count.
+    row_block_n: int = 0
+    row_block_k: int = 0
 
 
 # From bench/matmul.py on the H200 (us at batch 1; cuBLAS 13.5 and 31.3): o_proj 13.3 with 16
@@ -44,6 +56,39 @@ TILES = Tiles(block_n=32, block_k=512, num_stages=3)
 # FP8 weights (bench/fp8_matmul.py --tiles, fp8-tiles-20261206-020920 on the H200, us at batch 1 with
 # the bf16 tile -> this one): qkv 20.4 -> 15.4, gate_up 66.2 -> 44.8, down 30.0 -> 30.0.
 FP8_TILES = Tiles(block_n=32, block_k=256, num_stages=3)
+# The single-row loop, by the weight's output width (fp8-gemv-candidates-20261206-080139, H100, us):
+# a 4096-wide weight needs narrow tiles for enough programs to keep every SM reading (down_proj:
+# 8 columns x 1024 21.9, the best of 54 variants); gate_up's 28672 columns take 32 x 256 (41.1; the
+# best, 16 x 256, 40.9). Both read 8 KB of weight per step. Widths between take the narrow tile:
+# qkv's 6144 columns 12.2 us (fp8-gemv-candidates-20261206-081024; its best FMA variant 11.4).
+ROW_TILE_WIDE_FROM = 16384
+
+
+def fp8_tiles(n: int) -> Tiles:
+    """The tiles for an FP8 weight with `n` output columns."""
+    row_block_n = 32 if n >= ROW_TILE_WIDE_FROM else 8
+    return replace(FP8_TILES, row_block_n=row_block_n, row_block_k=8192 // row_block_n)
+
+
+@triton.jit
+def _single_row_kernel(X, W, Scale, Out, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = W + rn[:, None].to(tl.int64) * K + rk[None, :]
+    x_ptrs = X + rk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        w = tl.load(w_ptrs, mask=(rn[:, None] < N) & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if SCALED:
+        y = y * tl.load(Scale + rn, mask=rn < N, other=0.0)
+    tl.store(Out + rn, y.to(Out.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -85,11 +130,19 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     n, k = weight.shape
     block_k = tiles.block_k * 2 // weight.element_size()
     scaled = weight_scale is not None
-    wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, tiles.block_n),)](
-        x, weight, weight_scale if scaled else out, out, x.shape[0], x.stride(0), out.stride(0), N=n, K=k,
+    rows = x.shape[0]
+    programs = triton.cdiv(n, tiles.block_n)
+    if tiles.row_block_n:
+        # 1 // rows: the single-row kernel's grid is empty unless the step has one row, and the
+        # other's is empty when it has (rows <= MAX_ROWS); an empty grid launches nothing.
+        wrap_triton(_single_row_kernel)[(triton.cdiv(n, tiles.row_block_n) * (1 // rows),)](
+            x, weight, weight_scale if scaled else out, out, N=n, K=k, BLOCK_N=tiles.row_block_n,
+            BLOCK_K=tiles.row_block_k, SCALED=scaled, num_stages=1, num_warps=tiles.num_warps)
+        programs = programs * ((rows + MAX_ROWS - 2) // MAX_ROWS)
+    wrap_triton(_decode_linear_kernel)[(programs,)](
+        x, weight, weight_scale if scaled else out, out, rows, x.stride(0), out.stride(0), N=n, K=k,
         BLOCK_M=MAX_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=block_k, SCALED=scaled,
-        WEIGHT_FIRST=tiles.weight_first, num_stages=tiles.num_stages,
-        num_warps=tiles.num_warps)
+        WEIGHT_FIRST=tiles.weight_first, num_stages=tiles.num_stages, num_warps=tiles.num_warps)
 
 
 def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor,
@@ -97,6 +150,6 @@ def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor,
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    tiles = TILES if weight_scale is None else FP8_TILES
+    tiles = TILES if weight_scale is None else fp8_tiles(weight.shape[0])
     launch_decode_linear(x, weight.contiguous(), out, tiles, weight_scale)
     return out

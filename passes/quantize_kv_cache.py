@@ -6,7 +6,9 @@
 The program is exported with the e4m3 cache as its input already (the KV-cache layout follows the
 build's kv dtype), so this pass changes no tensor's type: it adds each layer's scales as weights
 named as compressed-tensors checkpoints name them (`model.layers.{i}.self_attn.k_scale`,
-`v_scale`: float32 scalars) and hands them to both ops, which then divide on write and multiply
+`v_scale`: one float32 each, of shape (1,) rather than 0-dim, because AOTInductor inlines a 0-dim
+constant as a literal, which the Triton kernels cannot take as the pointer they load the scale
+through) and hands them to both ops, which then divide on write and multiply
 on read (kernels/kv_cache.py). Without it an e4m3 cache would hold unscaled values, so the build
 config runs it exactly when the cache is FP8. The scales come from the build (the checkpoint's,
 or calibrated over prompts: compiler/calibration.py) through the pass context.
@@ -42,7 +44,7 @@ def quantize_kv_cache(ep, ctx: PassContext) -> PassResult:
             # On the cache's device: AOTInductor takes a 0-dim CPU tensor in a GPU graph for a
             # scalar, which a Triton kernel cannot be handed as a pointer.
             cache = node.args[_LAYER_ARG[node.target] - 1]
-            k_scale, v_scale = ctx.kv_scales[layer].float().to(cache.meta["val"].device).unbind()
+            k_scale, v_scale = ctx.kv_scales[layer].float().to(cache.meta["val"].device).reshape(2, 1)
             scales[layer] = (editor.add_weight(prefix + "k_scale", k_scale.clone()),
                              editor.add_weight(prefix + "v_scale", v_scale.clone()))
         node.kwargs = {**node.kwargs, "k_scale": scales[layer][0], "v_scale": scales[layer][1]}

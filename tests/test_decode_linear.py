@@ -66,3 +66,43 @@ def test_fp8_weights_with_column_scales_match_the_weight_only_reference(case, dt
     _close(got, expected, dtype)
     launch_decode_linear(x, q, got, Tiles(32, 256, 3, weight_first=True), scale)  # a tile the FP8 sweep tries
     _close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("n", [40, 20000])
+def test_fp8_single_row_loop_and_the_rows_beyond_it_match_the_reference(rows, n):
+    """The FP8 tiles' single-row loop (narrow tiles below 16384 columns, wide ones from there) and,
+    for more rows, the tensor-core loop launched on the single-row loop's larger grid: every column
+    written once, the programs past the wider tile's columns writing nothing."""
+    from llama_aot.kernels.fp8_linear import WEIGHT_ONLY, fp8_linear_reference, quantize_rows
+    from llama_aot.kernels.triton_decode_linear import fp8_tiles
+
+    x, weight = _inputs(rows, n, 300, torch.float32, seed=n + rows)
+    q, scale = quantize_rows(weight)
+    out = torch.full((rows, n), float("nan"), device=DEVICE)
+    launch_decode_linear(x, q, out, fp8_tiles(n), scale)
+    _close(out, fp8_linear_reference(x, q, scale, WEIGHT_ONLY), torch.float32)
+
+
+@pytest.mark.gpu
+def test_fp8_kernels_behind_a_row_count_known_only_at_run_time():
+    """In an artifact the step's row count is symbolic: AOTInductor launches both FP8 kernels with
+    grids computed from it, and exactly one of them may run. Right answers at 1, 5 and 16 rows."""
+    from llama_aot.kernels.fp8_linear import WEIGHT_ONLY, fp8_linear, fp8_linear_reference, quantize_rows
+
+    class Matmul(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            q, scale = quantize_rows(torch.randn(96, 300, device=DEVICE))
+            self.register_buffer("weight", q)
+            self.register_buffer("scale", scale)
+
+        def forward(self, x):
+            return fp8_linear(x, self.weight, self.scale, WEIGHT_ONLY)
+
+    model, x = Matmul(), torch.randn(MAX_ROWS, 300, device=DEVICE, dtype=torch.bfloat16)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("rows", min=1, max=MAX_ROWS)}})
+    compiled = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program))
+    for rows in (1, 5, MAX_ROWS):
+        expected = fp8_linear_reference(x[:rows], model.weight, model.scale, WEIGHT_ONLY)
+        _close(compiled(x[:rows].contiguous()), expected, torch.bfloat16)
