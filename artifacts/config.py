@@ -14,13 +14,13 @@ from typing import Any
 from llama_aot.artifacts.errors import ConfigError
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-WEIGHT_QUANTS = ("none", "fp8")
+WEIGHT_QUANTS = ("none", "fp8", "int8")
 SPECULATIVE_ALGORITHMS = ("EAGLE3",)  # SGLang's --speculative-algorithm names
 # `--kv-cache-dtype`, by SGLang's and vLLM's names: "auto" stores the cache in the model dtype.
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 FP8_KV = "fp8_e4m3"
 # The passes a build config switches on by itself, and when.
-WHEN_PASS_RUNS = {"quantize_fp8": "the weights are fp8", "quantize_kv_cache": f"the KV cache is {FP8_KV}",
+WHEN_PASS_RUNS = {"quantize_fp8": "the weights are fp8", "quantize_int8": "the weights are int8", "quantize_kv_cache": f"the KV cache is {FP8_KV}",
                   "shard_tensor_parallel": "--tp is above 1"}
 TARGETS = ("cpu", "cuda")
 
@@ -149,6 +149,18 @@ class BuildConfig:
     speculative_algorithm: str | None = None
     speculative_num_steps: int = 3
 
+    def _check_int8(self) -> None:
+        """--int8 is torch's int8 weight-only CPU matmul, fast with bfloat16 activations only
+        (passes/quantize_int8.py), so it computes in bfloat16 unless --dtype says float16."""
+        if self.target != "cpu":
+            raise ConfigError(f"--int8: the CPU target's weight quantization (torch's int8 weight-only matmul); "
+                              f"for --target {self.target} use --fp8")
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", "bfloat16")
+        elif self.dtype == "float32":
+            raise ConfigError("--int8 --dtype float32: torch's int8 matmul with float32 activations runs slower than "
+                              "float32 weights here; leave --dtype out (bfloat16) or build without --int8")
+
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ConfigError(f"--target {self.target}: unknown target; choose one of {', '.join(TARGETS)}")
@@ -158,7 +170,8 @@ class BuildConfig:
                               f"{', '.join(WEIGHT_QUANTS)}")
         if self.kv_dtype not in SUPPORTED_DTYPES + KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype {self.kv_dtype}: unsupported; choose one of {', '.join(KV_CACHE_DTYPES)}")
-        switched = {"quantize_fp8": self.weight_quant == "fp8", "quantize_kv_cache": self.kv_dtype == FP8_KV,
+        switched = {"quantize_fp8": self.weight_quant == "fp8", "quantize_int8": self.weight_quant == "int8",
+                    "quantize_kv_cache": self.kv_dtype == FP8_KV,
                     "shard_tensor_parallel": isinstance(self.tp, int) and self.tp > 1}
         if self.passes is None:
             object.__setattr__(self, "passes", defaults.passes + tuple(name for name, on in switched.items() if on))
@@ -166,6 +179,8 @@ class BuildConfig:
             if (name in self.passes) != on:
                 raise ConfigError(f"passes {list(self.passes)} and the build config disagree: the {name} pass runs "
                                   f"exactly when {WHEN_PASS_RUNS[name]}")
+        if self.weight_quant == "int8":
+            self._check_int8()
         for name in ("dtype", "max_num_tokens"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from llama_aot.compiler.mapped_files import release_pages, released_after_each_m
 from llama_aot.compiler.model import build_model
 from llama_aot.compiler.package import copy_tokenizer, write_manifest
 from llama_aot.compiler.rank_run import compiled_run_on_ranks
-from llama_aot.compiler.verify import compare, compiled_run, reference_run, verify_draft
+from llama_aot.compiler.verify import add_float32_rows, compare, compiled_run, reference_run, verify_draft
 from llama_aot.passes.pipeline import PassContext, run_pipeline
 
 # The source that decides what a build produces: the compile path and the contract it writes.
@@ -52,17 +53,31 @@ BUILD_SOURCES = ("artifacts", "compiler", "passes", "kernels")
 
 
 class Progress:
-    """Prints each stage with its wall time, so a user sees where a long build spends it."""
+    """Prints each stage with its wall time, so a user sees where a long build spends it, and every
+    `heartbeat_s` seconds of a long stage its elapsed time (AOTInductor's lowering runs for minutes
+    without a word of its own), one line each, which a log file keeps as well as a terminal."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, heartbeat_s: float = 15.0):
         self.stream = stream or sys.stderr
+        self.heartbeat_s = heartbeat_s
         self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str):
         print(f"[llama-compile] {name} ...", file=self.stream, flush=True)
         start = time.perf_counter()
-        yield
+        done = threading.Event()
+
+        def heartbeat():
+            while not done.wait(self.heartbeat_s):
+                print(f"[llama-compile] {name}: {time.perf_counter() - start:.0f} s so far", file=self.stream, flush=True)
+        ticker = threading.Thread(target=heartbeat, name="build-progress", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
         self.timings[name] = time.perf_counter() - start
         print(f"[llama-compile] {name} done in {self.timings[name]:.1f} s", file=self.stream, flush=True)
 
@@ -115,6 +130,15 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _eager_model(ckpt: Checkpoint, dtype: torch.dtype, head, target: str) -> torch.nn.Module:
+    """The checkpoint's model in `dtype` on `target`, with an EAGLE head's taps and fc if given."""
+    weights = load_weights(ckpt, dtype)
+    taps = ()
+    if head is not None:
+        weights["eagle_fc.weight"], taps = head[1]["fc.weight"].to(dtype), head[0].aux_layers
+    return build_model(ckpt.config, weights, taps).to(target)
+
+
 def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, progress: Progress,
                   kv_scales: torch.Tensor | None, calibration: CalibrationSet | None,
                   head: tuple[EagleHeadConfig, dict[str, torch.Tensor]] | None) -> Manifest:
@@ -123,12 +147,7 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
     step = ProgramSpec.named(STEP_PROGRAM, STEP_INPUTS, build.tp)
     dtype = torch_dtype(build.dtype)
     with progress.stage("load weights"):
-        weights = load_weights(ckpt, dtype)
-        taps = ()
-        if head is not None:
-            weights["eagle_fc.weight"], taps = head[1]["fc.weight"].to(dtype), head[0].aux_layers
-        model = build_model(ckpt.config, weights, taps).to(build.target)
-        del weights
+        model = _eager_model(ckpt, dtype, head, build.target)
     if calibration is not None:
         with progress.stage(f"calibrate the FP8 KV cache ({len(calibration.sequences)} prompts)"), \
                 released_after_each_module(model):
@@ -183,6 +202,14 @@ def _compile_into(tmp: Path, ckpt: Checkpoint, build: BuildConfig, key: str, pro
             rows = compiled_run_on_ranks(tmp / step.package, [tmp / w for w in step.weights], schedule, layout,
                                          build.target)
         result = compare(schedule, rows, build)
+        if not result["passed"] and build.dtype != "float32" and not schedule.plain_rows:
+            # compiler/verify.py: is the difference more than rounding to the dtype (and the
+            # quantization) itself makes?
+            with progress.stage("measure the float32 model on the same steps"):
+                model32 = _eager_model(ckpt, torch.float32, head, build.target)
+                add_float32_rows(schedule, model32, ckpt.config, build)
+                del model32
+            result = compare(schedule, rows, build)
     if not result["passed"]:
         raise BuildError(
             f"verification failed: compiled logits differ from the eager model (relative error "

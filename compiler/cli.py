@@ -21,8 +21,12 @@ def parse_args(argv):
     p.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--target", choices=TARGETS, default="cpu")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    p.add_argument("--fp8", action="store_true",
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--fp8", action="store_true",
                    help="FP8 (e4m3) decoder weights, one scale per output channel (cpu for now)")
+    weights.add_argument("--int8", action="store_true",
+                   help="int8 decoder and LM-head weights, one scale per output channel, bfloat16 activations "
+                        "(cpu: about 3x less to read per token than float32)")
     p.add_argument("--fp8-lm-head", action="store_true", help="with --fp8, quantize the LM head too")
     p.add_argument("--fp8-ignore", action="append", default=[], metavar="PATTERN",
                    help="with --fp8, keep the matmuls whose weight name contains PATTERN (or matches re:REGEX) "
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         build = BuildConfig(target=args.target, dtype=args.dtype,
-                            weight_quant="fp8" if args.fp8 else "none", fp8_lm_head=args.fp8_lm_head,
+                            weight_quant="fp8" if args.fp8 else "int8" if args.int8 else "none",
+                            fp8_lm_head=args.fp8_lm_head,
                             fp8_ignore=tuple(args.fp8_ignore),
                             kv_dtype=args.kv_cache_dtype, tp=args.tp,
                             max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs,
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
         check_build_machine(build)
 
         checkpoint = args.model if args.model is not None else default_checkpoint()
-        quantized = ("-fp8" if build.weight_quant == "fp8" else "") + ("-kv-fp8" if build.kv_dtype == FP8_KV else "")
+        quantized = ("" if build.weight_quant == "none" else f"-{build.weight_quant}") + \
+            ("-kv-fp8" if build.kv_dtype == FP8_KV else "")
         out = args.output or Path("artifacts") / f"{checkpoint.name.lower()}-{build.target}-{build.dtype}{quantized}"
         manifest = build_artifact(checkpoint, build, out, use_cache=not args.no_cache,
                                   calibration_data=args.calibration_data,

@@ -16,6 +16,14 @@ layer 5, 15 of 7104 values differing at layer 10, 1940 at layer 25, logits 1e-2 
 build is also measured against the unquantized model on the same steps, and the compiled program
 must be no farther from its quantized reference than the quantization itself moves the logits:
 a missing or wrong scale moves them far more.
+
+Rounding to bfloat16 moves a deep model's logits much as that does: on SmolLM2 (30 layers, the
+verifier's random-token prompts) the eager bfloat16 model is 0.66 from the float32 one on the
+verifier's measure, and the compiled bfloat16 program 0.50 from the eager one, where the fixed
+bfloat16 tolerance is 5e-2 (an 8B model on the GPU: 2.3e-2). So a reduced-precision build that
+misses the fixed tolerance is measured once more against the float32 model on the same steps,
+and passes if it is no farther from its eager reference than the dtype's own rounding (with a
+quantized build's, its quantization's too) moves it.
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ class Schedule:
     num_blocks: int
     eager_rows: list[torch.Tensor]
     plain_rows: list[torch.Tensor]
+    plain_model: str = "the unquantized model"  # what computed plain_rows
 
 
 def reference_run(eager, build: BuildConfig, cfg: ModelConfig, seed: int = 0, unquantized=None) -> Schedule:
@@ -98,6 +107,17 @@ def reference_run(eager, build: BuildConfig, cfg: ModelConfig, seed: int = 0, un
     return schedule
 
 
+def add_float32_rows(schedule: Schedule, model32, cfg: ModelConfig, build: BuildConfig) -> None:
+    """Runs the float32 `model32` over the schedule's steps (in a float32 cache of its own) as its
+    plain rows: how far rounding to the build's dtype alone moves the logits."""
+    layout = dataclasses.replace(KVCacheLayout.of(cfg, build, whole=True), dtype="float32")
+    cache = layout.allocate(schedule.num_blocks, build.target)
+    with torch.no_grad():
+        schedule.plain_rows = [call_step(model32, {k: v.to(build.target) for k, v in inputs.items()}, cache).cpu()
+                               for inputs in schedule.steps]
+    schedule.plain_model = "the float32 model"
+
+
 def compiled_run(compiled, schedule: Schedule, layout: KVCacheLayout, device: str) -> list[torch.Tensor]:
     """The compiled program's logits over the schedule's steps, in a cache of its own (`layout`:
     this rank's). Under inference_mode, as serving calls it: under no_grad AOTInductor reaches the
@@ -120,7 +140,8 @@ def compare(schedule: Schedule, compiled_rows: list[torch.Tensor], build: BuildC
               "relative_error": relative, "greedy_agreement": exact, "greedy_agreement_tie_aware": agreement}
     if schedule.plain_rows:
         q_relative, _, q_agreement = _compare(eager_all, torch.cat(schedule.plain_rows), rel_tol * scale)
-        result["quantization"] = {"relative_error": q_relative, "greedy_agreement_tie_aware": q_agreement}
+        result["reference_gap"] = {"against": schedule.plain_model, "relative_error": q_relative,
+                                   "greedy_agreement_tie_aware": q_agreement}
         rel_tol, min_agreement = max(rel_tol, q_relative), min(min_agreement, q_agreement)
     result["tolerance"] = {"relative_error": rel_tol, "greedy_agreement": min_agreement}
     result["passed"] = relative <= rel_tol and agreement >= min_agreement

@@ -15,11 +15,12 @@ from llama_aot.passes.fuse_gate_up import fuse_gate_up
 from llama_aot.passes.fuse_qkv import fuse_qkv
 from llama_aot.passes.graph_pass import GraphPass, PassContext
 from llama_aot.passes.quantize_fp8 import quantize_fp8
+from llama_aot.passes.quantize_int8 import quantize_int8
 from llama_aot.passes.quantize_kv_cache import quantize_kv_cache
 from llama_aot.passes.route_decode_linears import route_decode_linears
 from llama_aot.passes.shard_tensor_parallel import shard_tensor_parallel
 
-PIPELINE: tuple[GraphPass, ...] = (fuse_qkv, fuse_gate_up, fuse_add_rmsnorm, quantize_fp8, quantize_kv_cache,
+PIPELINE: tuple[GraphPass, ...] = (fuse_qkv, fuse_gate_up, fuse_add_rmsnorm, quantize_fp8, quantize_int8, quantize_kv_cache,
                                    shard_tensor_parallel, route_decode_linears)
 
 

@@ -169,6 +169,17 @@ def test_unchanged_rebuild_is_a_cache_hit(tiny_checkpoint, tiny_build, tiny_arti
     load_artifact(tmp_path / "again")
 
 
+def test_a_long_build_stage_reports_its_elapsed_time_while_it_runs():
+    """AOTInductor's lowering is minutes without output of its own: the stage says how long so far."""
+    stream = io.StringIO()
+    with Progress(stream, heartbeat_s=0.05).stage("lower (AOTInductor)"):
+        time.sleep(0.3)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "[llama-compile] lower (AOTInductor) ..."
+    assert len([line for line in lines if line.endswith("s so far")]) >= 2
+    assert lines[-1].startswith("[llama-compile] lower (AOTInductor) done in ")
+
+
 def test_cache_key_follows_the_inputs(tiny_checkpoint, tiny_build):
     ckpt = open_checkpoint(tiny_checkpoint)
     build = tiny_build.resolved(ckpt.config)
