@@ -1,7 +1,8 @@
 """The OpenAI-compatible routes over one engine.
 
 /v1/chat/completions and /v1/completions, streamed as server-sent events or whole; /v1/models;
-/health; /metrics. With an API key, /v1/* requires `Authorization: Bearer KEY`. Tool calls use
+/tokenize and /detokenize (as vLLM and SGLang serve them, so that their clients and benchmark
+scripts count tokens with the server's own tokenizer); /health; /metrics. With an API key, /v1/* requires `Authorization: Bearer KEY`. Tool calls use
 the llama3 JSON format when the server runs with --tool-call-parser llama3.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from llama_aot.serve.chat_template import ChatTemplate
 from llama_aot.serve.errors import APIError, error_body, install_error_handlers
 from llama_aot.serve.generation import Generation
 from llama_aot.serve.metrics import Metrics
-from llama_aot.serve.protocol import ChatCompletionRequest, CompletionRequest
+from llama_aot.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from llama_aot.serve.tool_parser import StreamingToolParser, parse, tools_for_choice
 
 TOOL_CALL_PARSERS = ("llama3",)
@@ -79,6 +80,30 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
     @app.get("/metrics")
     async def metrics_route():
         return PlainTextResponse(metrics.render(engine.stats), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.checked().model)
+        if body.prompt is not None:
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = engine.tokenizer.encode(body.prompt, add_special_tokens=add_special).ids
+        elif template is None:
+            raise APIError(400, "this model has no chat template; tokenize a prompt instead", "messages")
+        else:
+            ids = template.encode(body.messages, body.tools, body.add_generation_prompt,
+                                  **body.template_kwargs())
+        token_strs = [engine.tokenizer.id_to_token(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.runtime.context_length, "tokens": ids,
+                "token_strs": token_strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})", "tokens")
+        text = engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)
+        return {"prompt": text, "text": text}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):

@@ -20,6 +20,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+def template_kwargs(requested: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's extra chat-template variables; the ones the server sets itself cannot be overridden."""
+    kwargs = dict(requested or {})
+    reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "documents"})
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}; use the request's "
+                       "own fields", "chat_template_kwargs")
+    return kwargs
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -70,13 +80,7 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def template_kwargs(self) -> dict[str, Any]:
-        """Extra chat-template variables; the ones the server sets itself cannot be overridden."""
-        kwargs = dict(self.chat_template_kwargs or {})
-        reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "documents"})
-        if reserved:
-            raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}; use the request's "
-                           "own fields", "chat_template_kwargs")
-        return kwargs
+        return template_kwargs(self.chat_template_kwargs)
 
     def sampling_params(self) -> SamplingParams:
         if self.response_format is not None and self.response_format.get("type") != "text":
@@ -118,3 +122,38 @@ class CompletionRequest(_SamplingRequest):
             raise APIError(400, "prompt must not be empty", "prompt")
         return p
 
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize, as vLLM takes it (SGLang's `prompt` form is the same): a text `prompt`, or
+    chat `messages` rendered by the model's chat template first."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    def checked(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        if self.messages is not None and not self.messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        if self.messages is not None and self.add_special_tokens:
+            raise APIError(400, "add_special_tokens applies to a prompt; the chat template adds the "
+                           "special tokens of messages", "add_special_tokens")
+        return self
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return template_kwargs(self.chat_template_kwargs)
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize: token ids back to text (vLLM answers {"prompt"}, SGLang {"text"})."""
+
+    model: str | None = None
+    tokens: list[int]
+    skip_special_tokens: bool = False

@@ -199,6 +199,30 @@ def test_bad_requests_get_openai_errors(server, name, body, status, param):
         assert error["param"] == param
 
 
+def test_tokenize_and_detokenize_as_vllm_and_sglang_serve_them(server, client, smollm2_artifact):
+    """The server's own token counts: a prompt as HF's tokenizer splits it, chat messages as the
+    chat route counts them (its usage.prompt_tokens), and the ids back to text."""
+    post = lambda route, body: httpx.post(server.base_url + route, json=body, timeout=30)  # noqa: E731
+    text = "Count these tokens, please."
+    got = post("/tokenize", {"model": MODEL, "prompt": text, "return_token_strs": True}).json()
+    hf = AutoTokenizer.from_pretrained(smollm2_artifact)
+    assert got["tokens"] == hf(text)["input_ids"] and got["count"] == len(got["tokens"])
+    assert got["token_strs"] == hf.convert_ids_to_tokens(got["tokens"]) and got["max_model_len"] > 0
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = post("/tokenize", {"model": MODEL, "messages": messages}).json()
+    assert chat["count"] == ask(client, messages[0]["content"], max_tokens=1).usage.prompt_tokens
+    back = post("/detokenize", {"model": MODEL, "tokens": got["tokens"]}).json()
+    assert back["prompt"] == back["text"] == hf.decode(got["tokens"])
+
+    for route, body, param in [("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+                               ("/tokenize", {"messages": messages, "add_special_tokens": True}, "add_special_tokens"),
+                               ("/tokenize", {"prompt": 5}, "prompt"),
+                               ("/detokenize", {"tokens": [1, 10 ** 9]}, "tokens"),
+                               ("/detokenize", {"model": "gpt-17", "tokens": [1]}, "model")]:
+        r = post(route, body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
 def test_server_still_serves_after_bad_requests(client):
     assert ask(client, "Say yes.", max_tokens=3).usage.completion_tokens > 0
 
