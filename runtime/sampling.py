@@ -95,7 +95,6 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
-    n: int = 1
 
     def __post_init__(self):
         def put(name, value):
@@ -122,9 +121,6 @@ class SamplingParams:
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise SamplingParamsError("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.n != 1:
-            raise SamplingParamsError(
-                f"n={self.n!r} is not supported; only n=1 is, so send one request per completion", "n")
 
     @staticmethod
     def _stop_strings(stop) -> tuple[str, ...]:

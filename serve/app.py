@@ -16,6 +16,7 @@ from llama_aot.runtime.engine import Engine, RequestOutput
 from llama_aot.serve import responses as R
 from llama_aot.serve.auth import BearerAuth
 from llama_aot.serve.chat_template import ChatTemplate
+from llama_aot.serve.choices import collect_choices
 from llama_aot.serve.errors import APIError, error_body, install_error_handlers
 from llama_aot.serve.generation import Generation
 from llama_aot.serve.metrics import Metrics
@@ -118,22 +119,28 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
         prefix = forced_call_prefix(body.tool_choice, forced_name) if tools is not None else ""
         if prefix:
             prompt += engine.tokenizer.encode(prefix, add_special_tokens=False).ids
-        gen = Generation(engine, metrics, prompt, params, "chatcmpl", "messages")
-        parser = StreamingToolParser() if tools is not None else None
+        n = body.choices()
         if body.stream:
+            gen = Generation(engine, metrics, prompt, params, "chatcmpl", "messages")
+            parser = StreamingToolParser() if tools is not None else None
             return _event_stream(_chat_events(gen, body, parser, prefix))
-        outputs = await gen.collect(request)
-        last = _last(outputs)
+        gen, choices = await collect_choices(engine, metrics, prompt, params, n, "chatcmpl", "messages", request)
+        lasts = [_last(outputs) for outputs in choices]
+        return R.chat_completion(gen.request_id, gen.created, model_name,
+                                 [_chat_choice(outputs, body.logprobs, tools is not None, prefix) for outputs in choices],
+                                 lasts)
+
+    def _chat_choice(outputs: list[RequestOutput], logprobs: bool, tools: bool, prefix: str):
+        """(message, finish_reason, logprobs) of one choice; its tool calls parsed when tools were given."""
         text = "".join(o.text for o in outputs)
         message: dict = {"role": "assistant", "content": text}
-        reason = last.finish_reason
-        if parser is not None:
+        reason = outputs[-1].finish_reason
+        if tools:
             content, calls = parse(prefix + text)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 reason = "tool_calls" if reason == "stop" else reason
-        logprobs = token_text.chat_logprobs(outputs) if body.logprobs else None
-        return R.chat_completion(gen.request_id, gen.created, model_name, message, reason, logprobs, last)
+        return message, reason, token_text.chat_logprobs(outputs) if logprobs else None
 
     async def _chat_events(gen: Generation, body: ChatCompletionRequest, parser, prefix: str):
         """Without a tool parser, one chunk per generated token, as in `_completion_events`."""
@@ -179,14 +186,15 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
                 raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
                                "prompt")
             ids = list(prompt)
-        gen = Generation(engine, metrics, ids, params, "cmpl", "prompt")
+        n = body.choices()
         if body.stream:
-            return _event_stream(_completion_events(gen, body))
-        outputs = await gen.collect(request)
-        last = _last(outputs)
-        logprobs = token_text.completion_logprobs(outputs) if body.logprobs is not None else None
-        return R.text_completion(gen.request_id, gen.created, model_name, "".join(o.text for o in outputs),
-                                 last.finish_reason, logprobs, last)
+            return _event_stream(_completion_events(Generation(engine, metrics, ids, params, "cmpl", "prompt"), body))
+        gen, choices = await collect_choices(engine, metrics, ids, params, n, "cmpl", "prompt", request)
+        lasts = [_last(outputs) for outputs in choices]
+        return R.text_completion(gen.request_id, gen.created, model_name,
+                                 [("".join(o.text for o in outputs), last.finish_reason,
+                                   token_text.completion_logprobs(outputs) if body.logprobs is not None else None)
+                                  for outputs, last in zip(choices, lasts)], lasts)
 
     async def _completion_events(gen: Generation, body: CompletionRequest):
         """One chunk per generated token, with empty text while the text is held back (an
@@ -203,8 +211,8 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
             logprobs = token_text.completion_logprobs([out], offset) if body.logprobs is not None else None
             offset += len(out.text)
             if out.text or out.finish_reason or out.token_id is not None:
-                yield R.sse(R.text_completion(gen.request_id, gen.created, model_name, out.text,
-                                              out.finish_reason, logprobs))
+                yield R.sse(R.text_completion(gen.request_id, gen.created, model_name,
+                                              [(out.text, out.finish_reason, logprobs)]))
             if out.finish_reason is not None and body.include_usage:
                 yield R.sse(R.usage_chunk(gen.request_id, gen.created, model_name, "text_completion", out))
         yield R.SSE_DONE

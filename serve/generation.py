@@ -33,6 +33,7 @@ class Generation:
         self._start = time.monotonic()
         self._last_token_at: float | None = None
         self._finished = False
+        self.prefilled = asyncio.Event()  # set at the first token (or the end): the prompt is in the cache
         try:
             engine.submit(self.request_id, prompt_ids, params, self._sink)
         except ValueError as e:
@@ -61,6 +62,8 @@ class Generation:
             else:
                 self.metrics.inter_token(now - self._last_token_at)
             self._last_token_at = now
+        if output.token_id is not None or output.finish_reason is not None:
+            self.prefilled.set()
         if output.finish_reason is not None:
             self._finished = True
             self.metrics.finished(output.finish_reason, output.prompt_tokens, output.completion_tokens,

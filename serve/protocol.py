@@ -2,8 +2,8 @@
 
 Strict: a field of the wrong type is a 400 naming that field, not a silent coercion ("1" is not
 a max_tokens). Fields OpenAI defines but we do not implement are either accepted with OpenAI's
-meaning (user, parallel_tool_calls) or refused by name (n > 1, best_of, response_format other
-than text); unknown extra fields are ignored, as the OpenAI API ignores them.
+meaning (user, parallel_tool_calls) or refused by name (best_of, response_format other than
+text, n > 1 with stream); unknown extra fields are ignored, as the OpenAI API ignores them.
 Range checks of sampling values live in SamplingParams, the one place that knows them.
 """
 from __future__ import annotations
@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llama_aot.runtime.sampling import SamplingParams
 from llama_aot.serve.errors import APIError
+
+
+MAX_CHOICES = 128  # OpenAI's bound on n
 
 
 class _Strict(BaseModel):
@@ -55,12 +58,21 @@ class _SamplingRequest(_Strict):
     def _sampling(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
         values = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "seed",
                                                  "presence_penalty", "frequency_penalty",
-                                                 "repetition_penalty", "n") if getattr(self, k) is not None}
+                                                 "repetition_penalty") if getattr(self, k) is not None}
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
         return SamplingParams(**values, max_tokens=max_tokens, stop=self.stop,
                               stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                               logprobs=logprobs, top_logprobs=top_logprobs)
+
+    def choices(self) -> int:
+        """How many completions of the prompt the request asks for (OpenAI's `n`)."""
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= MAX_CHOICES:
+            raise APIError(400, f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
+        if n > 1 and self.stream:
+            raise APIError(400, "n > 1 is not supported with stream: true yet; send the request unstreamed", "n")
+        return n
 
     @property
     def include_usage(self) -> bool:

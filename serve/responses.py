@@ -7,10 +7,14 @@ import json
 from llama_aot.runtime.engine import RequestOutput
 
 
-def usage(last: RequestOutput) -> dict:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
+def usage(lasts: list[RequestOutput]) -> dict:
+    """The usage of one request's choices (each one's last output): the prompt once, every choice's
+    completion tokens, and as cached the prompt tokens a choice found in the prefix cache (with
+    n > 1, the later choices': serve/choices.py prefills the prompt once for all of them)."""
+    prompt, completion = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
+    cached = min(last.cached_tokens for last in lasts[1:]) if len(lasts) > 1 else lasts[0].cached_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def sse(obj) -> str:
@@ -57,11 +61,13 @@ class TokenText:
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_completion(request_id: str, created: int, model: str, message: dict, finish_reason: str,
-                    logprobs: dict | None, last: RequestOutput) -> dict:
+def chat_completion(request_id: str, created: int, model: str, choices: list[tuple[dict, str, dict | None]],
+                    lasts: list[RequestOutput]) -> dict:
+    """`choices`: each one's (message, finish_reason, logprobs), in index order."""
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage(last)}
+            "choices": [{"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason}
+                        for i, (message, reason, logprobs) in enumerate(choices)],
+            "usage": usage(lasts)}
 
 
 def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
@@ -70,14 +76,16 @@ def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_re
             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def text_completion(request_id: str, created: int, model: str, text: str, finish_reason: str | None,
-                    logprobs: dict | None, last: RequestOutput | None = None, obj: str = "text_completion") -> dict:
-    body = {"id": request_id, "object": obj, "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if last is not None:
-        body["usage"] = usage(last)
+def text_completion(request_id: str, created: int, model: str, choices: list[tuple[str, str | None, dict | None]],
+                    lasts: list[RequestOutput] | None = None) -> dict:
+    """`choices`: each one's (text, finish_reason, logprobs), in index order; one for a stream chunk."""
+    body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                        for i, (text, reason, logprobs) in enumerate(choices)]}
+    if lasts is not None:
+        body["usage"] = usage(lasts)
     return body
 
 
 def usage_chunk(request_id: str, created: int, model: str, obj: str, last: RequestOutput) -> dict:
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(last)}
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage([last])}

@@ -45,7 +45,6 @@ from llama_aot.runtime.sampling import (Sampler, SamplingParams, SamplingParamsE
     (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
     (dict(logprobs=True, top_logprobs=-1), "top_logprobs"),
     (dict(top_logprobs=3), "top_logprobs"),
-    (dict(n=2), "n"),
 ])
 def test_invalid_params_name_the_openai_field(kwargs, param):
     with pytest.raises(SamplingParamsError) as info:

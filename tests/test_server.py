@@ -32,7 +32,7 @@ def client(server):
 
 def ask(client, question, **kw):
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                          temperature=0, **kw)
+                                          **{"temperature": 0, **kw})
 
 
 def test_models_and_health(server, client):
@@ -180,7 +180,8 @@ BAD_REQUESTS = [
     ("max_tokens string", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
     ("temperature", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
     ("top_p", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
-    ("n", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("n", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ("n streamed", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, 400, "n"),
     ("malformed tools", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, None),
     ("unknown model", {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("too long", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400, "messages"),
@@ -197,6 +198,27 @@ def test_bad_requests_get_openai_errors(server, name, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_n_choices_share_one_prefill_of_the_prompt(client):
+    """n=4: four choices, the prompt counted once and found in the prefix cache by the later
+    choices; with a seed they differ from one another and the request repeats exactly."""
+    question = "Write one sentence about the sea, the wind and a small boat leaving the harbour at dawn."
+    kw = dict(max_tokens=12, temperature=1.0, seed=7, n=4)
+    reply = ask(client, question, **kw)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    texts = [c.message.content for c in reply.choices]
+    assert len(set(texts)) > 1 and all(texts)
+    solo = ask(client, question, max_tokens=1)
+    assert reply.usage.prompt_tokens == solo.usage.prompt_tokens
+    lengths = [12 if c.finish_reason == "length" else None for c in reply.choices]
+    assert 4 <= reply.usage.completion_tokens <= 48
+    if None not in lengths:
+        assert reply.usage.completion_tokens == 48
+    assert reply.usage.prompt_tokens_details.cached_tokens >= reply.usage.prompt_tokens - 16
+    assert [c.message.content for c in ask(client, question, **kw).choices] == texts
+    text = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert [c.index for c in text.choices] == [0, 1, 2] and text.usage.completion_tokens <= 18
 
 
 def test_tokenize_and_detokenize_as_vllm_and_sglang_serve_them(server, client, smollm2_artifact):
