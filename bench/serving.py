@@ -4,7 +4,9 @@ Every request streams with temperature 0, ignore_eos and `stream_options.include
 request generates exactly its sampled output length and the server's usage, not the number of SSE
 chunks (the detokenizer may hold text back or merge tokens), is the output token count. Whatever
 goes wrong with a request (refused connection, non-200, a stream that is not SSE+JSON, a timeout)
-becomes a failed result with its reason: the run always ends, and the summary always prints.
+becomes a failed result with its reason: the run always ends, and the summary always prints. The
+one exception is a 404 on the warmup request (a --model the server does not serve, or a route it
+lacks): an input error of the bench, one line and exit status 2, rather than a measurement.
 """
 from __future__ import annotations
 
@@ -17,16 +19,31 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llama_aot.bench.datasets import BenchRequest
+from llama_aot.bench.datasets import BenchInputError, BenchRequest
+
+# bench_serving's --backend names for the OpenAI routes (its "sglang" drives SGLang's native
+# /generate, which llama-serve does not serve: here it drives /v1/completions like "sglang-oai").
+COMPLETION_BACKENDS = ("sglang", "sglang-oai", "vllm", "lmdeploy", "openai")
+CHAT_BACKENDS = ("sglang-oai-chat", "vllm-chat", "lmdeploy-chat", "openai-chat")
+BACKENDS = COMPLETION_BACKENDS + CHAT_BACKENDS
+_CHAT_OF = {"sglang": "sglang-oai-chat", "sglang-oai": "sglang-oai-chat", "vllm": "vllm-chat",
+            "lmdeploy": "lmdeploy-chat", "openai": "openai-chat"}
+
+
+def resolve_backend(backend: str, chat: bool = False) -> str:
+    """The backend to drive: `chat` (our --chat) turns a completions backend into its chat twin."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return _CHAT_OF[backend] if chat and backend in _CHAT_OF else backend
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """How to drive the server: where, which model and route, and how hard."""
+    """How to drive the server: where, which model, which backend (and so which route), how hard."""
 
     base_url: str
     model: str | None = None
-    chat: bool = False
+    backend: str = "sglang"
     request_rate: float = math.inf
     max_concurrency: int | None = None
     timeout_s: float = 300.0
@@ -34,6 +51,8 @@ class ServeConfig:
     api_key: str | None = None
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
         if not self.request_rate > 0:
@@ -44,13 +63,18 @@ class ServeConfig:
             raise ValueError(f"--timeout must be positive, got {self.timeout_s}")
 
     @property
+    def chat(self) -> bool:
+        return self.backend in CHAT_BACKENDS
+
+    @property
     def route(self) -> str:
         return "/v1/chat/completions" if self.chat else "/v1/completions"
 
 
 @dataclass
 class RequestResult:
-    """What one request measured; `error` is None on success. Times are seconds."""
+    """What one request measured; `error` is None on success (`status` is the HTTP status of a
+    refused one). Times are seconds; `start` is the perf_counter() at which it was sent."""
 
     prompt_len: int
     output_len: int = 0
@@ -58,6 +82,9 @@ class RequestResult:
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str | None = None
+    start: float = 0.0
+    generated_text: str = ""
+    status: int | None = None
 
     @property
     def success(self) -> bool:
@@ -99,7 +126,8 @@ def _delta_text(chunk: dict) -> str:
 
 async def _stream(client: httpx.AsyncClient, cfg: ServeConfig, model: str, req: BenchRequest) -> RequestResult:
     result = RequestResult(prompt_len=req.prompt_len)
-    start = last = time.perf_counter()
+    start = last = result.start = time.perf_counter()
+    pieces = []
     usage, done = None, False
     async with client.stream("POST", cfg.base_url + cfg.route, json=_payload(cfg, model, req)) as response:
         if response.status_code != 200:
@@ -108,7 +136,8 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeConfig, model: str, req: 
                 body = json.loads(body)["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 pass
-            result.error = f"HTTP {response.status_code}: {str(body)[:200]}"
+            result.error = f"HTTP {response.status_code}: {' '.join(str(body).split())[:200]}"
+            result.status = response.status_code
             return result
         async for line in response.aiter_lines():
             if not line.strip() or line.startswith(":"):
@@ -130,7 +159,8 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeConfig, model: str, req: 
                 return result
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            if _delta_text(chunk):
+            if text := _delta_text(chunk):
+                pieces.append(text)
                 now = time.perf_counter()
                 if result.ttft == 0.0:
                     result.ttft = now - start
@@ -138,6 +168,7 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeConfig, model: str, req: 
                     result.itl.append(now - last)
                 last = now
     result.latency = time.perf_counter() - start
+    result.generated_text = "".join(pieces)
     if not done:
         raise StreamError("stream ended before data: [DONE]")
     if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int):
@@ -229,6 +260,8 @@ async def run_benchmark(cfg: ServeConfig, requests: list[BenchRequest]) -> RunOu
         except StreamError as e:
             return RunOutcome([RequestResult(r.prompt_len, error=str(e)) for r in requests], 0.0, "unknown")
         warm = await send_request(client, cfg, model, requests[0])
+        if warm.status == 404:  # a wrong --model (or a server without this route): an input error
+            raise BenchInputError(_not_found(cfg, model, warm.error))
         if not warm.success:
             reason = f"not sent, warmup failed: {warm.error}"
             return RunOutcome([RequestResult(r.prompt_len, error=reason) for r in requests], 0.0, model)
@@ -251,6 +284,14 @@ async def run_benchmark(cfg: ServeConfig, requests: list[BenchRequest]) -> RunOu
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         return RunOutcome(list(results), duration, model, accept_length(counters, await spec_counters(client, cfg)))
+
+
+def _not_found(cfg: ServeConfig, model: str, error: str) -> str:
+    where = f"{cfg.base_url}{cfg.route} answered {error}"
+    if cfg.model is not None:
+        return (f"--model {model!r} is not served there ({where}); leave --model out to drive the model "
+                "the server lists first, or pass the id it serves")
+    return f"{where}; check --backend and --base-url (or --host/--port)"
 
 
 @dataclass(frozen=True)
@@ -295,12 +336,37 @@ class Metrics:
     itl: Summary
     e2e: Summary
     accept_length: float | None = None
+    peak_output_throughput: float = 0.0
+    peak_concurrency: int = 0
+    total_output_retokenized: int | None = None
 
 
-def compute_metrics(results: list[RequestResult], duration_s: float, accept_length: float | None = None) -> Metrics:
+def peak_rates(ok: list[RequestResult]) -> tuple[float, int]:
+    """bench_serving's peaks, from the measured times, in one-second buckets from the first send:
+    the most text-carrying chunks (its "output tokens") arriving in one bucket, and the most
+    requests whose [send, end] span touches one bucket."""
+    if not ok:
+        return 0.0, 0
+    first = min(r.start for r in ok)
+    buckets = int(math.ceil(max(r.start + r.latency for r in ok) - first)) + 1
+    chunks, in_flight = [0] * buckets, [0] * buckets
+    for r in ok:
+        t = r.start + r.ttft
+        for gap in [0.0, *r.itl]:
+            t += gap
+            if 0 <= int(t - first) < buckets:
+                chunks[int(t - first)] += 1
+        for second in range(int(r.start - first), min(int(r.start + r.latency - first) + 1, buckets)):
+            in_flight[second] += 1
+    return float(max(chunks)), max(in_flight)
+
+
+def compute_metrics(results: list[RequestResult], duration_s: float, accept_length: float | None = None,
+                    retokenized_output: int | None = None) -> Metrics:
     """TPOT is (latency - TTFT) / (output tokens - 1) per request with more than one token; ITL
     pools the gaps between text-carrying chunks of all requests; concurrency is the summed request
-    latency over the wall time, the mean number of requests in flight."""
+    latency over the wall time, the mean number of requests in flight. `retokenized_output` is
+    the generated text's token count by the client's tokenizer, where the caller counted it."""
     ok = [r for r in results if r.success]
     failures: dict[str, int] = {}
     for r in results:
@@ -308,6 +374,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float, accept_leng
             failures[r.error] = failures.get(r.error, 0) + 1
     total_in = sum(r.prompt_len for r in ok)
     total_out = sum(r.output_len for r in ok)
+    peak_output, peak_in_flight = peak_rates(ok)
     per_s = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
     return Metrics(
         completed=len(ok), failed=len(results) - len(ok), failures=failures, duration_s=duration_s,
@@ -317,4 +384,6 @@ def compute_metrics(results: list[RequestResult], duration_s: float, accept_leng
         ttft=Summary.of([r.ttft for r in ok]),
         tpot=Summary.of([(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]),
         itl=Summary.of([gap for r in ok for gap in r.itl]),
-        e2e=Summary.of([r.latency for r in ok]), accept_length=accept_length)
+        e2e=Summary.of([r.latency for r in ok]), accept_length=accept_length,
+        peak_output_throughput=peak_output, peak_concurrency=peak_in_flight,
+        total_output_retokenized=retokenized_output)

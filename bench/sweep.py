@@ -66,23 +66,28 @@ def chosen_scenarios(names: list[str] | None, scale: float = 1.0) -> list[Scenar
 def sweep(args) -> list:
     """Runs every scenario against one server; writes one JSONL line per scenario, each run's
     latency CDFs, and throughput against concurrency, under --out-dir (default bench/results/)."""
-    from llama_aot.bench.cli import build_requests, device_of, execute, run_arguments, serve_config
+    from llama_aot.bench.cli import (bench_tokenizer, build_requests, device_of, execute, local_tokenizer_dir,
+                                     run_arguments, serve_config)
     from llama_aot.bench.report import plot_throughput_vs_concurrency
 
     scenarios = chosen_scenarios(args.scenarios, args.scale)
+    tokenizer = bench_tokenizer(args, serve_config(args))  # one for all scenarios: a remote one keeps its cache
+    device = device_of(local_tokenizer_dir(args))
     out_dir = args.out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{device_of(args.tokenizer).replace(' ', '-')}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{device.replace(' ', '-')}"
     output_file = out_dir / f"serve-sweep-{stamp}.jsonl"
     points: dict[str, list[tuple[float, float]]] = {}
     outcomes = []
     for sc in scenarios:
         print(f"\n{sc.name}: {sc.num_prompts} prompts, concurrency {sc.concurrency or 'unlimited'}")
         cfg = serve_config(args, sc.concurrency, request_rate=math.inf)
-        requests = build_requests(args, cfg, sc.dataset, sc.num_prompts, sc.input_len, sc.output_len, 1.0)
+        requests = build_requests(args, cfg, sc.dataset, sc.num_prompts, sc.input_len, sc.output_len, 1.0,
+                                  tokenizer=tokenizer)
         arguments = {**run_arguments(args), "scenario": sc.name, "dataset": sc.dataset, "num_prompts": sc.num_prompts,
                      "max_concurrency": sc.concurrency, "input_len": sc.input_len, "output_len": sc.output_len}
-        metrics = execute(cfg, requests, arguments, output_file, args.plot, label=sc.name)
+        metrics = execute(cfg, requests, arguments, output_file, args.plot, label=sc.name, tokenizer=tokenizer,
+                          device=device)
         if sc.dataset == "random" and metrics.completed:
             points.setdefault(sc.name.rsplit("-c", 1)[0], []).append((metrics.concurrency, metrics.output_throughput))
             if args.plot:  # redrawn after every level, so a sweep cut short still leaves its chart

@@ -1,6 +1,7 @@
 """`llama-bench serve`: the sampling rules, arrival times and metrics on synthetic data, bad servers
-(stopped, garbage SSE, non-200) that must end in a printed summary, and a small live run against
-the embedded default whose token counts must agree with the server's usage."""
+(stopped, garbage SSE, non-200) that must end in a printed summary, bench_serving's command lines
+and result table, and small live runs against the embedded default (served under the name SGLang's
+Llama 3.1 docs benchmark) whose token counts must agree with the server's usage."""
 import json
 import math
 import random
@@ -10,12 +11,59 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llama_aot.bench import cli
-from llama_aot.bench.datasets import load_conversations, load_tokenizer, sample_lengths, sample_random, sample_sharegpt
+from llama_aot.bench import cli, serving
+from llama_aot.bench.datasets import (RemoteTokenizer, load_conversations, load_tokenizer, sample_lengths,
+                                      sample_random, sample_sharegpt)
 from llama_aot.bench.report import format_table
 from llama_aot.bench.sweep import chosen_scenarios, seed_scenarios
-from llama_aot.bench.serving import RequestResult, arrival_gaps, compute_metrics
+from llama_aot.bench.serving import RequestResult, arrival_gaps, compute_metrics, peak_rates
 from server import ServerProcess, free_port
+
+# The two bench_serving command lines of SGLang's Llama 3.1 docs (the cookbook's low-concurrency
+# run and the 70B guide's), which must run as `llama-bench serve ...` unchanged.
+COOKBOOK = ("--backend sglang --model Meta-Llama/Llama-3.1-70B --dataset-name random --random-input-len 1000 "
+            "--random-output-len 1000 --num-prompts 10 --max-concurrency 1")
+GUIDE = "--backend sglang --num-prompt 100 --host 127.0.0.1 --port 8000"
+SERVED_NAME = "Meta-Llama/Llama-3.1-70B"
+
+# bench_serving's (SGLang 0.5.6) result table, row labels and rules in order, as the cookbook
+# prints it, less "Total input vision tokens" (no images are sent, so no figure is measured).
+BENCH_SERVING_LAYOUT = """\
+============ Serving Benchmark Result ============
+Backend:
+Traffic request rate:
+Max request concurrency:
+Successful requests:
+Benchmark duration (s):
+Total input tokens:
+Total input text tokens:
+Total generated tokens:
+Total generated tokens (retokenized):
+Request throughput (req/s):
+Input token throughput (tok/s):
+Output token throughput (tok/s):
+Peak output token throughput (tok/s):
+Peak concurrent requests:
+Total token throughput (tok/s):
+Concurrency:
+----------------End-to-End Latency----------------
+Mean E2E Latency (ms):
+Median E2E Latency (ms):
+---------------Time to First Token----------------
+Mean TTFT (ms):
+Median TTFT (ms):
+P99 TTFT (ms):
+-----Time per Output Token (excl. 1st token)------
+Mean TPOT (ms):
+Median TPOT (ms):
+P99 TPOT (ms):
+---------------Inter-Token Latency----------------
+Mean ITL (ms):
+Median ITL (ms):
+P95 ITL (ms):
+P99 ITL (ms):
+Max ITL (ms):
+==================================================""".splitlines()
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly hum".split()
 
@@ -67,6 +115,55 @@ def test_metrics_on_synthetic_timings():
     assert "{:<40} {:<10.2f}".format("Mean TTFT (ms):", 550.0) in lines
     assert "-----Time per Output Token (excl. 1st token)------" in lines and "Max ITL (ms):" in table
     assert "     2 x HTTP 503: busy" in lines and lines[-1] == "=" * 50
+
+
+def test_peaks_count_chunks_and_requests_per_second_bucket():
+    a = RequestResult(prompt_len=1, output_len=3, start=10.0, ttft=0.5, itl=[0.2, 0.2], latency=1.0)  # 10.5 .. 11.0
+    b = RequestResult(prompt_len=1, output_len=6, start=11.2, ttft=0.1, itl=[0.1] * 5, latency=1.0)  # 11.3 .. 12.2
+    assert peak_rates([a, b]) == (6.0, 2)  # b's six chunks in second 1; both in flight in second 1
+    assert peak_rates([]) == (0.0, 0)
+    m = compute_metrics([a, b, RequestResult(prompt_len=1, error="x")], duration_s=2.2, retokenized_output=8)
+    assert (m.peak_output_throughput, m.peak_concurrency, m.total_output_retokenized) == (6.0, 2, 8)
+
+
+def _rows(table: str) -> dict[str, str]:
+    return {line[:40].rstrip(): line[41:].rstrip() for line in table.splitlines() if line[:1] not in "=-"}
+
+
+def test_table_is_bench_serving_layout_line_for_line():
+    ok = [RequestResult(prompt_len=5, output_len=4, start=0.1 * i, ttft=0.05, itl=[0.01] * 3, latency=0.08,
+                        generated_text="abc") for i in range(4)]
+    m = compute_metrics(ok, duration_s=0.5, retokenized_output=15)
+    lines = format_table(m, "sglang", math.inf, 1).splitlines()
+    labels = [line if line[:1] in "=-" else line[:41] for line in lines]
+    assert labels == [line if line[:1] in "=-" else f"{line:<40} " for line in BENCH_SERVING_LAYOUT]
+    assert lines[1] == "Backend:                                 sglang    "  # bench_serving pads values to 10
+    rows = _rows("\n".join(lines))
+    assert rows["Traffic request rate:"] == "inf" and rows["Max request concurrency:"] == "1"
+    assert rows["Total generated tokens (retokenized):"] == "15" and rows["Peak concurrent requests:"] == "4"
+    assert rows["Peak output token throughput (tok/s):"] == "16.00"  # all four streams end within second 0
+    assert rows["Total input text tokens:"] == rows["Total input tokens:"] == "20"
+    assert _rows(format_table(m, "vllm-chat", 20.0, None))["Traffic request rate:"] == "20.0"  # its float, unrounded
+    unmeasured = compute_metrics(ok, duration_s=0.5)  # no tokenizer: no retokenized row rather than a made-up one
+    assert "Total generated tokens (retokenized):" not in format_table(unmeasured, "sglang", math.inf, None)
+
+
+def test_bench_serving_command_lines_parse():
+    a = cli.parse_args(["serve", *COOKBOOK.split()])
+    assert (a.backend, a.model, a.dataset, a.random_input_len, a.random_output_len, a.num_prompts,
+            a.max_concurrency) == ("sglang", SERVED_NAME, "random", 1000, 1000, 10, 1)
+    assert (a.tokenizer, a.random_range_ratio, a.request_rate, cli.base_url(a)) == (
+        None, 0.0, math.inf, "http://127.0.0.1:8000")  # bench_serving's defaults; llama-serve's address
+    cfg = cli.serve_config(a, a.max_concurrency)
+    assert (cfg.model, cfg.route) == (SERVED_NAME, "/v1/completions")
+    g = cli.parse_args(["serve", *GUIDE.split()])  # --num-prompt: argparse's prefix of --num-prompts
+    assert (g.num_prompts, g.dataset, g.max_concurrency, cli.base_url(g)) == (100, "sharegpt", None,
+                                                                                "http://127.0.0.1:8000")
+    assert cli.parse_args(["serve", "--dataset", "random"]).dataset == "random"  # our old name still works
+    assert cli.serve_config(cli.parse_args(["serve", "--backend", "vllm", "--chat"])).backend == "vllm-chat"
+    assert cli.serve_config(cli.parse_args(["serve", "--backend", "openai-chat"])).route == "/v1/chat/completions"
+    with_url = cli.parse_args(["serve", "--base-url", "http://h:1/", "--port", "9"])
+    assert cli.serve_config(with_url).base_url == "http://h:1"  # --base-url wins over --host/--port
 
 
 def test_metrics_with_no_successes_are_zero():
@@ -171,6 +268,8 @@ def test_bad_server_responses_are_failures_with_reasons(smollm2_checkpoint, tmp_
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--num-prompts", "0", "argument --num-prompts: '0': give a positive integer"),
+    ("--backend", "tgi", "argument --backend: invalid choice: 'tgi'"),
+    ("--port", "70000", "give a port between 1 and 65535"),
     ("--random-range-ratio", "2", "give a ratio in [0, 1]"),
     ("--request-rate", "fast", "'fast' is not a number"),
 ])
@@ -209,24 +308,117 @@ def test_sweep_runs_the_chosen_scenarios_in_the_given_order(tmp_path, capsys):
     assert "random-20-20-c2" in err[0] and not list(tmp_path.iterdir())
 
 
-def test_live_runs_agree_with_usage(smollm2_artifact, tmp_path, capsys):
-    server = ServerProcess(smollm2_artifact)
-    out_file = tmp_path / "runs.jsonl"
+@pytest.fixture(scope="module")
+def llama_serve(smollm2_artifact):
+    """llama-serve with the embedded default, under the model id the SGLang docs' commands send."""
+    server = ServerProcess(smollm2_artifact, "--served-model-name", SERVED_NAME)
+    yield server
+    server.stop()
+
+
+def _bos(tok) -> int:
+    return len(tok.encode("a", add_special_tokens=True).ids) - len(tok.encode("a", add_special_tokens=False).ids)
+
+
+def _remote_tokenizers(monkeypatch) -> list:
+    """Collects the tokenizers the bench makes, to see which kind counted the tokens and what it cost."""
+    made, real = [], cli.bench_tokenizer
+    monkeypatch.setattr(cli, "bench_tokenizer", lambda args, cfg: made.append(real(args, cfg)) or made[-1])
+    return made
+
+
+def test_cookbook_command_line_counts_with_the_servers_tokenizer(llama_serve, smollm2_artifact, capsys, monkeypatch):
+    made = _remote_tokenizers(monkeypatch)
+    argv = COOKBOOK.replace("--random-input-len 1000", "--random-input-len 24").replace(
+        "--random-output-len 1000", "--random-output-len 4").replace("--num-prompts 10", "--num-prompts 3").split()
+    before = llama_serve.metrics()
+    code, out, err, _ = _bench(capsys, *argv, "--port", str(llama_serve.port))
+    after = llama_serve.metrics()
+    assert code == 0 and "Traceback" not in out + err, out + err
+    assert len(made) == 1 and isinstance(made[0], RemoteTokenizer) and made[0].calls > 0
+    rows = _rows(out)
+    assert (rows["Backend:"], rows["Max request concurrency:"], rows["Successful requests:"]) == ("sglang", "1", "3")
+    # One at a time, but the peak is bench_serving's: requests touching one second, here all three.
+    assert 1 <= int(rows["Peak concurrent requests:"]) <= 3 and float(rows["Peak output token throughput (tok/s):"]) > 0
+    # The server's counts shaped the prompts exactly as the artifact's tokenizer.json would have
+    # (range ratio 0, bench_serving's default: lengths anywhere in 1..24 and 1..4).
+    tok = load_tokenizer(smollm2_artifact)
+    requests = sample_random(tok, load_conversations(), 3, 24, 4, 0.0, seed=0)
+    assert rows["Total generated tokens:"] == str(sum(r.output_len for r in requests))
+    assert int(rows["Total generated tokens (retokenized):"]) > 0
+    assert int(rows["Total input tokens:"]) == sum(r.prompt_len + _bos(tok) for r in requests)
+    served_in = after["llama_aot_prompt_tokens_total"] - before["llama_aot_prompt_tokens_total"]
+    assert served_in == sum(r.prompt_len + _bos(tok) for r in [requests[0], *requests])  # with the warmup
+
+
+def test_guide_command_line_runs_sharegpt(llama_serve, capsys, monkeypatch):
+    made = _remote_tokenizers(monkeypatch)
+    argv = GUIDE.replace("--num-prompt 100", "--num-prompt 3").replace("--port 8000", f"--port {llama_serve.port}")
+    code, out, err, _ = _bench(capsys, *argv.split(), "--sharegpt-output-len", "4", "--context-len", "96")
+    assert code == 0 and "Traceback" not in out + err, out + err
+    assert isinstance(made[0], RemoteTokenizer) and made[0].calls > 0
+    rows = _rows(out)
+    assert (rows["Backend:"], rows["Traffic request rate:"], rows["Max request concurrency:"]) == ("sglang", "inf",
+                                                                                                  "not set")
+    assert (rows["Successful requests:"], rows["Total generated tokens:"]) == ("3", "12")
+
+
+def test_openai_chat_backend_drives_the_chat_route(llama_serve, smollm2_artifact, capsys, monkeypatch):
+    sent, payload = [], serving._payload
+    monkeypatch.setattr(serving, "_payload", lambda cfg, model, req: sent.append((cfg.route, model)) or
+                        payload(cfg, model, req))
+    code, out, err, _ = _bench(capsys, "--backend", "openai-chat", "--port", str(llama_serve.port), "--dataset-name",
+                               "random", "--random-input-len", "16", "--random-output-len", "4", "--num-prompts", "2")
+    assert code == 0 and "Traceback" not in out + err, out + err
+    assert sent == [("/v1/chat/completions", SERVED_NAME)] * 3  # the warmup and the two requests
+    out_lens = [r.output_len for r in sample_random(load_tokenizer(smollm2_artifact), load_conversations(), 2, 16, 4,
+                                                    0.0, seed=0)]
+    rows = _rows(out)
+    assert (rows["Backend:"], rows["Successful requests:"], rows["Total generated tokens:"]) == (
+        "openai-chat", "2", str(sum(out_lens)))
+
+
+def test_a_model_the_server_does_not_serve_is_one_line_exit_2(llama_serve, capsys):
+    code, out, err, elapsed = _bench(capsys, "--model", "meta-llama/Llama-3.1-8B", "--port", str(llama_serve.port),
+                                     "--dataset-name", "random", "--random-input-len", "8", "--random-output-len", "2",
+                                     "--num-prompts", "2")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Serving Benchmark Result" not in out, out + err
+    assert lines[0].startswith("llama-bench: error: --model 'meta-llama/Llama-3.1-8B' is not served there")
+    assert "HTTP 404" in lines[0] and SERVED_NAME in lines[0]  # the server's 404 says what it serves
+
+
+def test_a_server_without_tokenize_asks_for_tokenizer(tmp_path, capsys):
+    handler = type("Handler", (_Garbage,), {"reply": b'{"detail": "Not Found"}', "status": 404})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        before = server.metrics()
-        code, out, err, _ = _bench(capsys, "--base-url", server.base_url, "--tokenizer", str(smollm2_artifact),
-                                   "--dataset", "random", "--num-prompts", "8", "--random-input-len", "32",
-                                   "--random-output-len", "8", "--random-range-ratio", "0.5", "--max-concurrency", "4",
-                                   "--output-file", str(out_file), "--plot")
-        after = server.metrics()
-        assert code == 0, err
-        code, out2, err, _ = _bench(capsys, "--base-url", server.base_url, "--tokenizer", str(smollm2_artifact),
-                                    "--dataset", "sharegpt", "--num-prompts", "4", "--sharegpt-output-len", "6",
-                                    "--context-len", "160", "--chat", "--request-rate", "20",
-                                    "--output-file", str(out_file))
-        assert code == 0, err
+        code, out, err, _ = _bench(capsys, "--port", str(httpd.server_port), "--dataset-path",
+                                   str(_sharegpt_json(tmp_path, _pairs())), "--num-prompts", "2")
     finally:
-        server.stop()
+        httpd.shutdown()
+        httpd.server_close()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "/tokenize answered HTTP 404" in lines[0], err
+    assert "pass --tokenizer DIR" in lines[0]
+
+
+def test_live_runs_agree_with_usage(llama_serve, smollm2_artifact, tmp_path, capsys):
+    server = llama_serve
+    out_file = tmp_path / "runs.jsonl"
+    before = server.metrics()
+    code, out, err, _ = _bench(capsys, "--base-url", server.base_url, "--tokenizer", str(smollm2_artifact),
+                               "--dataset", "random", "--num-prompts", "8", "--random-input-len", "32",
+                               "--random-output-len", "8", "--random-range-ratio", "0.5", "--max-concurrency", "4",
+                               "--output-file", str(out_file), "--plot")
+    after = server.metrics()
+    assert code == 0, err
+    code, out2, err, _ = _bench(capsys, "--base-url", server.base_url, "--tokenizer", str(smollm2_artifact),
+                                "--dataset", "sharegpt", "--num-prompts", "4", "--sharegpt-output-len", "6",
+                                "--context-len", "160", "--chat", "--request-rate", "20",
+                                "--output-file", str(out_file))
+    assert code == 0, err
     print(out)
     random_run, sharegpt_run = [json.loads(line) for line in out_file.read_text().splitlines()]
     m = random_run["metrics"]
@@ -234,7 +426,7 @@ def test_live_runs_agree_with_usage(smollm2_artifact, tmp_path, capsys):
     args = cli.parse_args(["serve", "--base-url", server.base_url, "--tokenizer", str(smollm2_artifact)])
     requests = cli.build_requests(args, None, "random", 8, 32, 8, 0.5)
     tok = load_tokenizer(smollm2_artifact)
-    bos = len(tok.encode("a", add_special_tokens=True).ids) - len(tok.encode("a", add_special_tokens=False).ids)
+    bos = _bos(tok)
     warmup = requests[0]
     served_out = after["llama_aot_generation_tokens_total"] - before["llama_aot_generation_tokens_total"]
     served_in = after["llama_aot_prompt_tokens_total"] - before["llama_aot_prompt_tokens_total"]
@@ -246,4 +438,6 @@ def test_live_runs_agree_with_usage(smollm2_artifact, tmp_path, capsys):
     assert (tmp_path / "runs-random-32-8-c4-latency.png").stat().st_size > 0
     s = sharegpt_run["metrics"]
     assert (s["completed"], s["failed"], s["total_output"]) == (4, 0, 24) and "Serving Benchmark Result" in out2
+    assert _rows(out)["Backend:"] == "sglang" and _rows(out2)["Backend:"] == "sglang-oai-chat"  # --chat's twin
+    assert m["total_output_retokenized"] > 0 and m["peak_concurrency"] >= 1  # in the JSONL record too
 
