@@ -155,6 +155,9 @@ class BuildConfig:
         if self.target != "cpu":
             raise ConfigError(f"--int8: the CPU target's weight quantization (torch's int8 weight-only matmul); "
                               f"for --target {self.target} use --fp8")
+        if self.tp != 1:
+            raise ConfigError(f"--int8 --tp {self.tp}: the tensor-parallel shard pass does not cut int8 matmuls yet; "
+                              "build --int8 on one rank")
         if self.dtype is None:
             object.__setattr__(self, "dtype", "bfloat16")
         elif self.dtype == "float32":

@@ -79,6 +79,7 @@ def test_the_int8_program_is_the_model_with_rounded_weights(tied):
 @pytest.mark.parametrize("argv, needle", [
     (["--int8", "--target", "cuda"], "use --fp8"),
     (["--int8", "--dtype", "float32"], "slower than float32"),
+    (["--int8", "--tp", "2"], "build --int8 on one rank"),
 ])
 def test_int8_refusals(capsys, tmp_path, argv, needle):
     assert_refused(capsys, [*argv, "-o", str(tmp_path / "out")], needle)
