@@ -16,9 +16,8 @@ from llama_aot.runtime.engine import Engine, RequestOutput
 from llama_aot.serve import responses as R
 from llama_aot.serve.auth import BearerAuth
 from llama_aot.serve.chat_template import ChatTemplate
-from llama_aot.serve.choices import collect_choices
+from llama_aot.serve.choices import Choices
 from llama_aot.serve.errors import APIError, error_body, install_error_handlers
-from llama_aot.serve.generation import Generation
 from llama_aot.serve.metrics import Metrics
 from llama_aot.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from llama_aot.serve.tool_parser import StreamingToolParser, parse, tools_for_choice
@@ -119,16 +118,13 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
         prefix = forced_call_prefix(body.tool_choice, forced_name) if tools is not None else ""
         if prefix:
             prompt += engine.tokenizer.encode(prefix, add_special_tokens=False).ids
-        n = body.choices()
+        choices = Choices(engine, metrics, prompt, params, body.choices(), "chatcmpl", "messages")
         if body.stream:
-            gen = Generation(engine, metrics, prompt, params, "chatcmpl", "messages")
-            parser = StreamingToolParser() if tools is not None else None
-            return _event_stream(_chat_events(gen, body, parser, prefix))
-        gen, choices = await collect_choices(engine, metrics, prompt, params, n, "chatcmpl", "messages", request)
-        lasts = [_last(outputs) for outputs in choices]
-        return R.chat_completion(gen.request_id, gen.created, model_name,
-                                 [_chat_choice(outputs, body.logprobs, tools is not None, prefix) for outputs in choices],
-                                 lasts)
+            return _event_stream(_chat_events(choices, body, tools is not None, prefix))
+        outputs = await choices.collect(request)
+        return R.chat_completion(choices.request_id, choices.created, model_name,
+                                 [_chat_choice(o, body.logprobs, tools is not None, prefix) for o in outputs],
+                                 [_last(o) for o in outputs])
 
     def _chat_choice(outputs: list[RequestOutput], logprobs: bool, tools: bool, prefix: str):
         """(message, finish_reason, logprobs) of one choice; its tool calls parsed when tools were given."""
@@ -142,35 +138,39 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
                 reason = "tool_calls" if reason == "stop" else reason
         return message, reason, token_text.chat_logprobs(outputs) if logprobs else None
 
-    async def _chat_events(gen: Generation, body: ChatCompletionRequest, parser, prefix: str):
-        """Without a tool parser, one chunk per generated token, as in `_completion_events`."""
-        def chunk(delta, reason=None, logprobs=None):
-            return R.sse(R.chat_chunk(gen.request_id, gen.created, model_name, delta, reason, logprobs))
+    async def _chat_events(choices: Choices, body: ChatCompletionRequest, tools: bool, prefix: str):
+        """Without a tool parser, one chunk per generated token, as in `_completion_events`; with
+        n > 1 the choices' chunks interleave, each with its index."""
+        def chunk(index, delta, reason=None, logprobs=None):
+            return R.sse(R.chat_chunk(choices.request_id, choices.created, model_name, delta, reason, logprobs, index))
 
-        yield chunk({"role": "assistant", "content": ""})
-        called = False
-        if parser is not None and prefix:
-            for event in parser.feed(prefix):
-                called |= "tool_calls" in event
-                yield chunk(event)
-        async for out in gen.outputs():
+        parsers = [StreamingToolParser() if tools else None for _ in range(choices.n)]
+        called = [False] * choices.n
+        lasts: list[RequestOutput | None] = [None] * choices.n
+        for index, parser in enumerate(parsers):
+            yield chunk(index, {"role": "assistant", "content": ""})
+            if parser is not None and prefix:
+                for event in parser.feed(prefix):
+                    called[index] |= "tool_calls" in event
+                    yield chunk(index, event)
+        async for index, out in choices.outputs():
             if out.error is not None:
                 yield R.sse(error_body(500, out.error))
                 return
+            parser = parsers[index]
             if parser is None:
                 if out.text or out.token_id is not None:
                     logprobs = token_text.chat_logprobs([out]) if body.logprobs else None
-                    yield chunk({"content": out.text}, logprobs=logprobs)
+                    yield chunk(index, {"content": out.text}, logprobs=logprobs)
             else:
-                events = parser.feed(out.text) + (parser.finish() if out.finish_reason else [])
-                for event in events:
-                    called |= "tool_calls" in event
-                    yield chunk(event)
+                for event in parser.feed(out.text) + (parser.finish() if out.finish_reason else []):
+                    called[index] |= "tool_calls" in event
+                    yield chunk(index, event)
             if out.finish_reason is not None:
-                reason = "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
-                yield chunk({}, reason)
-                if body.include_usage:
-                    yield R.sse(R.usage_chunk(gen.request_id, gen.created, model_name, "chat.completion.chunk", out))
+                lasts[index] = out
+                yield chunk(index, {}, "tool_calls" if called[index] and out.finish_reason == "stop" else out.finish_reason)
+        if body.include_usage:
+            yield R.sse(R.usage_chunk(choices.request_id, choices.created, model_name, "chat.completion.chunk", lasts))
         yield R.SSE_DONE
 
     @app.post("/v1/completions")
@@ -186,35 +186,38 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
                 raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
                                "prompt")
             ids = list(prompt)
-        n = body.choices()
+        choices = Choices(engine, metrics, ids, params, body.choices(), "cmpl", "prompt")
         if body.stream:
-            return _event_stream(_completion_events(Generation(engine, metrics, ids, params, "cmpl", "prompt"), body))
-        gen, choices = await collect_choices(engine, metrics, ids, params, n, "cmpl", "prompt", request)
-        lasts = [_last(outputs) for outputs in choices]
-        return R.text_completion(gen.request_id, gen.created, model_name,
-                                 [("".join(o.text for o in outputs), last.finish_reason,
-                                   token_text.completion_logprobs(outputs) if body.logprobs is not None else None)
-                                  for outputs, last in zip(choices, lasts)], lasts)
+            return _event_stream(_completion_events(choices, body))
+        outputs = await choices.collect(request)
+        lasts = [_last(o) for o in outputs]
+        return R.text_completion(choices.request_id, choices.created, model_name,
+                                 [("".join(x.text for x in o), last.finish_reason,
+                                   token_text.completion_logprobs(o) if body.logprobs is not None else None)
+                                  for o, last in zip(outputs, lasts)], lasts)
 
-    async def _completion_events(gen: Generation, body: CompletionRequest):
+    async def _completion_events(choices: Choices, body: CompletionRequest):
         """One chunk per generated token, with empty text while the text is held back (an
         incomplete character, or a possible start of a stop string), as vLLM streams completions:
         a client that counts or times tokens by chunks stays right, and a stream never goes quiet
         while tokens are being generated (in the H200 sweep, streams of the random-weight model
         carried no text for up to 10 s while their time per token stayed at the median: long
-        enough for a proxy's idle timeout)."""
-        offset = 0
-        async for out in gen.outputs():
+        enough for a proxy's idle timeout). With n > 1 the choices' chunks interleave."""
+        offsets = [0] * choices.n
+        lasts: list[RequestOutput | None] = [None] * choices.n
+        async for index, out in choices.outputs():
             if out.error is not None:
                 yield R.sse(error_body(500, out.error))
                 return
-            logprobs = token_text.completion_logprobs([out], offset) if body.logprobs is not None else None
-            offset += len(out.text)
+            logprobs = token_text.completion_logprobs([out], offsets[index]) if body.logprobs is not None else None
+            offsets[index] += len(out.text)
             if out.text or out.finish_reason or out.token_id is not None:
-                yield R.sse(R.text_completion(gen.request_id, gen.created, model_name,
-                                              [(out.text, out.finish_reason, logprobs)]))
-            if out.finish_reason is not None and body.include_usage:
-                yield R.sse(R.usage_chunk(gen.request_id, gen.created, model_name, "text_completion", out))
+                yield R.sse(R.text_chunk(choices.request_id, choices.created, model_name, index, out.text,
+                                         out.finish_reason, logprobs))
+            if out.finish_reason is not None:
+                lasts[index] = out
+        if body.include_usage:
+            yield R.sse(R.usage_chunk(choices.request_id, choices.created, model_name, "text_completion", lasts))
         yield R.SSE_DONE
 
     return app

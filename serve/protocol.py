@@ -3,7 +3,7 @@
 Strict: a field of the wrong type is a 400 naming that field, not a silent coercion ("1" is not
 a max_tokens). Fields OpenAI defines but we do not implement are either accepted with OpenAI's
 meaning (user, parallel_tool_calls) or refused by name (best_of, response_format other than
-text, n > 1 with stream); unknown extra fields are ignored, as the OpenAI API ignores them.
+text); unknown extra fields are ignored, as the OpenAI API ignores them.
 Range checks of sampling values live in SamplingParams, the one place that knows them.
 """
 from __future__ import annotations
@@ -70,8 +70,6 @@ class _SamplingRequest(_Strict):
         n = 1 if self.n is None else self.n
         if not 1 <= n <= MAX_CHOICES:
             raise APIError(400, f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
-        if n > 1 and self.stream:
-            raise APIError(400, "n > 1 is not supported with stream: true yet; send the request unstreamed", "n")
         return n
 
     @property

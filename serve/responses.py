@@ -71,14 +71,14 @@ def chat_completion(request_id: str, created: int, model: str, choices: list[tup
 
 
 def chat_chunk(request_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
-               logprobs: dict | None = None) -> dict:
+               logprobs: dict | None = None, index: int = 0) -> dict:
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def text_completion(request_id: str, created: int, model: str, choices: list[tuple[str, str | None, dict | None]],
                     lasts: list[RequestOutput] | None = None) -> dict:
-    """`choices`: each one's (text, finish_reason, logprobs), in index order; one for a stream chunk."""
+    """`choices`: each one's (text, finish_reason, logprobs), in index order."""
     body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
                         for i, (text, reason, logprobs) in enumerate(choices)]}
@@ -87,5 +87,12 @@ def text_completion(request_id: str, created: int, model: str, choices: list[tup
     return body
 
 
-def usage_chunk(request_id: str, created: int, model: str, obj: str, last: RequestOutput) -> dict:
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage([last])}
+def text_chunk(request_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None,
+               logprobs: dict | None) -> dict:
+    """One streamed completion chunk of choice `index`."""
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(request_id: str, created: int, model: str, obj: str, lasts: list[RequestOutput]) -> dict:
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(lasts)}

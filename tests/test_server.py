@@ -181,7 +181,7 @@ BAD_REQUESTS = [
     ("temperature", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
     ("top_p", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
     ("n", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
-    ("n streamed", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, 400, "n"),
+    ("n too large", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 129}, 400, "n"),
     ("malformed tools", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, None),
     ("unknown model", {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("too long", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400, "messages"),
@@ -202,7 +202,8 @@ def test_bad_requests_get_openai_errors(server, name, body, status, param):
 
 def test_n_choices_share_one_prefill_of_the_prompt(client):
     """n=4: four choices, the prompt counted once and found in the prefix cache by the later
-    choices; with a seed they differ from one another and the request repeats exactly."""
+    choices; with a seed they differ from one another, the request repeats exactly, and streamed
+    it gives the same choices."""
     question = "Write one sentence about the sea, the wind and a small boat leaving the harbour at dawn."
     kw = dict(max_tokens=12, temperature=1.0, seed=7, n=4)
     reply = ask(client, question, **kw)
@@ -219,6 +220,18 @@ def test_n_choices_share_one_prefill_of_the_prompt(client):
     assert [c.message.content for c in ask(client, question, **kw).choices] == texts
     text = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=6, temperature=1.0, seed=3, n=3)
     assert [c.index for c in text.choices] == [0, 1, 2] and text.usage.completion_tokens <= 18
+
+    # Streamed, the choices' chunks interleave with their indexes and add up to the same texts.
+    chunks = list(ask(client, question, stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(4)]
+    assert streamed == texts
+    finishes = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finishes == [0, 1, 2, 3] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    text_chunks = list(client.completions.create(model=MODEL, prompt="The sea is", max_tokens=6, temperature=1.0,
+                                                 seed=3, n=3, stream=True))
+    pieces = ["".join(c.choices[0].text for c in text_chunks if c.choices[0].index == i) for i in range(3)]
+    assert pieces == [c.text for c in text.choices]
 
 
 def test_tokenize_and_detokenize_as_vllm_and_sglang_serve_them(server, client, smollm2_artifact):
