@@ -48,9 +48,10 @@ def test_paired_difference_refuses_rounds_it_cannot_pair(base, other, message):
 
 
 def test_a_slower_artifact_is_told_apart(tiny_artifact):
-    """The same program, once with 50 ms added to each step: every round must see it slower by a
-    clear margin, and 6 rounds are the fewest in which the test can call it slower. (CI runs this
-    beside the default model's background builds, whose load moves a round by up to ~20 ms.)"""
+    """The same program, once with 50 ms added to each step: every round must see it slower, the
+    median by about the 50 ms, and 6 rounds are the fewest in which the test can call it slower.
+    (CI runs this beside the default model's background builds, whose load moves a round by up to
+    ~40 ms: one round of a CI run saw 12.8 ms, the others 24 to 61.)"""
     fast = load_artifact(tiny_artifact)
 
     def slow_program(*args):
@@ -62,7 +63,7 @@ def test_a_slower_artifact_is_told_apart(tiny_artifact):
     assert len(a.round_ms_per_token) == len(b.round_ms_per_token) == 6
     assert a.ms_per_token == min(a.round_ms_per_token)
     d = paired_difference(list(a.round_ms_per_token), list(b.round_ms_per_token))
-    assert min(d.differences) > 15 and d.median < 150 and d.verdict() == "slower"
+    assert min(d.differences) > 0 and 25 < d.median < 150 and d.verdict() == "slower"
 
 
 def test_two_artifacts_are_timed_in_rounds_and_compared(tiny_artifact, tmp_path, capsys):
