@@ -31,9 +31,8 @@ _CHAT_OF = {"sglang": "sglang-oai-chat", "sglang-oai": "sglang-oai-chat", "vllm"
 
 
 def resolve_backend(backend: str, chat: bool = False) -> str:
-    """The backend to drive: `chat` (our --chat) turns a completions backend into its chat twin."""
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    """The backend to drive: `chat` (our --chat) turns a completions backend into its chat twin
+    (ServeConfig refuses a name that is not in BACKENDS)."""
     return _CHAT_OF[backend] if chat and backend in _CHAT_OF else backend
 
 

@@ -21,6 +21,14 @@ def is_call(node, target) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target == target
 
 
+def linear_weight_name(editor: ProgramEditor, node) -> str | None:
+    """The weight parameter's name if `node` is a bias-free `linear(x, W)` by a parameter (what
+    the quantize passes rewrite), else None."""
+    if not (is_call(node, aten.linear.default) and len(node.args) == 2 and not node.kwargs):
+        return None
+    return editor.weight_name(node.args[1])
+
+
 def skip_casts(node: Node) -> Node:
     while isinstance(node, Node) and node.op == "call_function" and node.target in _CASTS:
         node = node.args[0]

@@ -26,6 +26,11 @@ aten = torch.ops.aten
 ROW_OPERANDS = {aten.linear.default: 1, torch.ops.llama_aot.fp8_linear.default: 2}
 
 
+# The checkpoint's parameter names the passes choose matmuls by.
+DECODER_PREFIX = "model.layers."
+LM_HEAD = "lm_head.weight"
+
+
 def weight_scale_name(weight: str) -> str:
     """`<module>.weight_scale` for `<module>.weight`, as in compressed-tensors' FP8 checkpoints."""
     return weight.removesuffix("weight") + "weight_scale"

@@ -39,14 +39,12 @@ from llama_aot.artifacts.errors import ConfigError
 from llama_aot.kernels.decode_linear import MAX_ROWS
 from llama_aot.kernels.fp8_linear import FP8, WEIGHT_ONLY, quantize_rows
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
-from llama_aot.passes.matching import is_call
-from llama_aot.passes.program import ProgramEditor, weight_scale_name
+from llama_aot.passes.matching import is_call, linear_weight_name
+from llama_aot.passes.program import DECODER_PREFIX, LM_HEAD, ProgramEditor, weight_scale_name
 from llama_aot.passes.shard_tensor_parallel import rank_weight_shape
 
 aten = torch.ops.aten
 fp8_linear = torch.ops.llama_aot.fp8_linear.default
-DECODER_PREFIX = "model.layers."
-LM_HEAD = "lm_head.weight"
 
 
 # Step sizes the GPU target times: decode batches within the weight-only kernel's rows, and a
@@ -87,11 +85,11 @@ def choose_modes(ctx: PassContext, shape: tuple[int, int]) -> ModeChoice:
 
 def _quantizable(editor: ProgramEditor, node, ctx: PassContext) -> str | None:
     """The weight's name if `node` is a bias-free matmul by a parameter this build quantizes."""
-    if not (is_call(node, aten.linear.default) and len(node.args) == 2 and not node.kwargs):
+    name = linear_weight_name(editor, node)
+    if name is None:
         return None
     weight = node.args[1]
-    name = editor.weight_name(weight)
-    wanted = name is not None and (name.startswith(DECODER_PREFIX) or (name == LM_HEAD and ctx.build.fp8_lm_head))
+    wanted = name.startswith(DECODER_PREFIX) or (name == LM_HEAD and ctx.build.fp8_lm_head)
     return name if wanted and len(weight.users) == 1 and not _ignored(name, ctx.build.fp8_ignore) else None
 
 

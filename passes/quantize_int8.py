@@ -20,13 +20,11 @@ from __future__ import annotations
 import torch
 
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
-from llama_aot.passes.matching import is_call
-from llama_aot.passes.program import ProgramEditor, weight_scale_name
+from llama_aot.passes.matching import linear_weight_name
+from llama_aot.passes.program import DECODER_PREFIX, LM_HEAD, ProgramEditor, weight_scale_name
 
 aten = torch.ops.aten
 INT8_MAX = 127
-DECODER_PREFIX = "model.layers."
-LM_HEAD = "lm_head.weight"
 TIED_HEAD_COPY = "lm_head.weight_int8"
 
 
@@ -43,12 +41,10 @@ def quantize_int8(ep, ctx: PassContext) -> PassResult:
     editor = ProgramEditor(ep)
     quantized, tied_head = [], False
     for node in list(editor.graph.nodes):
-        if not (is_call(node, aten.linear.default) and len(node.args) == 2 and not node.kwargs):
-            continue
-        x, weight = node.args
-        name = editor.weight_name(weight)
+        name = linear_weight_name(editor, node)
         if name is None or not (name.startswith(DECODER_PREFIX) or name == LM_HEAD):
             continue
+        x, weight = node.args
         rows, scale = quantize_rows_int8(editor.weight(weight), x.meta["val"].dtype)
         if len(weight.users) == 1:
             editor.replace_weight(weight, rows)

@@ -37,14 +37,13 @@ from llama_aot.artifacts.errors import ConfigError
 from llama_aot.artifacts.tensor_parallel import TP_GROUP
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.matching import is_call
-from llama_aot.passes.program import ProgramEditor, weight_scale_name
+from llama_aot.passes.program import LM_HEAD, ProgramEditor, weight_scale_name
 
 aten = torch.ops.aten
 llama = torch.ops.llama_aot
 c10d = torch.ops._c10d_functional
 COLUMN_PARALLEL = ("qkv_proj", "q_proj", "k_proj", "v_proj", "gate_up_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
-LM_HEAD = "lm_head.weight"
 KV_CACHE_HEADS_DIM = 4  # [layers, 2, blocks, block_size, kv_heads, head_dim]
 _MATMULS = (aten.linear.default, llama.fp8_linear.default)
 # Ops that act on each head or column alone: the shard passes through them unchanged.

@@ -2,8 +2,9 @@
 
 /v1/chat/completions and /v1/completions, streamed as server-sent events or whole; /v1/models;
 /tokenize and /detokenize (as vLLM and SGLang serve them, so that their clients and benchmark
-scripts count tokens with the server's own tokenizer); /health; /metrics. With an API key, /v1/* requires `Authorization: Bearer KEY`. Tool calls use
-the llama3 JSON format when the server runs with --tool-call-parser llama3.
+scripts count tokens with the server's own tokenizer); /health; /metrics. With an API key, /v1/*
+requires `Authorization: Bearer KEY`. Tool calls use the llama3 JSON format when the server runs
+with --tool-call-parser llama3.
 """
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key)
 
+    def check_token_ids(ids: list[int], what: str, param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(400, f"{what} {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})", param)
+
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
@@ -99,9 +105,7 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
-        bad = [t for t in body.tokens if not 0 <= t < vocab_size]
-        if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})", "tokens")
+        check_token_ids(body.tokens, "token ids", "tokens")
         text = engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)
         return {"prompt": text, "text": text}
 
@@ -181,10 +185,7 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
         if isinstance(prompt, str):
             ids = engine.tokenizer.encode(prompt, add_special_tokens=True).ids
         else:
-            bad = [t for t in prompt if not 0 <= t < vocab_size]
-            if bad:
-                raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
-                               "prompt")
+            check_token_ids(prompt, "prompt token ids", "prompt")
             ids = list(prompt)
         choices = Choices(engine, metrics, ids, params, body.choices(), "cmpl", "prompt")
         if body.stream:

@@ -57,7 +57,7 @@ class Choices:
         async def pump(index: int, gen: Generation) -> None:
             async for out in gen.outputs():
                 queue.put_nowait((index, out))
-                if index == 0 and len(tasks) == 1 and (out.token_id is not None or out.finish_reason is not None):
+                if index == 0 and len(tasks) == 1 and gen.prefilled.is_set():
                     tasks.extend(asyncio.ensure_future(pump(i, self._later(i))) for i in range(1, self.n))
 
         tasks.append(asyncio.ensure_future(pump(0, self.first)))

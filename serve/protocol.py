@@ -133,7 +133,6 @@ class CompletionRequest(_SamplingRequest):
         return p
 
 
-
 class TokenizeRequest(_Strict):
     """POST /tokenize, as vLLM takes it (SGLang's `prompt` form is the same): a text `prompt`, or
     chat `messages` rendered by the model's chat template first."""
