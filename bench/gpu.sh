@@ -100,7 +100,7 @@ llama-compile --model "$CKPT" --target cuda ${SEQS:+--max-num-seqs "$SEQS"} ${TO
 echo "compile wall time: $(( $(date +%s) - start )) s"
 [[ $PARALLEL == 1 ]] && wait $FP32
 
-FP8_ARTIFACTS=()
+FP8_ARTIFACTS=() FP8_PATHS=()
 if [[ ${FP8:-1} == 1 ]]; then
   for variant in ${FP8_VARIANTS:-fp8 fp8-kv}; do
     stage "llama-compile --target cuda --$variant"
@@ -109,7 +109,7 @@ if [[ ${FP8:-1} == 1 ]]; then
     start=$(date +%s)
     llama-compile --model "$CKPT" --target cuda "${flags[@]}" -o "$ART-$variant" || exit 1
     echo "compile wall time: $(( $(date +%s) - start )) s"
-    FP8_ARTIFACTS+=(--artifact "$ART-$variant")
+    FP8_ARTIFACTS+=(--artifact "$ART-$variant") FP8_PATHS+=("$ART-$variant")
   done
 fi
 
@@ -150,8 +150,10 @@ if [[ ${BENCH:-1} == 1 ]]; then
   llama-bench decode "${ARTIFACTS[@]}" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
     --out-dir "$RESULTS"
   llama-bench decode "${ARTIFACTS[@]}" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
-  stage "profile: batch 1, context 128"
-  python3 -m llama_aot.bench.profile_step "$ART" --batch 1 --context 128
+  for art in "$ART" "${FP8_PATHS[@]}"; do
+    stage "profile $(basename "$art"): batch 1, context 128"
+    python3 -m llama_aot.bench.profile_step "$art" --batch 1 --context 128
+  done
 fi
 
 if [[ ${SWEEP:-1} == 1 ]]; then

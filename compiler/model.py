@@ -77,9 +77,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 def rotary(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's cos and sin for each position, in HF's layout (each frequency twice, halves concatenated)."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return ops.rotary_tables(positions, inv_freq, dtype)
 
 
 class Attention(nn.Module):

@@ -13,6 +13,11 @@ from torch.library import triton_op
 # The op's contract, and its kernel's tile height (one tensor-core tile of rows). Defined before
 # the kernel module is imported, because that module reads it from here.
 MAX_ROWS = 16
+# An FP8 weight (fp8_linear's weight-only mode) is read by the same kernel in steps of up to
+# FP8_MAX_ROWS rows: those past MAX_ROWS take a tile this tall. At batch 17-32 a step is still bound
+# by reading the weights, and cuBLASLt's FP8 GEMMs at M = 32 read them at well under half the
+# bandwidth (H100, gate_up 77.7 us for 117 MB; fp8-kv-build-choices-20261206-0815).
+FP8_MAX_ROWS = 32
 
 if importlib.util.find_spec("triton") is not None:
     from llama_aot.kernels.triton_decode_linear import decode_linear_triton

@@ -6,8 +6,8 @@ Three ways to compute it, chosen per weight shape and step size by the quantize 
 - WEIGHT_ONLY: the weight widened to x's dtype. Activations stay in the model dtype, so the only
   error is the weights' rounding. At decode batch sizes a matmul is bound by reading W, and an FP8
   W is half the bytes of a BF16 one. On CUDA this is the decode_linear kernel reading e4m3
-  (kernels/triton_decode_linear.py), so, like that op, it takes at most MAX_ROWS rows there; the
-  pass routes larger steps to another mode. On CPU, W dequantized and multiplied.
+  (kernels/triton_decode_linear.py), which takes at most FP8_MAX_ROWS rows of x there; the pass
+  routes larger steps to another mode. On CPU, W dequantized and multiplied.
 - PER_TOKEN: each row of x quantized to e4m3 with its own scale (dynamic, at run time) and the FP8
   product taken by `torch._scaled_mm` with row-wise scales on both sides (what vLLM and SGLang run
   for "FP8-dynamic" checkpoints). FP8 tensor cores double the arithmetic rate, which counts once a
@@ -55,7 +55,7 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
 @triton_op("llama_aot::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, mode: str) -> torch.Tensor:
     """x: [M, K] in the model dtype; weight: [N, K] float8_e4m3fn; weight_scale: [N] float32.
-    Returns [M, N] in x's dtype. `mode` is one of MODES; WEIGHT_ONLY on CUDA takes M <= MAX_ROWS."""
+    Returns [M, N] in x's dtype. `mode` is one of MODES; WEIGHT_ONLY on CUDA takes M <= FP8_MAX_ROWS."""
     if x.is_cuda and mode == WEIGHT_ONLY:
         return decode_linear_triton(x, weight, weight_scale)
     return fp8_linear_reference(x, weight, weight_scale, mode)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_aot.kernels.decode_linear import MAX_ROWS
+from llama_aot.kernels.decode_linear import FP8_MAX_ROWS
 from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, fp8_linear
 from llama_aot.kernels.graph_timing import graph_time_us
 
@@ -23,8 +23,8 @@ STREAMED_BYTES = 256 << 20  # weight copies per timing together exceed any L2
 
 
 def candidate_modes(rows: int) -> tuple[str, ...]:
-    """The modes worth timing at `rows` rows: weight-only's CUDA kernel takes at most MAX_ROWS."""
-    return MODES if rows <= MAX_ROWS else tuple(m for m in MODES if m != WEIGHT_ONLY)
+    """The modes worth timing at `rows` rows: weight-only's CUDA kernel takes at most FP8_MAX_ROWS."""
+    return MODES if rows <= FP8_MAX_ROWS else tuple(m for m in MODES if m != WEIGHT_ONLY)
 
 
 def time_modes(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]) -> dict[int, dict[str, float]]:

@@ -17,9 +17,13 @@ scale (float32 scalars, from the checkpoint or calibrated at build time): the wr
 Why `cos` and `sin` are inputs rather than positions and the inverse frequencies: the model builds
 the `[num_tokens, head_dim]` tables once per step and every layer shares them, which costs each
 layer a few hundred bytes per token against the kilobytes of q, k and v it moves anyway; and the
-tables come from torch's float32 cos/sin rounded to the model dtype, exactly as in HF, where a
-kernel's own cos/sin would differ in the last bit and, after rounding to bf16, now and then in the
-result.
+tables are float32 cos/sin rounded to the model dtype, exactly as in HF, where a rotation kernel's
+own cos/sin would round differently and, after rounding to bf16, now and then change the result.
+
+The tables are an op of their own (`rotary_tables`), not the plain torch expression: Inductor
+treats that expression as cheap pointwise work and recomputes it wherever it fuses a consumer, and
+in the FP8 program, whose `torch.cond` per matmul splits the graph into many regions, that was
+~200 extra kernels a step on the GPU (docs/fp8.md). An op's output is a buffer, computed once.
 """
 import importlib.util
 
@@ -29,9 +33,27 @@ from torch.library import triton_op
 from llama_aot.kernels.fp8_linear import FP8_MAX
 
 if importlib.util.find_spec("triton") is not None:
-    from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton
+    from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton, rotary_tables_triton
 else:  # CPU-only installs: the reference is the CPU path
-    rope_write_kv_triton = None
+    rope_write_kv_triton = rotary_tables_triton = None
+
+
+def rotary_tables_reference(positions: torch.Tensor, inv_freq: torch.Tensor,
+                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's rotary embedding: float32 angles, each frequency twice (halves concatenated), cos and
+    sin rounded to the model dtype."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@triton_op("llama_aot::rotary_tables", mutates_args=())
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's `[T, head_dim]` cos and sin tables for this step's positions (int64 [T]) from the
+    float32 inverse frequencies ([head_dim / 2]), in `dtype`; every layer's `rope_write_kv` reads them."""
+    impl = rotary_tables_triton if positions.is_cuda else rotary_tables_reference
+    return impl(positions, inv_freq, dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ read the FP8 gate_up weight at 2.8 TB/s (42.4 us; cuBLAS bf16 85.7) and down_pro
 (22.8 us against 44.6; fp8-gemv-candidates-20261206-081024). In an artifact the row count is
 symbolic, so both kernels are launched, with grids that are empty except for the one the count
 wants: one kernel holding both loops behind a run-time branch ran 11-25 % slower at one row, the
-tensor-core loop's pipeline stages costing the single-row loop its occupancy (docs/fp8.md).
+tensor-core loop's pipeline stages costing the single-row loop its occupancy (docs/fp8.md). FP8
+weights also take steps of MAX_ROWS + 1 to FP8_MAX_ROWS rows, in a tile of that height, launched
+the same way.
 
 Imported only where Triton is; `decode_linear` dispatches here for CUDA tensors.
 """
@@ -31,7 +33,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from llama_aot.kernels.decode_linear import MAX_ROWS
+from llama_aot.kernels.decode_linear import FP8_MAX_ROWS, MAX_ROWS
 
 
 @dataclass(frozen=True)
@@ -125,24 +127,37 @@ def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.const
 
 def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: Tiles,
                          weight_scale: torch.Tensor | None = None) -> None:
-    """out = x @ weight.T for x of M <= MAX_ROWS rows, read through their stride; with
-    `weight_scale` (float32 [N]) an FP8 weight's columns are scaled by it."""
+    """out = x @ weight.T for x of M <= MAX_ROWS rows (FP8_MAX_ROWS with `weight_scale`), read
+    through their stride; with `weight_scale` (float32 [N]) an FP8 weight's columns are scaled by it.
+
+    The row count may be symbolic (an artifact's step size), so each kernel is launched with a grid
+    that is empty unless the count is in its band, computed with floor divisions only: `1 // rows`
+    is 1 for one row, `(MAX_ROWS // rows + MAX_ROWS - 1) // MAX_ROWS` is 1 up to MAX_ROWS rows, and
+    `(rows + FP8_MAX_ROWS - MAX_ROWS - 1) // FP8_MAX_ROWS` is 1 from MAX_ROWS + 1 to FP8_MAX_ROWS.
+    An empty grid launches nothing, in Triton's launcher and in AOTInductor's."""
     n, k = weight.shape
     block_k = tiles.block_k * 2 // weight.element_size()
     scaled = weight_scale is not None
+    scale = weight_scale if scaled else out  # never read unless scaled: any tensor stands in
     rows = x.shape[0]
     programs = triton.cdiv(n, tiles.block_n)
+
+    def tensor_core_tile(height: int, grid: int) -> None:
+        wrap_triton(_decode_linear_kernel)[(grid,)](
+            x, weight, scale, out, rows, x.stride(0), out.stride(0), N=n, K=k,
+            BLOCK_M=height, BLOCK_N=tiles.block_n, BLOCK_K=block_k, SCALED=scaled,
+            WEIGHT_FIRST=tiles.weight_first, num_stages=tiles.num_stages, num_warps=tiles.num_warps)
+
+    up_to_max_rows = 1
     if tiles.row_block_n:
-        # 1 // rows: the single-row kernel's grid is empty unless the step has one row, and the
-        # other's is empty when it has (rows <= MAX_ROWS); an empty grid launches nothing.
         wrap_triton(_single_row_kernel)[(triton.cdiv(n, tiles.row_block_n) * (1 // rows),)](
-            x, weight, weight_scale if scaled else out, out, N=n, K=k, BLOCK_N=tiles.row_block_n,
+            x, weight, scale, out, N=n, K=k, BLOCK_N=tiles.row_block_n,
             BLOCK_K=tiles.row_block_k, SCALED=scaled, num_stages=1, num_warps=tiles.num_warps)
-        programs = programs * ((rows + MAX_ROWS - 2) // MAX_ROWS)
-    wrap_triton(_decode_linear_kernel)[(programs,)](
-        x, weight, weight_scale if scaled else out, out, rows, x.stride(0), out.stride(0), N=n, K=k,
-        BLOCK_M=MAX_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=block_k, SCALED=scaled,
-        WEIGHT_FIRST=tiles.weight_first, num_stages=tiles.num_stages, num_warps=tiles.num_warps)
+        up_to_max_rows = (rows + MAX_ROWS - 2) // MAX_ROWS  # 0 at one row
+    if scaled:
+        up_to_max_rows = up_to_max_rows * ((MAX_ROWS // rows + MAX_ROWS - 1) // MAX_ROWS)
+        tensor_core_tile(FP8_MAX_ROWS, programs * ((rows + FP8_MAX_ROWS - MAX_ROWS - 1) // FP8_MAX_ROWS))
+    tensor_core_tile(MAX_ROWS, programs * up_to_max_rows)
 
 
 def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor,

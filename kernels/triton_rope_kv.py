@@ -1,4 +1,8 @@
-"""RoPE fused with the paged KV-cache write, in Triton for CUDA.
+"""RoPE in Triton for CUDA: the step's cos/sin tables, and the rotation fused with the paged
+KV-cache write.
+
+The tables kernel computes what the reference does (float32 angles `position * inv_freq`, cos and
+sin rounded to the model dtype), one program per token.
 
 One program per token covers all of its heads: it loads the token's cos/sin row once, rotates every
 query and key head, stores the rotated queries, and writes the rotated keys and the values into the
@@ -88,6 +92,30 @@ def _rope_write_kv_kernel(
     tl.store(dst + HALF * stride_cdim, _to_cache(k2, k_scale, cache_dtype, QUANTIZE), mask=kv_mask)
     tl.store(dst + stride_ckv, _to_cache(v1, v_scale, cache_dtype, QUANTIZE), mask=kv_mask)
     tl.store(dst + stride_ckv + HALF * stride_cdim, _to_cache(v2, v_scale, cache_dtype, QUANTIZE), mask=kv_mask)
+
+
+@triton.jit
+def _rotary_tables_kernel(Positions, InvFreq, Cos, Sin, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    token = tl.program_id(0)
+    dims = tl.arange(0, HALF_PAD)
+    live = dims < HALF
+    angles = tl.load(Positions + token).to(tl.float32) * tl.load(InvFreq + dims, mask=live, other=0.0)
+    cos, sin = tl.cos(angles).to(Cos.dtype.element_ty), tl.sin(angles).to(Sin.dtype.element_ty)
+    row = token * 2 * HALF + dims
+    tl.store(Cos + row, cos, mask=live)
+    tl.store(Cos + row + HALF, cos, mask=live)
+    tl.store(Sin + row, sin, mask=live)
+    tl.store(Sin + row + HALF, sin, mask=live)
+
+
+def rotary_tables_triton(positions: torch.Tensor, inv_freq: torch.Tensor,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    half = inv_freq.shape[0]
+    cos = torch.empty(positions.shape[0], 2 * half, dtype=dtype, device=positions.device)
+    sin = torch.empty_like(cos)
+    wrap_triton(_rotary_tables_kernel)[(positions.shape[0],)](
+        positions.contiguous(), inv_freq.contiguous(), cos, sin, HALF=half, HALF_PAD=triton.next_power_of_2(half))
+    return cos, sin
 
 
 def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,

@@ -20,9 +20,10 @@ through `_scaled_mm` with row-wise or output-applied scales) is chosen per weigh
 size; a --tp build's shapes are one rank's, as its kernels will see them (the pass runs before
 sharding). The GPU target times every mode on the building GPU (kernels/fp8_timing.py) at steps of
 SMALL_STEP_ROWS and of LARGE_STEP_ROWS tokens, and a shape whose best mode differs between the two
-gets both, behind a `torch.cond` on the step's token count at MAX_ROWS (ProgramEditor.route_by_rows):
+gets both, behind a `torch.cond` on the step's token count at FP8_MAX_ROWS, the most rows the
+weight-only kernel takes (ProgramEditor.route_by_rows):
 
-    y = cond(x.shape[0] <= MAX_ROWS, fp8_linear(x, W8, s, small_mode), fp8_linear(x, W8, s, large_mode))
+    y = cond(x.shape[0] <= FP8_MAX_ROWS, fp8_linear(x, W8, s, small_mode), fp8_linear(x, W8, s, large_mode))
 
 On the CPU target speed is not the aim and the weight-only form is the accurate one, so it is
 taken everywhere. The choices and the timings go to the manifest's `quantization` section.
@@ -36,7 +37,7 @@ import torch
 
 import llama_aot.kernels.ops  # noqa: F401  (registers the ops this pass matches and emits)
 from llama_aot.artifacts.errors import ConfigError
-from llama_aot.kernels.decode_linear import MAX_ROWS
+from llama_aot.kernels.decode_linear import FP8_MAX_ROWS, MAX_ROWS
 from llama_aot.kernels.fp8_linear import FP8, WEIGHT_ONLY, quantize_rows
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
 from llama_aot.passes.matching import is_call, linear_weight_name
@@ -47,16 +48,16 @@ aten = torch.ops.aten
 fp8_linear = torch.ops.llama_aot.fp8_linear.default
 
 
-# Step sizes the GPU target times: decode batches within the weight-only kernel's rows, and a
-# full-width decode step and a prefill chunk beyond them.
-SMALL_STEP_ROWS = (1, MAX_ROWS)
+# Step sizes the GPU target times: decode batches within the weight-only kernel's rows (one row,
+# and each of its two tile heights full), and a full-width decode step and a prefill chunk beyond them.
+SMALL_STEP_ROWS = (1, MAX_ROWS, FP8_MAX_ROWS)
 LARGE_STEP_ROWS = (128, 2048)
 SCALED_MM_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
 class ModeChoice:
-    """How a matmul of one weight shape computes in steps of at most MAX_ROWS tokens and in larger
+    """How a matmul of one weight shape computes in steps of at most FP8_MAX_ROWS tokens and in larger
     ones, and the timings (us by step rows, then by mode) the choice was made from."""
 
     small_steps: str
@@ -120,8 +121,8 @@ def quantize_fp8(ep, ctx: PassContext) -> PassResult:
     record = {"weights": str(FP8).removeprefix("torch."), "weight_scale": "per output channel",
               "lm_head": LM_HEAD in fp8_weights, "from_checkpoint": from_checkpoint,
               "ignored": list(ctx.build.fp8_ignore),
-              "modes_by_weight_shape": {shape: {f"steps of <= {MAX_ROWS} tokens": c.small_steps,
-                                                f"steps of > {MAX_ROWS} tokens": c.large_steps}
+              "modes_by_weight_shape": {shape: {f"steps of <= {FP8_MAX_ROWS} tokens": c.small_steps,
+                                                f"steps of > {FP8_MAX_ROWS} tokens": c.large_steps}
                                         for shape, c in choices.items()},
               "chosen_by": (f"timing on the building GPU at steps of {SMALL_STEP_ROWS + LARGE_STEP_ROWS} tokens"
                             if ctx.target == "cuda" else "rule: weight-only on the CPU target (not timed)"),
@@ -136,5 +137,5 @@ def _emit(editor: ProgramEditor, node, inputs: tuple, choice: ModeChoice, index:
         node.replace_all_uses_with(matmul)
         editor.graph.erase_node(node)
         return
-    editor.route_by_rows(node, inputs, MAX_ROWS, (fp8_linear, (choice.small_steps,)),
+    editor.route_by_rows(node, inputs, FP8_MAX_ROWS, (fp8_linear, (choice.small_steps,)),
                          (fp8_linear, (choice.large_steps,)), (f"fp8_small_steps_{index}", f"fp8_large_steps_{index}"))

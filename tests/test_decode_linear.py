@@ -1,14 +1,14 @@
 """The decode_linear kernel against its torch reference: compiled on a GPU, and through Triton's
 interpreter on CPU-only machines (conftest sets TRITON_INTERPRET=1 there), at small sizes.
 
-Row counts from 1 to the kernel's 16, output widths that do not fill the last column tile, K
+Row counts from 1 to the kernel's 16 (32 for FP8 weights), output widths that do not fill the last column tile, K
 that does not fill the last K step, and rows read through a stride (a slice of a wider tensor)."""
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-from llama_aot.kernels.decode_linear import MAX_ROWS, decode_linear_reference  # noqa: E402
+from llama_aot.kernels.decode_linear import FP8_MAX_ROWS, MAX_ROWS, decode_linear_reference  # noqa: E402
 from llama_aot.kernels.triton_decode_linear import Tiles, decode_linear_triton, launch_decode_linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,12 +68,12 @@ def test_fp8_weights_with_column_scales_match_the_weight_only_reference(case, dt
     _close(got, expected, dtype)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS + 1, FP8_MAX_ROWS])
 @pytest.mark.parametrize("n", [40, 20000])
 def test_fp8_single_row_loop_and_the_rows_beyond_it_match_the_reference(rows, n):
     """The FP8 tiles' single-row loop (narrow tiles below 16384 columns, wide ones from there) and,
-    for more rows, the tensor-core loop launched on the single-row loop's larger grid: every column
-    written once, the programs past the wider tile's columns writing nothing."""
+    for more rows, the two tensor-core tiles launched on grids the other kernels' sizes leave
+    empty: every column written once, the programs past a kernel's columns writing nothing."""
     from llama_aot.kernels.fp8_linear import WEIGHT_ONLY, fp8_linear_reference, quantize_rows
     from llama_aot.kernels.triton_decode_linear import fp8_tiles
 
@@ -87,7 +87,8 @@ def test_fp8_single_row_loop_and_the_rows_beyond_it_match_the_reference(rows, n)
 @pytest.mark.gpu
 def test_fp8_kernels_behind_a_row_count_known_only_at_run_time():
     """In an artifact the step's row count is symbolic: AOTInductor launches both FP8 kernels with
-    grids computed from it, and exactly one of them may run. Right answers at 1, 5 and 16 rows."""
+    grids computed from it, and exactly one of them may run. Right answers at every row count
+    the kernels' bands meet at."""
     from llama_aot.kernels.fp8_linear import WEIGHT_ONLY, fp8_linear, fp8_linear_reference, quantize_rows
 
     class Matmul(torch.nn.Module):
@@ -100,9 +101,9 @@ def test_fp8_kernels_behind_a_row_count_known_only_at_run_time():
         def forward(self, x):
             return fp8_linear(x, self.weight, self.scale, WEIGHT_ONLY)
 
-    model, x = Matmul(), torch.randn(MAX_ROWS, 300, device=DEVICE, dtype=torch.bfloat16)
-    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("rows", min=1, max=MAX_ROWS)}})
+    model, x = Matmul(), torch.randn(FP8_MAX_ROWS, 300, device=DEVICE, dtype=torch.bfloat16)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("rows", min=1, max=FP8_MAX_ROWS)}})
     compiled = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program))
-    for rows in (1, 5, MAX_ROWS):
+    for rows in (1, 2, 5, MAX_ROWS, MAX_ROWS + 1, FP8_MAX_ROWS - 1, FP8_MAX_ROWS):
         expected = fp8_linear_reference(x[:rows], model.weight, model.scale, WEIGHT_ONLY)
         _close(compiled(x[:rows].contiguous()), expected, torch.bfloat16)

@@ -152,7 +152,7 @@ def test_gpu_choices_by_step_size_become_a_cond_on_the_token_count(fused, monkey
     weight_only = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build))).program
     small = logits(weight_only, build)
     torch.testing.assert_close(logits(result.program, build), small, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(quantize_module, "MAX_ROWS", 0)  # every step is large now: per-token
+    monkeypatch.setattr(quantize_module, "FP8_MAX_ROWS", 0)  # every step is large now: per-token
     per_token = quantize_module.quantize_fp8(ep, PassContext(cuda)).program
     assert not torch.allclose(logits(per_token, build), small, rtol=1e-5, atol=1e-5)
 
@@ -175,11 +175,12 @@ def test_a_tp_build_times_the_shapes_each_rank_multiplies(fused, monkeypatch):
 
 def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
     """Summed over the step sizes each branch covers; weight-only is never a candidate beyond
-    MAX_ROWS rows (its CUDA kernel stops there), however fast a timing says it is."""
+    FP8_MAX_ROWS rows (its CUDA kernel stops there), however fast a timing says it is."""
     from llama_aot.kernels import fp8_timing
 
     table = {1: {WEIGHT_ONLY: 10.0, PER_TOKEN: 30.0, PER_TOKEN_EPILOGUE: 20.0},
              16: {WEIGHT_ONLY: 30.0, PER_TOKEN: 30.0, PER_TOKEN_EPILOGUE: 25.0},
+             32: {WEIGHT_ONLY: 40.0, PER_TOKEN: 35.0, PER_TOKEN_EPILOGUE: 40.0},
              128: {PER_TOKEN: 50.0, PER_TOKEN_EPILOGUE: 60.0}, 2048: {PER_TOKEN: 400.0, PER_TOKEN_EPILOGUE: 380.0}}
     asked = []
 
@@ -189,7 +190,7 @@ def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
     monkeypatch.setattr(fp8_timing, "time_modes", fake)
     choice = quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 128))
     assert (choice.small_steps, choice.large_steps) == (WEIGHT_ONLY, PER_TOKEN_EPILOGUE)
-    assert asked == [((64, 128), torch.bfloat16, (1, 16, 128, 2048))]
+    assert asked == [((64, 128), torch.bfloat16, (1, 16, 32, 128, 2048))]
     assert choice.timings_us["rows=128"] == table[128]
     with pytest.raises(ConfigError, match="--fp8-ignore"):
         quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 120))

@@ -1,4 +1,4 @@
-"""The fused pointwise Triton kernels (RoPE + KV-cache write, residual add + RMSNorm) against their
+"""The fused pointwise Triton kernels (RoPE's tables, RoPE + KV-cache write, residual add + RMSNorm) against their
 torch references: compiled on a GPU, and through Triton's interpreter on CPU-only machines (conftest
 sets TRITON_INTERPRET=1 there), at small sizes.
 
@@ -10,10 +10,12 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from llama_aot.kernels.kv_cache import rope_write_kv_reference  # noqa: E402
+from llama_aot.kernels.kv_cache import rope_write_kv_reference, rotary_tables_reference  # noqa: E402
 from llama_aot.kernels.rms_norm import add_rms_norm_reference  # noqa: E402
 from llama_aot.kernels.triton_rms_norm import add_rms_norm_triton  # noqa: E402
-from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton  # noqa: E402
+from llama_aot.kernels.triton_rope_kv import rope_write_kv_triton, rotary_tables_triton  # noqa: E402
+from llama_aot.artifacts.config import ModelConfig, RopeScaling  # noqa: E402
+from llama_aot.compiler.model import rope_inv_freq  # noqa: E402
 from llama_aot.bench.paged_layout import blocks_for, scattered_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,9 +31,26 @@ ROPE_CASES = {  # heads, kv_heads, head_dim, block_size, [(cached prefix, new to
 def rope_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype):
     """cos, sin [T, head_dim] as the model builds them: float32 angles, rounded to the model dtype."""
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = positions.cpu().float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    return rotary_tables_reference(positions.to(DEVICE), inv_freq.to(DEVICE), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_tables_kernel_matches_reference(dtype):
+    """Llama 3.1's scaled frequencies (head_dim 128) at positions up to its 128K context, where the
+    angles reach 1e5 radians and only an accurate range reduction keeps cos and sin right."""
+    cfg = ModelConfig(vocab_size=8, hidden_size=256, intermediate_size=8, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      max_position_embeddings=131072, tie_word_embeddings=False, rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                               original_max_position_embeddings=8192))
+    positions = torch.tensor([0, 1, 7, 128, 8191, 8192, 65537, 131071], device=DEVICE)
+    inv_freq = rope_inv_freq(cfg).to(DEVICE)
+    got = rotary_tables_triton(positions, inv_freq, dtype)
+    expected = rotary_tables_reference(positions, inv_freq, dtype)
+    # bf16: at most one rounding apart where float32 cos lands next to a bf16 rounding boundary.
+    atol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == (8, 128)
+        torch.testing.assert_close(g, e, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
