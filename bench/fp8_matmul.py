@@ -4,7 +4,7 @@ it (kernels/fp8_timing.py) next to cuBLAS bf16, at decode and prefill step sizes
 `quantize_fp8` would choose on this GPU, and what FP8 weights buy per matmul.
 
     python -m llama_aot.bench.fp8_matmul [--rows 1,16,128,2048] [--shapes qkv,o,...] [--out-dir DIR]
-    python -m llama_aot.bench.fp8_matmul --tiles      the weight-only kernel's tiles, at 1 and 16 rows
+    python -m llama_aot.bench.fp8_matmul --tiles [--rows 1,16]   the weight-only kernel's tiles
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import triton
 from llama_aot.bench.matmul import SHAPES
 from llama_aot.bench.results import save_results
 from llama_aot.compiler.package import git_sha
-from llama_aot.kernels.decode_linear import MAX_ROWS
+from llama_aot.kernels.decode_linear import FP8_MAX_ROWS, MAX_ROWS
 from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, fp8_linear, fp8_linear_reference, quantize_rows
 from llama_aot.kernels.fp8_timing import STREAMED_BYTES, time_modes
 from llama_aot.kernels.triton_decode_linear import FP8_TILES, Tiles, launch_decode_linear
@@ -58,11 +58,15 @@ def time_shape(name: str, rows: list[int]) -> list[dict]:
 # 8 warps never won in fp8-tiles-20261206-020920.
 TILE_SWEEP = [Tiles(bn, bk, st, 4, first) for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 4)
               for first in (False, True)]
+# Steps of more than MAX_ROWS rows: two 16-row programs per column tile, or one 32-row tile.
+WIDE_TILE_SWEEP = [Tiles(bn, bk, st, 4, wide_block_m=m) for bn in (32, 64) for bk in (128, 256) for st in (3, 4)
+                   for m in (MAX_ROWS, FP8_MAX_ROWS)]
 
 
 def sweep_tiles(name: str, rows: int) -> list[dict]:
-    """decode_linear's FP8 weight-only kernel with every TILE_SWEEP tile, each checked against the
-    shipped tile's output, graph-replayed over streamed weight copies."""
+    """decode_linear's FP8 weight-only kernel with every TILE_SWEEP tile (WIDE_TILE_SWEEP past
+    MAX_ROWS rows), each checked against the shipped tile's output, graph-replayed over streamed
+    weight copies."""
     n, k = SHAPES[name]
     copies = max(1, -(-STREAMED_BYTES // (n * k)))
     weights = [torch.randn(n, k, device="cuda").to(FP8) for _ in range(copies)]
@@ -72,7 +76,7 @@ def sweep_tiles(name: str, rows: int) -> list[dict]:
     launch_decode_linear(x, weights[0], out, FP8_TILES, scale)
     ref = out.float().clone()
     timed = []
-    for tiles in TILE_SWEEP:
+    for tiles in TILE_SWEEP if rows <= MAX_ROWS else WIDE_TILE_SWEEP:
         try:
             launch_decode_linear(x, weights[0], out, tiles, scale)
         except triton.runtime.errors.OutOfResources:
@@ -93,20 +97,20 @@ def sweep_tiles(name: str, rows: int) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="1,16,128,2048")
+    p.add_argument("--rows", help="step sizes (default 1,16,32,128,2048; with --tiles 1,16)")
     p.add_argument("--shapes", default="qkv,o,gate_up,down", help=f"some of {', '.join(SHAPES)}")
     p.add_argument("--out-dir", type=Path, help="where the JSON goes (default bench/results)")
     p.add_argument("--tiles", action="store_true", help="instead, sweep the weight-only kernel's tiles")
     args = p.parse_args(argv)
     device, sha = torch.cuda.get_device_name(), git_sha()
+    rows = [int(r) for r in (args.rows or ("1,16" if args.tiles else "1,16,32,128,2048")).split(",")]
     if args.tiles:
-        swept = [r for name in args.shapes.split(",") for rows in (1, MAX_ROWS) for r in sweep_tiles(name, rows)]
+        swept = [r for name in args.shapes.split(",") for n_rows in rows for r in sweep_tiles(name, n_rows)]
         print(save_results("fp8-tiles", [{"device": device, "git_sha": sha, **r} for r in swept], args.out_dir))
         return 0
     checks = {rows: check_modes(rows) for rows in (1, 5, MAX_ROWS)}
     for rows, errors in checks.items():
         print(f"check at {rows} rows: " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
-    rows = [int(r) for r in args.rows.split(",")]
     results = [r for name in args.shapes.split(",") for r in time_shape(name, rows)]
     print(save_results("fp8-matmul", [{"device": device, "git_sha": sha, "checks": checks, **r} for r in results],
                        args.out_dir))

@@ -16,7 +16,11 @@ from torch.export import ExportedProgram
 
 from llama_aot.compiler.inductor_fixes import lowering_fixes
 
-INDUCTOR_OPTIONS = {"aot_inductor.package_constants_in_so": False}
+# always_keep_tensor_constants: Inductor otherwise inlines constants of up to 8 elements, and each
+# use of one becomes a kernel that writes its value into a fresh buffer on every call: the FP8 KV
+# cache's 64 per-layer scales were ~170 such kernels a step, 0.15 ms of a 3.7 ms H100 step
+# (docs/fp8.md). Kept, they are weights like any other.
+INDUCTOR_OPTIONS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
 # Benchmarks cuBLAS against Inductor's Triton GEMM templates for each matmul shape at build time.
 AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
 

@@ -19,8 +19,7 @@ read the FP8 gate_up weight at 2.8 TB/s (42.4 us; cuBLAS bf16 85.7) and down_pro
 symbolic, so both kernels are launched, with grids that are empty except for the one the count
 wants: one kernel holding both loops behind a run-time branch ran 11-25 % slower at one row, the
 tensor-core loop's pipeline stages costing the single-row loop its occupancy (docs/fp8.md). FP8
-weights also take steps of MAX_ROWS + 1 to FP8_MAX_ROWS rows, in a tile of that height, launched
-the same way.
+weights also take steps of MAX_ROWS + 1 to FP8_MAX_ROWS rows, launched the same way (Tiles.wide_block_m).
 
 Imported only where Triton is; `decode_linear` dispatches here for CUDA tensors.
 """
@@ -49,6 +48,10 @@ class Tiles:
     # row goes through the tensor-core kernel like any other count.
     row_block_n: int = 0
     row_block_k: int = 0
+    # Steps of MAX_ROWS + 1 to FP8_MAX_ROWS rows (FP8 weights only): rows per program. MAX_ROWS
+    # gives each column tile two programs, adjacent, so the second reads the weight tile from L2;
+    # FP8_MAX_ROWS one program with a tile that tall.
+    wide_block_m: int = MAX_ROWS
 
 
 # From bench/matmul.py on the H200 (us at batch 1; cuBLAS 13.5 and 31.3): o_proj 13.3 with 16
@@ -96,9 +99,10 @@ def _single_row_kernel(X, W, Scale, Out, N: tl.constexpr, K: tl.constexpr, BLOCK
 @triton.jit
 def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.constexpr, K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SCALED: tl.constexpr, WEIGHT_FIRST: tl.constexpr):
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                          SCALED: tl.constexpr, WEIGHT_FIRST: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    pid = tl.program_id(0)
+    rm = (pid % ROW_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid // ROW_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = X + rm[:, None] * stride_xm + rk[None, :]
     w_ptrs = W + rn[:, None].to(tl.int64) * K + rk[None, :]
@@ -142,11 +146,12 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     rows = x.shape[0]
     programs = triton.cdiv(n, tiles.block_n)
 
-    def tensor_core_tile(height: int, grid: int) -> None:
+    def tensor_core_tile(height: int, grid: int, row_blocks: int = 1) -> None:
         wrap_triton(_decode_linear_kernel)[(grid,)](
             x, weight, scale, out, rows, x.stride(0), out.stride(0), N=n, K=k,
             BLOCK_M=height, BLOCK_N=tiles.block_n, BLOCK_K=block_k, SCALED=scaled,
-            WEIGHT_FIRST=tiles.weight_first, num_stages=tiles.num_stages, num_warps=tiles.num_warps)
+            WEIGHT_FIRST=tiles.weight_first, ROW_BLOCKS=row_blocks,
+            num_stages=tiles.num_stages, num_warps=tiles.num_warps)
 
     up_to_max_rows = 1
     if tiles.row_block_n:
@@ -156,7 +161,9 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
         up_to_max_rows = (rows + MAX_ROWS - 2) // MAX_ROWS  # 0 at one row
     if scaled:
         up_to_max_rows = up_to_max_rows * ((MAX_ROWS // rows + MAX_ROWS - 1) // MAX_ROWS)
-        tensor_core_tile(FP8_MAX_ROWS, programs * ((rows + FP8_MAX_ROWS - MAX_ROWS - 1) // FP8_MAX_ROWS))
+        row_blocks = FP8_MAX_ROWS // tiles.wide_block_m
+        tensor_core_tile(tiles.wide_block_m, programs * row_blocks * ((rows + FP8_MAX_ROWS - MAX_ROWS - 1) // FP8_MAX_ROWS),
+                         row_blocks)
     tensor_core_tile(MAX_ROWS, programs * up_to_max_rows)
 
 
