@@ -48,9 +48,12 @@ class Tiles:
     # row goes through the tensor-core kernel like any other count.
     row_block_n: int = 0
     row_block_k: int = 0
-    # Steps of MAX_ROWS + 1 to FP8_MAX_ROWS rows (FP8 weights only): rows per program. MAX_ROWS
-    # gives each column tile two programs, adjacent, so the second reads the weight tile from L2;
-    # FP8_MAX_ROWS one program with a tile that tall.
+    # Steps of MAX_ROWS + 1 to FP8_MAX_ROWS rows (FP8 weights only): the tile's columns, K elements
+    # (for 2-byte elements, as block_k) and rows per program. MAX_ROWS rows give each column tile
+    # two programs, adjacent, so the second reads the weight tile from L2; FP8_MAX_ROWS one
+    # program with a tile that tall.
+    wide_block_n: int = 32
+    wide_block_k: int = 128
     wide_block_m: int = MAX_ROWS
 
 
@@ -67,12 +70,20 @@ FP8_TILES = Tiles(block_n=32, block_k=256, num_stages=3)
 # best, 16 x 256, 40.9). Both read 8 KB of weight per step. Widths between take the narrow tile:
 # qkv's 6144 columns 12.2 us (fp8-gemv-candidates-20261206-081024; its best FMA variant 11.4).
 ROW_TILE_WIDE_FROM = 16384
+# Steps of 17-32 rows (fp8-tiles-20261206-113656, H100, us at 32 rows): two 16-row programs per
+# 32 x 128 tile for the 4096- and 6144-wide weights (o 15.0, down 45.3, qkv 20.6: 1.1-1.3 TB/s, as
+# well as any tile swept did), one 32-row program per 64 x 128 tile for gate_up (60.9 against
+# 76.3; 1.9 TB/s). The tiles of the steps up to 16 rows took o 15.6, down 46.1 and gate_up 84.7.
+WIDE_TILES_NARROW_WEIGHT = {"wide_block_n": 32, "wide_block_k": 128, "wide_block_m": MAX_ROWS}
+WIDE_TILES_WIDE_WEIGHT = {"wide_block_n": 64, "wide_block_k": 128, "wide_block_m": FP8_MAX_ROWS}
 
 
 def fp8_tiles(n: int) -> Tiles:
     """The tiles for an FP8 weight with `n` output columns."""
-    row_block_n = 32 if n >= ROW_TILE_WIDE_FROM else 8
-    return replace(FP8_TILES, row_block_n=row_block_n, row_block_k=8192 // row_block_n)
+    wide_weight = n >= ROW_TILE_WIDE_FROM
+    row_block_n = 32 if wide_weight else 8
+    return replace(FP8_TILES, row_block_n=row_block_n, row_block_k=8192 // row_block_n,
+                   **(WIDE_TILES_WIDE_WEIGHT if wide_weight else WIDE_TILES_NARROW_WEIGHT))
 
 
 @triton.jit
@@ -140,16 +151,15 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     `(rows + FP8_MAX_ROWS - MAX_ROWS - 1) // FP8_MAX_ROWS` is 1 from MAX_ROWS + 1 to FP8_MAX_ROWS.
     An empty grid launches nothing, in Triton's launcher and in AOTInductor's."""
     n, k = weight.shape
-    block_k = tiles.block_k * 2 // weight.element_size()
     scaled = weight_scale is not None
     scale = weight_scale if scaled else out  # never read unless scaled: any tensor stands in
     rows = x.shape[0]
-    programs = triton.cdiv(n, tiles.block_n)
 
-    def tensor_core_tile(height: int, grid: int, row_blocks: int = 1) -> None:
-        wrap_triton(_decode_linear_kernel)[(grid,)](
+    def tensor_core_tile(block_m: int, block_n: int, block_k: int, row_blocks: int, band: int) -> None:
+        """The band's programs: `row_blocks` adjacent ones per column tile, none unless band is 1."""
+        wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, block_n) * row_blocks * band,)](
             x, weight, scale, out, rows, x.stride(0), out.stride(0), N=n, K=k,
-            BLOCK_M=height, BLOCK_N=tiles.block_n, BLOCK_K=block_k, SCALED=scaled,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k * 2 // weight.element_size(), SCALED=scaled,
             WEIGHT_FIRST=tiles.weight_first, ROW_BLOCKS=row_blocks,
             num_stages=tiles.num_stages, num_warps=tiles.num_warps)
 
@@ -161,10 +171,9 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
         up_to_max_rows = (rows + MAX_ROWS - 2) // MAX_ROWS  # 0 at one row
     if scaled:
         up_to_max_rows = up_to_max_rows * ((MAX_ROWS // rows + MAX_ROWS - 1) // MAX_ROWS)
-        row_blocks = FP8_MAX_ROWS // tiles.wide_block_m
-        tensor_core_tile(tiles.wide_block_m, programs * row_blocks * ((rows + FP8_MAX_ROWS - MAX_ROWS - 1) // FP8_MAX_ROWS),
-                         row_blocks)
-    tensor_core_tile(MAX_ROWS, programs * up_to_max_rows)
+        tensor_core_tile(tiles.wide_block_m, tiles.wide_block_n, tiles.wide_block_k, FP8_MAX_ROWS // tiles.wide_block_m,
+                         (rows + FP8_MAX_ROWS - MAX_ROWS - 1) // FP8_MAX_ROWS)
+    tensor_core_tile(MAX_ROWS, tiles.block_n, tiles.block_k, 1, up_to_max_rows)
 
 
 def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor,
