@@ -12,8 +12,8 @@ with that flag has it (half the bytes to read).
 Each context is cut into --splits ranges, and into the artifacts' count for the step (`split_count`:
 32 at batch 1, 8 from batch 4 and in steps with a chunk). Then, at the artifacts' split count,
 each --tiles shape (query rows x keys per loop step) is timed at every batch and context, against
-the artifacts' tile for that kind of step (kernels/triton_paged_attention.py: DECODE_TILE for
-decode steps, CHUNK_TILE for mixed ones).
+the artifacts' tile for that kind of step (kernels/triton_paged_attention.py: DECODE_TILE, or
+FP8_DECODE_TILE for an FP8 cache, for decode steps, CHUNK_TILE for mixed ones).
 
 The calls are replayed from a CUDA graph, as the runtime's decode steps are: launched one by one
 from Python, a call costs ~0.4 ms of launch overhead whatever its size, which hides the kernel.
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     tiles = [tuple(map(int, t.split("x"))) for t in args.tiles.split(",") if t]
     records = []
     for prefill in sorted({0, args.prefill}):
-        default = kernel.CHUNK_TILE if prefill else kernel.DECODE_TILE
+        default = kernel.CHUNK_TILE if prefill else kernel.FP8_DECODE_TILE if fp8_cache else kernel.DECODE_TILE
         for batch in map(int, args.batch.split(",")):
             step_splits = kernel.split_count(batch, 0 if prefill else 1)  # the op's count for this step
             shapes = [(step_splits, *tile) for tile in [default, *tiles]]

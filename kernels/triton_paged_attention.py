@@ -22,9 +22,14 @@ sequence's context (flash-decoding):
   loop is a `while`: a `for` that Triton could software-pipeline (2 stages) measured slower on
   the H200 (5.3 -> 6.4 us per layer at 128-token context, 8K-context decode 5.47 -> 5.66 ms per
   token, batch 32 at 1K 7.71 -> 8.24 ms), and the interpreter needs the `while` anyway.
-An FP8 cache (e4m3) is read as it is: each page widens to the query dtype in registers (exact),
-the layer's K scale joins the softmax scale on the float32 scores and its V scale multiplies the
-split's accumulator, so the kernel reads half the bytes and dequantizes nothing in memory.
+An FP8 cache (e4m3) is read as it is: each page widens to float16 in registers (float32 for a
+float32 model; exact either way; sm_89+
+converts e4m3 pairs to float16 in one instruction, where widening to bf16 goes through float32,
+and a bf16 query or probability is exact in float16 or rounds more finely), the layer's K scale
+joins the softmax scale on the float32 scores and its V scale multiplies the split's accumulator,
+so the kernel reads half the bytes and dequantizes nothing in memory. Widened to bf16, the FP8
+kernel read the cache at 35-50 % of copy bandwidth on the H100, barely faster than the bf16 cache
+(batch 32 at 1K context 56 against 62 us per layer); in float16 with FP8_DECODE_TILE, 50 us.
 Masked rows (padding queries, padded group heads) are computed but never stored.
 
 Imported only where Triton is; `paged_attention` dispatches here for CUDA tensors.
@@ -50,13 +55,18 @@ MIN_SPLITS, MAX_SPLITS = 8, 32
 # 64 rows read each key for 16 tokens: 16-row tiles were 1.2-2x slower on steps with a 512-token
 # chunk.
 DECODE_TILE = (16, 64)
+# An FP8 cache's decode tile: 128 keys a loop step, as many bytes as the bf16 tile's 64. On the H100
+# (bench/attention.py --kv-cache-dtype fp8_e4m3, attention-20261206-114421, us per layer): batch 32
+# at 1K context 62.5 -> 50.1, at 8K 387 -> 292, batch 1 at 8K 13.6 -> 12.1; batch 1 at 1K 6.1 -> 7.4.
+FP8_DECODE_TILE = (16, 128)
 CHUNK_TILE = (64, 64)
 SEQ_SCAN = 128  # sequences whose tile starts a program compares at once while finding its own
 
 
 @triton.jit
 def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb, stride_ks, dims, scale,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_CACHE: tl.constexpr):
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_CACHE: tl.constexpr,
+                  WIDEN_TO_HALF: tl.constexpr):
     """One online-softmax update over keys [n0, n0 + BLOCK_N) ∩ [.., end), gathered page by page."""
     keys = n0 + tl.arange(0, BLOCK_N)
     in_range = keys < end
@@ -64,7 +74,10 @@ def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_
     offset = page.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_ks
     k = tl.load(k_base + offset[None, :] + dims[:, None], mask=in_range[None, :], other=0.0)
     if FP8_CACHE:
-        k = k.to(q.dtype)
+        if WIDEN_TO_HALF:
+            k = k.to(tl.float16)
+        else:
+            k = k.to(q.dtype)
     scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * scale
     scores = tl.where((keys[None, :] <= pos[:, None]) & in_range[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -74,7 +87,10 @@ def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + offset[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
     if FP8_CACHE:
-        v = v.to(q.dtype)
+        if WIDEN_TO_HALF:
+            v = v.to(tl.float16)
+        else:
+            v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
 
@@ -106,7 +122,7 @@ def _paged_attention_kernel(
         stride_bt, stride_as, stride_at, stride_ah, stride_ms, stride_mt, splits,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, SEQ_SCAN: tl.constexpr,
-        FP8_CACHE: tl.constexpr):
+        FP8_CACHE: tl.constexpr, WIDEN_TO_HALF: tl.constexpr):
     kv_head, split = tl.program_id(1), tl.program_id(2)
     seq, q_tile = _query_tile(tl.program_id(0), QueryIndex, batch, q_len, BLOCK_Q, SEQ_SCAN)
     if seq >= batch:  # the grid's bound is loose; a tile past a sequence's tokens has no live row
@@ -146,7 +162,8 @@ def _paged_attention_kernel(
     n0 = start
     while n0 < end:
         m_i, l_i, acc = _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb,
-                                      stride_ks, dims, scale, BLOCK_SIZE, BLOCK_N, FP8_CACHE)
+                                      stride_ks, dims, scale, BLOCK_SIZE, BLOCK_N, FP8_CACHE,
+                                      WIDEN_TO_HALF)
         n0 += BLOCK_N
     if FP8_CACHE:
         acc = acc * tl.load(VScale)
@@ -182,11 +199,12 @@ def _merge_splits_kernel(Acc, Max, Sum, Out, stride_as, stride_at, stride_ah, st
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_index: torch.Tensor, positions: torch.Tensor,
                            scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                           splits: int | None = None, decode_tile: tuple[int, int] = DECODE_TILE,
+                           splits: int | None = None, decode_tile: tuple[int, int] | None = None,
                            chunk_tile: tuple[int, int] = CHUNK_TILE) -> torch.Tensor:
     """`splits` is how many ranges a context is cut into (default: `split_count`, at most
     MAX_SPLITS); `decode_tile` is the (rows, keys per step) tile of a step where every sequence
-    brings one token, `chunk_tile` that of a step with a prefill chunk. The op uses the defaults,
+    brings one token (default: DECODE_TILE, FP8_DECODE_TILE for an FP8 cache), `chunk_tile` that
+    of a step with a prefill chunk. The op uses the defaults,
     bench/attention.py times others.
 
     Both kernels are launched, one of them with an empty grid: the step's kind is a symbolic size
@@ -199,6 +217,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
     fp8_cache = k_scale is not None
     if not fp8_cache:  # the pointers are never read; any tensor stands in
         k_scale = v_scale = context_lens
+    if decode_tile is None:
+        decode_tile = FP8_DECODE_TILE if fp8_cache else DECODE_TILE
     group_pad = triton.next_power_of_2(group)
     decode_only = 1 - torch.sym_min(q_len - 1, 1)  # 1 when q_len is 1, else 0
     if splits is None:
@@ -219,7 +239,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
             acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), splits,
             BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
             BLOCK_N=block_n, SCALE=scale,  # a constexpr: AOTInductor passes float args as fp64
-            SEQ_SCAN=SEQ_SCAN, FP8_CACHE=fp8_cache)
+            SEQ_SCAN=SEQ_SCAN, FP8_CACHE=fp8_cache, WIDEN_TO_HALF=fp8_cache and q.dtype != torch.float32)
     out = torch.empty_like(q)
     # A symbolic count (the exported program's) is known only to be at most MAX_SPLITS.
     splits_pad = triton.next_power_of_2(splits if isinstance(splits, int) else MAX_SPLITS)

@@ -60,10 +60,12 @@ def test_programs_find_their_sequence_in_several_passes(monkeypatch):
     _check_against_reference("decodes_around_long_chunks", torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
 @pytest.mark.parametrize("case", ["mixed", "decode_only", "group_of_3"])
-def test_fp8_cache_matches_reference(case):
-    """An e4m3 cache with the layer's K and V scales (`--kv-cache-dtype fp8_e4m3`), decode and chunk tiles."""
-    _check_against_reference(case, torch.float32, fp8_scales=(0.03, 0.007))
+def test_fp8_cache_matches_reference(case, dtype):
+    """An e4m3 cache with the layer's K and V scales (`--kv-cache-dtype fp8_e4m3`), decode and chunk
+    tiles; a bf16 model's pages widen to float16 in the kernel, a float32 model's to float32."""
+    _check_against_reference(case, dtype, fp8_scales=(0.03, 0.007))
 
 
 def _check_against_reference(case, dtype, fp8_scales=None, **tiles):
