@@ -58,9 +58,11 @@ def time_shape(name: str, rows: list[int]) -> list[dict]:
 # 8 warps never won in fp8-tiles-20261206-020920.
 TILE_SWEEP = [Tiles(bn, bk, st, 4, first) for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 4)
               for first in (False, True)]
-# Steps of more than MAX_ROWS rows: two 16-row programs per column tile, or one 32-row tile.
+# Steps of more than MAX_ROWS rows: two 16-row programs per column tile, or one 32-row tile. The
+# 4096- and 6144-wide weights read at 1.1-1.3 TB/s with 32 columns (fp8-tiles-20261206-113656):
+# 16 columns give them twice the programs.
 WIDE_TILE_SWEEP = [dataclasses.replace(FP8_TILES, num_stages=st, wide_block_n=bn, wide_block_k=bk, wide_block_m=m)
-                   for bn in (32, 64) for bk in (128, 256) for st in (3, 4) for m in (MAX_ROWS, FP8_MAX_ROWS)]
+                   for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 4) for m in (MAX_ROWS, FP8_MAX_ROWS)]
 
 
 def sweep_tiles(name: str, rows: int) -> list[dict]:
