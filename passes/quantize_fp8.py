@@ -20,10 +20,13 @@ through `_scaled_mm` with row-wise or output-applied scales) is chosen per weigh
 size; a --tp build's shapes are one rank's, as its kernels will see them (the pass runs before
 sharding). The GPU target times every mode on the building GPU (kernels/fp8_timing.py) at steps of
 SMALL_STEP_ROWS and of LARGE_STEP_ROWS tokens, and a shape whose best mode differs between the two
-gets both, behind a `torch.cond` on the step's token count at FP8_MAX_ROWS, the most rows the
-weight-only kernel takes (ProgramEditor.route_by_rows):
+gets both, behind a `torch.cond` on the step's token count (ProgramEditor.route_by_rows):
 
-    y = cond(x.shape[0] <= FP8_MAX_ROWS, fp8_linear(x, W8, s, small_mode), fp8_linear(x, W8, s, large_mode))
+    y = cond(x.shape[0] <= limit, fp8_linear(x, W8, s, small_mode), fp8_linear(x, W8, s, large_mode))
+
+The small steps' mode is the fastest summed over 1 and MAX_ROWS rows; `limit` is FP8_MAX_ROWS (the
+most rows the weight-only kernel takes) where that mode is also the fastest at FP8_MAX_ROWS rows,
+else MAX_ROWS, and the steps in between take the large steps' mode.
 
 On the CPU target speed is not the aim and the weight-only form is the accurate one, so it is
 taken everywhere. The choices and the timings go to the manifest's `quantization` section.
@@ -49,7 +52,7 @@ fp8_linear = torch.ops.llama_aot.fp8_linear.default
 
 
 # Step sizes the GPU target times: decode batches within the weight-only kernel's rows (one row,
-# and each of its two tile heights full), and a full-width decode step and a prefill chunk beyond them.
+# and each of its two row bands full), and a full-width decode step and a prefill chunk beyond them.
 SMALL_STEP_ROWS = (1, MAX_ROWS, FP8_MAX_ROWS)
 LARGE_STEP_ROWS = (128, 2048)
 SCALED_MM_MULTIPLE = 16
@@ -57,12 +60,13 @@ SCALED_MM_MULTIPLE = 16
 
 @dataclass(frozen=True)
 class ModeChoice:
-    """How a matmul of one weight shape computes in steps of at most FP8_MAX_ROWS tokens and in larger
-    ones, and the timings (us by step rows, then by mode) the choice was made from."""
+    """How a matmul of one weight shape computes in steps of at most `small_rows` tokens and in
+    larger ones, and the timings (us by step rows, then by mode) the choice was made from."""
 
     small_steps: str
     large_steps: str
     timings_us: dict = field(default_factory=dict)
+    small_rows: int = FP8_MAX_ROWS
 
 
 def choose_modes(ctx: PassContext, shape: tuple[int, int]) -> ModeChoice:
@@ -80,8 +84,9 @@ def choose_modes(ctx: PassContext, shape: tuple[int, int]) -> ModeChoice:
 
     def fastest(rows_set):
         return min(candidate_modes(max(rows_set)), key=lambda m: sum(timings[r][m] for r in rows_set))
-    return ModeChoice(fastest(SMALL_STEP_ROWS), fastest(LARGE_STEP_ROWS),
-                      {f"rows={r}": t for r, t in timings.items()})
+    small = fastest(SMALL_STEP_ROWS[:2])
+    return ModeChoice(small, fastest(LARGE_STEP_ROWS), {f"rows={r}": t for r, t in timings.items()},
+                      FP8_MAX_ROWS if fastest(SMALL_STEP_ROWS[2:]) == small else MAX_ROWS)
 
 
 def _quantizable(editor: ProgramEditor, node, ctx: PassContext) -> str | None:
@@ -121,8 +126,8 @@ def quantize_fp8(ep, ctx: PassContext) -> PassResult:
     record = {"weights": str(FP8).removeprefix("torch."), "weight_scale": "per output channel",
               "lm_head": LM_HEAD in fp8_weights, "from_checkpoint": from_checkpoint,
               "ignored": list(ctx.build.fp8_ignore),
-              "modes_by_weight_shape": {shape: {f"steps of <= {FP8_MAX_ROWS} tokens": c.small_steps,
-                                                f"steps of > {FP8_MAX_ROWS} tokens": c.large_steps}
+              "modes_by_weight_shape": {shape: {f"steps of <= {c.small_rows} tokens": c.small_steps,
+                                                f"steps of > {c.small_rows} tokens": c.large_steps}
                                         for shape, c in choices.items()},
               "chosen_by": (f"timing on the building GPU at steps of {SMALL_STEP_ROWS + LARGE_STEP_ROWS} tokens"
                             if ctx.target == "cuda" else "rule: weight-only on the CPU target (not timed)"),
@@ -137,5 +142,5 @@ def _emit(editor: ProgramEditor, node, inputs: tuple, choice: ModeChoice, index:
         node.replace_all_uses_with(matmul)
         editor.graph.erase_node(node)
         return
-    editor.route_by_rows(node, inputs, FP8_MAX_ROWS, (fp8_linear, (choice.small_steps,)),
+    editor.route_by_rows(node, inputs, choice.small_rows, (fp8_linear, (choice.small_steps,)),
                          (fp8_linear, (choice.large_steps,)), (f"fp8_small_steps_{index}", f"fp8_large_steps_{index}"))

@@ -152,7 +152,8 @@ def test_gpu_choices_by_step_size_become_a_cond_on_the_token_count(fused, monkey
     weight_only = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build))).program
     small = logits(weight_only, build)
     torch.testing.assert_close(logits(result.program, build), small, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(quantize_module, "FP8_MAX_ROWS", 0)  # every step is large now: per-token
+    every_step_large = dataclasses.replace(choice, small_rows=0)  # per-token for the 5-token step too
+    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: every_step_large)
     per_token = quantize_module.quantize_fp8(ep, PassContext(cuda)).program
     assert not torch.allclose(logits(per_token, build), small, rtol=1e-5, atol=1e-5)
 
@@ -191,6 +192,10 @@ def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
     choice = quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 128))
     assert (choice.small_steps, choice.large_steps) == (WEIGHT_ONLY, PER_TOKEN_EPILOGUE)
     assert asked == [((64, 128), torch.bfloat16, (1, 16, 32, 128, 2048))]
+    # Weight-only is slower than per-token at 32 rows: steps of 17-32 tokens go to the large mode.
+    assert choice.small_rows == 16
+    table[32][WEIGHT_ONLY] = 30.0
+    assert quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 128)).small_rows == 32
     assert choice.timings_us["rows=128"] == table[128]
     with pytest.raises(ConfigError, match="--fp8-ignore"):
         quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 120))
