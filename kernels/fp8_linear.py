@@ -18,6 +18,7 @@ Three ways to compute it, chosen per weight shape and step size by the quantize 
   48.9 us), and scaling the output by x's row scale and W's column scale computes the same product.
 """
 import torch
+import torch.nn.functional as F
 from torch.library import triton_op
 
 from llama_aot.kernels.decode_linear import decode_linear_triton  # None where Triton is not installed
@@ -50,6 +51,24 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     one = torch.ones((), dtype=torch.float32, device=x.device)
     product = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     return (product * x_scale[:, None] * weight_scale[None, :]).to(x.dtype)
+
+
+def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The Llama MLP's activation, `act_fn(gate) * up` as HF computes it."""
+    return F.silu(gate) * up
+
+
+@triton_op("llama_aot::fp8_gated_linear", mutates_args=())
+def fp8_gated_linear(gate: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, up: torch.Tensor,
+                     mode: str) -> torch.Tensor:
+    """`fp8_linear(silu(gate) * up, weight, weight_scale, mode)`: down_proj with the MLP's activation
+    folded into its input (passes/quantize_fp8.py). On CUDA the weight-only kernel computes the
+    activation as it loads its input, so a decode step runs no kernel of its own for it; the other
+    modes take it as a pointwise op that Inductor fuses into their activation quantization.
+    gate, up: [M, I] (any row strides, typically the two halves of gate_up's output)."""
+    if gate.is_cuda and mode == WEIGHT_ONLY:
+        return decode_linear_triton(gate, weight, weight_scale, up)
+    return fp8_linear_reference(silu_times(gate, up), weight, weight_scale, mode)
 
 
 @triton_op("llama_aot::fp8_linear", mutates_args=())

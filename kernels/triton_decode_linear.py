@@ -87,17 +87,29 @@ def fp8_tiles(n: int) -> Tiles:
 
 
 @triton.jit
-def _single_row_kernel(X, W, Scale, Out, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+def _silu_times(x, up):
+    """The MLP's `silu(x) * up`, rounded where torch's two ops round (to x's dtype after each)."""
+    g = x.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+    return (silu * up.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _single_row_kernel(X, W, Scale, Out, Up, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SCALED: tl.constexpr, GATED: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rn[:, None].to(tl.int64) * K + rk[None, :]
     x_ptrs = X + rk
+    up_ptrs = Up + rk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         w = tl.load(w_ptrs, mask=(rn[:, None] < N) & k_ok[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        if GATED:
+            x = _silu_times(x, tl.load(up_ptrs, mask=k_ok, other=0.0))
+            up_ptrs += BLOCK_K
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -108,14 +120,16 @@ def _single_row_kernel(X, W, Scale, Out, N: tl.constexpr, K: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.constexpr, K: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SCALED: tl.constexpr, WEIGHT_FIRST: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+def _decode_linear_kernel(X, W, Scale, Out, Up, M, stride_xm, stride_om, stride_um, N: tl.constexpr,
+                          K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SCALED: tl.constexpr, WEIGHT_FIRST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                          GATED: tl.constexpr):
     pid = tl.program_id(0)
     rm = (pid % ROW_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (pid // ROW_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = X + rm[:, None] * stride_xm + rk[None, :]
+    up_ptrs = Up + rm[:, None] * stride_um + rk[None, :]
     w_ptrs = W + rn[:, None].to(tl.int64) * K + rk[None, :]
     row_ok, col_ok = rm[:, None] < M, rn[:, None] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -124,6 +138,9 @@ def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.const
         k_ok = rk[None, :] < K - k0
         w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        if GATED:
+            x = _silu_times(x, tl.load(up_ptrs, mask=row_ok & k_ok, other=0.0))
+            up_ptrs += BLOCK_K
         if SCALED:
             w = w.to(x.dtype)
         if WEIGHT_FIRST:
@@ -141,9 +158,10 @@ def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.const
 
 
 def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: Tiles,
-                         weight_scale: torch.Tensor | None = None) -> None:
+                         weight_scale: torch.Tensor | None = None, up: torch.Tensor | None = None) -> None:
     """out = x @ weight.T for x of M <= MAX_ROWS rows (FP8_MAX_ROWS with `weight_scale`), read
-    through their stride; with `weight_scale` (float32 [N]) an FP8 weight's columns are scaled by it.
+    through their stride; with `weight_scale` (float32 [N]) an FP8 weight's columns are scaled by it;
+    with `up` (x's shape, read through its own row stride) the product is `(silu(x) * up) @ weight.T`.
 
     The row count may be symbolic (an artifact's step size), so each kernel is launched with a grid
     that is empty unless the count is in its band, computed with floor divisions only: `1 // rows`
@@ -153,21 +171,23 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     n, k = weight.shape
     scaled = weight_scale is not None
     scale = weight_scale if scaled else out  # never read unless scaled: any tensor stands in
+    gated = up is not None
+    up = up if gated else x  # likewise
     rows = x.shape[0]
 
     def tensor_core_tile(block_m: int, block_n: int, block_k: int, row_blocks: int, band: int) -> None:
         """The band's programs: `row_blocks` adjacent ones per column tile, none unless band is 1."""
         wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, block_n) * row_blocks * band,)](
-            x, weight, scale, out, rows, x.stride(0), out.stride(0), N=n, K=k,
+            x, weight, scale, out, up, rows, x.stride(0), out.stride(0), up.stride(0), N=n, K=k,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k * 2 // weight.element_size(), SCALED=scaled,
-            WEIGHT_FIRST=tiles.weight_first, ROW_BLOCKS=row_blocks,
+            WEIGHT_FIRST=tiles.weight_first, ROW_BLOCKS=row_blocks, GATED=gated,
             num_stages=tiles.num_stages, num_warps=tiles.num_warps)
 
     up_to_max_rows = 1
     if tiles.row_block_n:
         wrap_triton(_single_row_kernel)[(triton.cdiv(n, tiles.row_block_n) * (1 // rows),)](
-            x, weight, scale, out, N=n, K=k, BLOCK_N=tiles.row_block_n,
-            BLOCK_K=tiles.row_block_k, SCALED=scaled, num_stages=1, num_warps=tiles.num_warps)
+            x, weight, scale, out, up, N=n, K=k, BLOCK_N=tiles.row_block_n,
+            BLOCK_K=tiles.row_block_k, SCALED=scaled, GATED=gated, num_stages=1, num_warps=tiles.num_warps)
         up_to_max_rows = (rows + MAX_ROWS - 2) // MAX_ROWS  # 0 at one row
     if scaled:
         up_to_max_rows = up_to_max_rows * ((MAX_ROWS // rows + MAX_ROWS - 1) // MAX_ROWS)
@@ -176,11 +196,14 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     tensor_core_tile(MAX_ROWS, tiles.block_n, tiles.block_k, 1, up_to_max_rows)
 
 
-def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor,
-                         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                         up: torch.Tensor | None = None) -> torch.Tensor:
+    """`up`: the MLP's up projection, which makes x its gate (`fp8_gated_linear`)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if up is not None and up.stride(-1) != 1:
+        up = up.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     tiles = TILES if weight_scale is None else fp8_tiles(weight.shape[0])
-    launch_decode_linear(x, weight.contiguous(), out, tiles, weight_scale)
+    launch_decode_linear(x, weight.contiguous(), out, tiles, weight_scale, up)
     return out

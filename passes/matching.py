@@ -49,6 +49,16 @@ def sibling_linears(editor: ProgramEditor) -> list[list[Node]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def silu_times_operands(node: Node) -> tuple[Node, Node] | None:
+    """(gate, up) if `node` is the MLP's `silu(gate) * up` (either operand order), else None."""
+    if not is_call(node, aten.mul.Tensor) or len(node.args) != 2:
+        return None
+    for silu, up in (node.args, node.args[::-1]):
+        if isinstance(silu, Node) and is_call(silu, aten.silu.default) and isinstance(up, Node):
+            return silu.args[0], up
+    return None
+
+
 def reaches(node: Node, targets, max_depth: int = 16) -> bool:
     """Whether `node`'s value flows into a call of one of `targets` within `max_depth` steps."""
     frontier, seen = [node], {node}

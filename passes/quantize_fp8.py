@@ -1,7 +1,12 @@
 """Quantize the decoder's weight matmuls to FP8, one scale per output channel.
 
-    y = linear(x, W)                      y = fp8_linear(x, W8, s, mode)
-                                 ->       W8 = round_e4m3(W / s),  s = max|W[row]| / 448
+    y = linear(x, W)              ->      y = fp8_linear(x, W8, s, mode)
+    y = linear(silu(g) * u, W)    ->      y = fp8_gated_linear(g, W8, s, u, mode)
+                                          W8 = round_e4m3(W / s),  s = max|W[row]| / 448
+
+A matmul whose input is the MLP's activation (down_proj) takes the activation's operands instead,
+so that on the GPU the weight-only kernel computes it as it reads its input, and a decode step
+runs no kernel for it (kernels/fp8_linear.py: fp8_gated_linear).
 
 Runs after the fusions, so it quantizes the fused qkv_proj and gate_up_proj weights (each row's
 scale is its own, so fusing first loses nothing). The fp8 weight keeps the weight's name and the
@@ -43,12 +48,13 @@ from llama_aot.artifacts.errors import ConfigError
 from llama_aot.kernels.decode_linear import FP8_MAX_ROWS, MAX_ROWS
 from llama_aot.kernels.fp8_linear import FP8, WEIGHT_ONLY, quantize_rows
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
-from llama_aot.passes.matching import is_call, linear_weight_name
+from llama_aot.passes.matching import is_call, linear_weight_name, silu_times_operands
 from llama_aot.passes.program import DECODER_PREFIX, LM_HEAD, ProgramEditor, weight_scale_name
 from llama_aot.passes.shard_tensor_parallel import rank_weight_shape
 
 aten = torch.ops.aten
 fp8_linear = torch.ops.llama_aot.fp8_linear.default
+fp8_gated_linear = torch.ops.llama_aot.fp8_gated_linear.default
 
 
 # Step sizes the GPU target times: decode batches within the weight-only kernel's rows (one row,
@@ -136,11 +142,15 @@ def quantize_fp8(ep, ctx: PassContext) -> PassResult:
 
 
 def _emit(editor: ProgramEditor, node, inputs: tuple, choice: ModeChoice, index: int) -> None:
-    """Replaces matmul `node` by fp8_linear in the chosen mode, or by a cond between two modes."""
+    """Replaces matmul `node` by fp8_linear (fp8_gated_linear where its input is the MLP's
+    activation) in the chosen mode, or by a cond between two modes."""
+    target = fp8_linear
+    if (gated := silu_times_operands(inputs[0])) is not None:
+        target, inputs = fp8_gated_linear, (gated[0], *inputs[1:], gated[1])
     if choice.small_steps == choice.large_steps:
-        matmul = editor.call(fp8_linear, (*inputs, choice.small_steps), before=node)
+        matmul = editor.call(target, (*inputs, choice.small_steps), before=node)
         node.replace_all_uses_with(matmul)
         editor.graph.erase_node(node)
         return
-    editor.route_by_rows(node, inputs, choice.small_rows, (fp8_linear, (choice.small_steps,)),
-                         (fp8_linear, (choice.large_steps,)), (f"fp8_small_steps_{index}", f"fp8_large_steps_{index}"))
+    editor.route_by_rows(node, inputs, choice.small_rows, (target, (choice.small_steps,)),
+                         (target, (choice.large_steps,)), (f"fp8_small_steps_{index}", f"fp8_large_steps_{index}"))

@@ -45,7 +45,7 @@ c10d = torch.ops._c10d_functional
 COLUMN_PARALLEL = ("qkv_proj", "q_proj", "k_proj", "v_proj", "gate_up_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 KV_CACHE_HEADS_DIM = 4  # [layers, 2, blocks, block_size, kv_heads, head_dim]
-_MATMULS = (aten.linear.default, llama.fp8_linear.default)
+_MATMULS = (aten.linear.default, llama.fp8_linear.default, llama.fp8_gated_linear.default)
 # Ops that act on each head or column alone: the shard passes through them unchanged.
 _ELEMENTWISE = (aten.silu.default, aten.mul.Tensor, aten.to.dtype, aten._to_copy.default)
 # Attention ops whose query (and cache) are sharded by heads; their output keeps the heads dim.

@@ -84,6 +84,25 @@ def test_fp8_single_row_loop_and_the_rows_beyond_it_match_the_reference(rows, n)
     _close(out, fp8_linear_reference(x, q, scale, WEIGHT_ONLY), torch.float32)
 
 
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS + 1, FP8_MAX_ROWS])
+@pytest.mark.parametrize("n", [40, 20000])
+def test_fp8_gated_input_matches_the_activation_then_the_matmul(rows, n):
+    """down_proj with the MLP's activation folded in (`fp8_gated_linear`): gate and up are the two
+    halves of one gate_up output, read through its row stride, in every row band."""
+    from llama_aot.kernels.fp8_linear import WEIGHT_ONLY, fp8_linear_reference, quantize_rows, silu_times
+    from llama_aot.kernels.triton_decode_linear import fp8_tiles
+
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 600, generator=gen) * 3).to(DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    q, scale = quantize_rows((torch.randn(n, 300, generator=gen) / 300 ** 0.5).to(DEVICE))
+    out = torch.full((rows, n), float("nan"), device=DEVICE)
+    launch_decode_linear(gate, q, out, fp8_tiles(n), scale, up)
+    # The kernel's float32 silu (x / (1 + exp(-x))) and torch's differ in the last bits.
+    expected = fp8_linear_reference(silu_times(gate, up), q, scale, WEIGHT_ONLY)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 def test_fp8_kernels_behind_a_row_count_known_only_at_run_time():
     """In an artifact the step's row count is symbolic: AOTInductor launches both FP8 kernels with

@@ -95,6 +95,10 @@ def test_quantize_pass_replaces_every_decoder_matmul_and_keeps_the_lm_head(fused
             assert f"{name}.weight" in result.weights and f"{name}.weight_scale" in result.weights
     assert sd["lm_head.weight"].dtype == torch.float32 and "lm_head.weight_scale" not in sd
     assert result.record["lm_head"] is False and modes_used(result.record) == {WEIGHT_ONLY}
+    # down_proj takes the MLP's activation as its operands: no silu or mul is left to run.
+    targets = [n.target for n in result.program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.llama_aot.fp8_gated_linear.default) == LAYERS
+    assert torch.ops.aten.silu.default not in targets
     with_head = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build, fp8_lm_head=True)))
     assert with_head.matches == 4 * LAYERS + 1 and with_head.program.state_dict["lm_head.weight"].dtype == FP8
 

@@ -209,7 +209,8 @@ def test_fp8_matmuls_fuse_and_quantize_like_unquantized_ones(programs, fp8_check
     record = next(r.record for r in reports if r.name == "quantize_fp8")
     assert record["from_checkpoint"] == 4 * LAYERS and modes_used(record) == {WEIGHT_ONLY}
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.llama_aot.fp8_linear.default) == 4 * LAYERS
+    assert targets.count(torch.ops.llama_aot.fp8_linear.default) == 3 * LAYERS  # down_proj: fp8_gated_linear
+    assert targets.count(torch.ops.llama_aot.fp8_gated_linear.default) == LAYERS
     assert targets.count(torch.ops.aten.linear.default) == 1  # the LM head, which the checkpoint ignores
     stored = {k: v for f in fp8_checkpoints[strategy].glob("*.safetensors") for k, v in load_file(f).items()}
     rows = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
