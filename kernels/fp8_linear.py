@@ -59,14 +59,16 @@ def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton_op("llama_aot::fp8_gated_linear", mutates_args=())
-def fp8_gated_linear(gate: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, up: torch.Tensor,
+def fp8_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      mode: str) -> torch.Tensor:
-    """`fp8_linear(silu(gate) * up, weight, weight_scale, mode)`: down_proj with the MLP's activation
-    folded into its input (passes/quantize_fp8.py). On CUDA the weight-only kernel computes the
-    activation as it loads its input, so a decode step runs no kernel of its own for it; the other
-    modes take it as a pointwise op that Inductor fuses into their activation quantization.
-    gate, up: [M, I] (any row strides, typically the two halves of gate_up's output)."""
-    if gate.is_cuda and mode == WEIGHT_ONLY:
+    """`fp8_linear(silu(gate) * up, weight, weight_scale, mode)` with gate and up the two halves of
+    `gate_up` [M, 2I] (gate first): down_proj with the MLP's activation folded into its input
+    (passes/quantize_fp8.py). On CUDA the weight-only kernel computes the activation as it loads
+    its input, so a decode step runs no kernel of its own for it; the other modes take it as a
+    pointwise op that Inductor fuses into their activation quantization. One tensor, not two
+    halves: `torch.cond` (quantize_fp8's routing by step size) takes no operands that alias."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if gate_up.is_cuda and mode == WEIGHT_ONLY:
         return decode_linear_triton(gate, weight, weight_scale, up)
     return fp8_linear_reference(silu_times(gate, up), weight, weight_scale, mode)
 

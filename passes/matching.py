@@ -6,6 +6,8 @@ between ops are looked through.
 """
 from __future__ import annotations
 
+import operator
+
 from collections import defaultdict
 
 import torch
@@ -49,13 +51,25 @@ def sibling_linears(editor: ProgramEditor) -> list[list[Node]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def silu_times_operands(node: Node) -> tuple[Node, Node] | None:
-    """(gate, up) if `node` is the MLP's `silu(gate) * up` (either operand order), else None."""
+def silu_times_source(node: Node) -> Node | None:
+    """`gu` if `node` is the MLP's `silu(g) * u` (either operand order) with g, u the two equal
+    halves of `split_with_sizes(gu, [I, I], -1)` (fuse_gate_up's output), else None."""
     if not is_call(node, aten.mul.Tensor) or len(node.args) != 2:
         return None
     for silu, up in (node.args, node.args[::-1]):
-        if isinstance(silu, Node) and is_call(silu, aten.silu.default) and isinstance(up, Node):
-            return silu.args[0], up
+        if not (isinstance(silu, Node) and is_call(silu, aten.silu.default) and isinstance(up, Node)):
+            continue
+        gate = silu.args[0]
+        halves = [gate, up]
+        if not all(is_call(h, operator.getitem) for h in halves):
+            return None
+        split = gate.args[0]
+        if (up.args[0] is not split or [h.args[1] for h in halves] != [0, 1]
+                or not is_call(split, aten.split_with_sizes.default)):
+            return None
+        src, sizes, dim = split.args
+        last = dim % src.meta["val"].dim() == src.meta["val"].dim() - 1
+        return src if last and len(sizes) == 2 and sizes[0] == sizes[1] else None
     return None
 
 

@@ -1,7 +1,7 @@
 """Quantize the decoder's weight matmuls to FP8, one scale per output channel.
 
     y = linear(x, W)              ->      y = fp8_linear(x, W8, s, mode)
-    y = linear(silu(g) * u, W)    ->      y = fp8_gated_linear(g, W8, s, u, mode)
+    y = linear(silu(g) * u, W)    ->      y = fp8_gated_linear(gu, W8, s, mode)   (g, u = split(gu))
                                           W8 = round_e4m3(W / s),  s = max|W[row]| / 448
 
 A matmul whose input is the MLP's activation (down_proj) takes the activation's operands instead,
@@ -48,7 +48,7 @@ from llama_aot.artifacts.errors import ConfigError
 from llama_aot.kernels.decode_linear import FP8_MAX_ROWS, MAX_ROWS
 from llama_aot.kernels.fp8_linear import FP8, WEIGHT_ONLY, quantize_rows
 from llama_aot.passes.graph_pass import PassContext, PassResult, graph_pass
-from llama_aot.passes.matching import is_call, linear_weight_name, silu_times_operands
+from llama_aot.passes.matching import is_call, linear_weight_name, silu_times_source
 from llama_aot.passes.program import DECODER_PREFIX, LM_HEAD, ProgramEditor, weight_scale_name
 from llama_aot.passes.shard_tensor_parallel import rank_weight_shape
 
@@ -145,8 +145,8 @@ def _emit(editor: ProgramEditor, node, inputs: tuple, choice: ModeChoice, index:
     """Replaces matmul `node` by fp8_linear (fp8_gated_linear where its input is the MLP's
     activation) in the chosen mode, or by a cond between two modes."""
     target = fp8_linear
-    if (gated := silu_times_operands(inputs[0])) is not None:
-        target, inputs = fp8_gated_linear, (gated[0], *inputs[1:], gated[1])
+    if (gate_up := silu_times_source(inputs[0])) is not None:
+        target, inputs = fp8_gated_linear, (gate_up, *inputs[1:])
     if choice.small_steps == choice.large_steps:
         matmul = editor.call(target, (*inputs, choice.small_steps), before=node)
         node.replace_all_uses_with(matmul)

@@ -75,7 +75,7 @@ def shard_tensor_parallel(ep, ctx: PassContext) -> PassResult:
         name = editor.weight_name(weight)
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
         if module in COLUMN_PARALLEL:
-            segments = _output_segments(out)
+            segments = _output_segments(editor, out)
             _check_divides(tp, segments, name)
             _shard_rows(editor, weight, scale, segments, tp, rank)
             sharded[out] = out.meta["val"].dim() - 1
@@ -136,15 +136,26 @@ def _kv_cache(editor: ProgramEditor, tp: int) -> Node:
     return node
 
 
-def _output_segments(out: Node) -> list[int]:
+def _output_segments(editor: ProgramEditor, out: Node) -> list[int]:
     """The column blocks of a matmul's output: the sizes of the split along its last dim that
-    follows it (a fused q/k/v or gate/up), else the whole width."""
+    follows it (a fused q/k/v or gate/up), its two halves where down_proj's fp8_gated_linear
+    takes it whole (gate/up), else the whole width."""
     width = out.meta["val"].shape[-1]
     ndim = out.meta["val"].dim()
     for user in out.users:
         if is_call(user, aten.split_with_sizes.default) and user.args[2] % ndim == ndim - 1:
             return list(user.args[1])
+        if _gated_matmul(editor, user):
+            return [width // 2, width // 2]
     return [width]
+
+
+def _gated_matmul(editor: ProgramEditor, node: Node) -> bool:
+    """Whether `node` is an fp8_gated_linear, or a cond between fp8_gated_linear branches."""
+    if is_call(node, torch.ops.higher_order.cond):
+        branch = getattr(editor.gm, node.args[1].target)
+        return any(is_call(n, llama.fp8_gated_linear.default) for n in branch.graph.nodes)
+    return is_call(node, llama.fp8_gated_linear.default)
 
 
 def _check_divides(tp: int, sizes: list[int], name: str) -> None:

@@ -125,3 +125,29 @@ def test_tp2_composes_with_fp8_weights_and_the_fp8_kv_cache(tiny_tp2_fp8_artifac
     torch.testing.assert_close(ranks[0]["model.layers.0.mlp.down_proj.weight_scale"],
                                ranks[1]["model.layers.0.mlp.down_proj.weight_scale"], rtol=0, atol=0)
     assert ranks[0]["model.layers.0.self_attn.k_scale"] == ranks[1]["model.layers.0.self_attn.k_scale"]
+
+
+def test_fp8_ranks_keep_gate_and_up_rows_when_down_proj_takes_gate_up_whole(model_and_program, monkeypatch):
+    """As on the GPU, each FP8 matmul is a cond between two modes, and down_proj's fp8_gated_linear
+    takes gate_up's output whole (no split follows it): each rank still keeps its block of the
+    gate rows and its block of the up rows, and the same rows of their scales."""
+    from llama_aot.kernels.fp8_linear import PER_TOKEN, WEIGHT_ONLY
+    from llama_aot.passes import quantize_fp8
+
+    monkeypatch.setattr(quantize_fp8, "choose_modes", lambda ctx, shape: quantize_fp8.ModeChoice(WEIGHT_ONLY, PER_TOKEN))
+    model, ep, build = model_and_program
+    inter = model.config.intermediate_size
+    fp8 = dataclasses.replace(build, target="cuda", weight_quant="fp8", passes=None)
+    for rank in range(TP):
+        program, reports = sharded(ep, fp8, rank)
+        assert next(r for r in reports if r.name == "shard_tensor_parallel").matches == 4 * model.config.num_layers + 1
+        whole = next(r for r in reports if r.name == "quantize_fp8")
+        assert whole.matches == 4 * model.config.num_layers
+        name = "model.layers.1.mlp.gate_up_proj"
+        full = dict(model.state_dict())  # fuse_gate_up's rows: gate first, then up
+        expected_rows = torch.cat([full["model.layers.1.mlp.gate_proj.weight"], full["model.layers.1.mlp.up_proj.weight"]])
+        half = inter // TP
+        keep = torch.cat([torch.arange(rank * half, (rank + 1) * half), inter + torch.arange(rank * half, (rank + 1) * half)])
+        scale = program.state_dict[f"{name}.weight_scale"]
+        weight = program.state_dict[f"{name}.weight"].float() * scale[:, None]
+        torch.testing.assert_close(weight, expected_rows[keep], rtol=0.07, atol=1e-6)  # e4m3 rounds within 1/16
