@@ -22,7 +22,7 @@
 # What the machine cannot fetch comes from $INPUTS (default .device-inputs; prepare it here with
 # `python -m llama_aot.bench.device_inputs .device-inputs` and carry it): Meta's Llama 3 tokenizer
 # and a ShareGPT subset. Without it the checkpoint gets a byte-level stand-in tokenizer and the
-# parity and sweep stages are skipped. Also carry .wheels (`../shared/device/wheelhouse.sh uvloop httptools`) for
+# parity and sweep stages are skipped. Also carry .wheels (`../shared/device/wheelhouse.sh uvloop httptools xgrammar`) for
 # the server's web stack.
 # The full run takes ~19 minutes on an H200 (the sweep ~10), past one device call's 10: start it detached
 #   setsid bash bench/gpu.sh > /tmp/gpu.log 2>&1 < /dev/null &
@@ -45,7 +45,7 @@ CKPT=$WORK/$NAME-random ART=$WORK/$NAME-cuda ART32=$WORK/$NAME-cuda-fp32
 
 stage install
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-[[ -d .wheels ]] && python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn openai gguf jinja2 \
+[[ -d .wheels ]] && python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn openai gguf jinja2 xgrammar \
   partial-json-parser uvloop httptools
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 lscpu | grep -E '^(Model name|CPU\(s\)):'

@@ -19,6 +19,11 @@ sequences), and an abort that arrives meanwhile likewise drops the outputs still
 With an EAGLE draft program in the artifact, requests speculate (runtime/speculative.py):
 a decode verifies the drafts made for it and may commit several tokens at once, cut at the first
 that ends the request.
+
+A request with a constraint (structured output, runtime/structured_output.py) carries a grammar
+matcher, advanced with each committed token. Its row's token mask is filled on the CPU after the
+step is launched, while the device computes it, and applied by the sampler to that row alone; a
+step without constrained requests does none of this.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from llama_aot.runtime.sampling import Sampler, SamplingParams, make_generator
 from llama_aot.runtime.scheduler import Scheduler, SchedulerConfig
 from llama_aot.runtime.sequence import Sequence
 from llama_aot.runtime.speculative import Speculator
+from llama_aot.runtime.structured_output import RequestGrammar, StructuredOutputs
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
@@ -70,6 +76,7 @@ class _Request:
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
+    grammar: RequestGrammar | None = None  # with a constraint: where its output stands in the grammar
     emitted: int = 0  # tokens handed to the sink: what usage counts, as a step may commit more than are sent
 
 
@@ -123,6 +130,8 @@ class Engine:
                                                    max_model_len=runtime.context_length,
                                                    num_lookahead_slots=lookahead), self.blocks)
         self.sampler = Sampler()
+        self.structured = StructuredOutputs(tokenizer, runner.model_config.vocab_size, self.eos_token_ids,
+                                            self.scheduler.config.max_num_seqs, self.device)
         self._requests: dict[str, _Request] = {}
         self._pending: list[_Pending] = []
         self._commands = _Commands()
@@ -209,11 +218,16 @@ class Engine:
 
     def _add(self, request_id, prompt, params: SamplingParams, sink, limit) -> None:
         seq = Sequence(request_id, prompt, limit)
+        # A constrained request's EOS always ends it: its mask allows EOS only where the grammar
+        # does, and with ignore_eos only where nothing else may follow.
+        ignore_eos = params.ignore_eos and params.constraint is None
         state = _Request(seq=seq, params=params, sink=sink, generator=make_generator(params.seed, self.device),
                          detokenizer=IncrementalDetokenizer(self.tokenizer, prompt),
                          stop=StopChecker(params.stop, params.stop_token_ids, self.eos_token_ids,
-                                          params.ignore_eos, params.max_tokens))
+                                          ignore_eos, params.max_tokens))
         try:
+            if params.constraint is not None:
+                state.grammar = RequestGrammar(params.constraint)
             self.scheduler.add(seq)
         except ValueError as e:
             sink(self._output(state, "", None, None, None, "error", error=str(e)))
@@ -234,6 +248,9 @@ class Engine:
             speculative = self.speculator.plan(step, params)
         plan = speculative.plan if speculative else StepPlan(tuple(step.chunks()), tuple(step.sample_rows))
         logits = self.runner.execute(plan)
+        # The items sampled one token, as usual (the others verify drafts); constrained ones never speculate.
+        plain = [i for i in range(len(items)) if not (speculative and speculative.drafts[i])]
+        mask = self._token_mask([states[i] for i in plain])  # on the CPU while the device runs the step
         self._emit_pending()  # the previous step's text, while the device runs this one
         if not items:  # only mid-prompt chunks: nothing to sample yet
             self.scheduler.commit(step, {})
@@ -246,19 +263,23 @@ class Engine:
                                               [s.generator for s in states])
             logits = logits[[rows.start for rows in speculative.rows]]
         logprobs = {}
-        plain = [i for i, v in enumerate(verified) if v is None]  # the items sampled one token, as usual
         if plain:
             ps = [states[i] for i in plain]
             sampled = self.sampler.sample(logits if len(plain) == len(items) else logits[plain],
                                           [s.params for s in ps], [s.generator for s in ps],
-                                          [s.seq.prompt_token_ids for s in ps], [s.seq.output_token_ids for s in ps])
+                                          [s.seq.prompt_token_ids for s in ps], [s.seq.output_token_ids for s in ps],
+                                          mask)
             for j, i in enumerate(plain):
                 verified[i] = [sampled.token_ids[j]]
                 logprobs[i] = (sampled.logprobs[j], sampled.top_logprobs[j])
         tokens = {item.seq.seq_id: self._cut(states[i], verified[i]) for i, item in enumerate(items)}
         by_seq = {item.seq.seq_id: i for i, item in enumerate(items)}
+        strayed = []
         for seq in self.scheduler.commit(step, tokens):
             i, new = by_seq[seq.seq_id], tokens[seq.seq_id]
+            if states[i].grammar is not None and not all(states[i].grammar.accept(t) for t in new):
+                strayed.append(states[i])
+                continue
             if states[i].stop.ends_with(new[-1]) or seq.reached_max_tokens:
                 self.scheduler.finish(seq)  # its text and finish reason follow with the others
             logprob, top = logprobs.get(i, (None, None))  # a request that wants logprobs never speculates
@@ -266,6 +287,17 @@ class Engine:
                 self._pending.append(_Pending(states[i], token, logprob, top))
         if speculative:
             self.speculator.after_commit(speculative, tokens)
+        for state in strayed:  # the mask allowed a token its grammar then refused: a bug, not the client's
+            log.error("request %s: token %s left its grammar", state.seq.request_id, state.seq.output_token_ids[-1])
+            self._fail(state.seq.request_id, "internal error: the output left its grammar")
+
+    def _token_mask(self, states: list[_Request]):
+        """The constrained requests' token masks for these sampled rows, or None when there are none."""
+        rows = [j for j, s in enumerate(states) if s.grammar is not None]
+        if not rows:
+            return None
+        return self.structured.masks([states[j].grammar for j in rows], rows,
+                                     [states[j].params.ignore_eos for j in rows])
 
     @staticmethod
     def _cut(state: _Request, new: list[int]) -> list[int]:

@@ -10,21 +10,27 @@ Two properties drive the design:
 - Sampling is the exponential race, `argmax(probs / E)` with `E ~ Exp(1)` i.i.d. per token, which
   picks token i with probability probs[i] and needs no cumulative sums that could differ by batch.
 
-Processing order (vLLM's): penalties on the raw logits -> greedy argmax for temperature-0 rows ->
-temperature -> min_p -> top_k -> top_p -> race. Logprobs are "processed" logprobs: log_softmax of
-the logits after penalties and temperature (temperature 1 for greedy rows), before the min_p /
+Processing order (vLLM's): penalties on the raw logits -> the grammar's token mask for constrained
+rows (runtime/structured_output.py) -> greedy argmax for temperature-0 rows -> temperature -> min_p
+-> top_k -> top_p -> race. Logprobs are "processed" logprobs: log_softmax of the logits after
+penalties and temperature (temperature 1 for greedy rows), before the grammar's mask and the min_p /
 top_k / top_p truncation, so every token, sampled or listed, has a finite logprob that describes
-the distribution the request actually asked for.
+the distribution the request actually asked for. The mask is row-wise like everything else: a
+constrained row never changes another row's token.
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from llama_aot.runtime.structured_output import CompiledConstraint
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
@@ -79,6 +85,7 @@ class SamplingParams:
     not apply.
     `repetition_penalty` follows vLLM (divides positive / multiplies negative logits of every token
     seen in prompt or output); presence and frequency penalties follow OpenAI (output tokens only).
+    `constraint` is a compiled grammar the output must match (runtime/structured_output.py).
     """
 
     temperature: float = 1.0
@@ -95,6 +102,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: CompiledConstraint | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         def put(name, value):
@@ -121,6 +129,11 @@ class SamplingParams:
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise SamplingParamsError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.constraint is not None:
+            from llama_aot.runtime.structured_output import CompiledConstraint
+
+            if not isinstance(self.constraint, CompiledConstraint):
+                raise TypeError(f"constraint must be a CompiledConstraint, got {type(self.constraint).__name__}")
 
     @staticmethod
     def _stop_strings(stop) -> tuple[str, ...]:
@@ -166,6 +179,32 @@ class SampleOutput:
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """The tokens some rows of a step's logits may take: `bits[j]` (int32 words, on the logits'
+    device) is row `rows[j]`'s, token t allowed when bit t % 32 of word t // 32 is set."""
+
+    rows: list[int]
+    bits: torch.Tensor
+
+
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """Sets the tokens the mask disallows to -inf in its rows, in place; returns `logits`.
+    On CPU the words are unpacked by numpy (a torch shift-and-compare costs ~10x more there)."""
+    vocab, dev = logits.shape[1], logits.device
+    if dev.type == "cpu":
+        words = mask.bits.numpy().view(np.uint8)
+        blocked = torch.from_numpy(np.unpackbits(~words, axis=-1, count=vocab, bitorder="little").view(np.bool_))
+    else:
+        shifts = torch.arange(32, device=dev, dtype=torch.int32)
+        blocked = ((mask.bits.unsqueeze(-1) >> shifts) & 1).view(len(mask.rows), -1)[:, :vocab] == 0
+    with torch.inference_mode():  # the runner's logits are inference tensors
+        if mask.rows == list(range(logits.shape[0])):
+            return logits.masked_fill_(blocked, -math.inf)
+        index = torch.tensor(mask.rows, device=dev)
+        return logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(blocked, -math.inf))
 
 
 def _flat_positions(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
@@ -316,10 +355,11 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None], prompt_ids: list[list[int]],
-               output_ids: list[list[int]]) -> SampleOutput:
+               output_ids: list[list[int]], mask: TokenMask | None = None) -> SampleOutput:
         """`logits` is [N, V] (one row per request, float32; other dtypes are upcast); the lists
         hold one entry per row. A sampled row's generator must live on the logits' device (see
-        `make_generator`); greedy rows do not use theirs, which may be None."""
+        `make_generator`); greedy rows do not use theirs, which may be None. `mask` holds the
+        constrained rows' allowed tokens; it is applied to `logits` in place."""
         num = logits.shape[0]
         if not len(params) == len(generators) == len(prompt_ids) == len(output_ids) == num:
             raise ValueError(
@@ -329,9 +369,16 @@ class Sampler:
         if not any(p.logprobs or p.has_penalties or not p.greedy for p in params):
             # The common all-greedy batch: one greedy_tokens, no upcast (bf16 to float32 is exact,
             # so the argmax is the same) and no index uploads; each small op saved is a launch per step.
+            if mask is not None:
+                apply_token_mask(logits, mask)
             return SampleOutput(token_ids=greedy_tokens(logits).tolist(), logprobs=[None] * num,
                                 top_logprobs=[None] * num)
         logits = apply_penalties(logits.float(), params, prompt_ids, output_ids)
+        wanted = [i for i, p in enumerate(params) if p.logprobs]
+        if wanted:  # before the mask: logprobs describe the model's distribution, as with top_k
+            log_probs = (_rows(logits, wanted) / _temperatures([params[i] for i in wanted], dev)).log_softmax(-1)
+        if mask is not None:
+            apply_token_mask(logits, mask)
 
         tokens = torch.empty(num, dtype=torch.long, device=dev)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -345,10 +392,7 @@ class Sampler:
 
         logprobs: list[float | None] = [None] * num
         top: list[list[tuple[int, float]] | None] = [None] * num
-        wanted = [i for i, p in enumerate(params) if p.logprobs]
         if wanted:
-            temperature = _temperatures([params[i] for i in wanted], dev)
-            log_probs = (_rows(logits, wanted) / temperature).log_softmax(-1)
             index = torch.tensor(wanted, device=dev)
             chosen_lp = log_probs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
             best_values, best_ids = log_probs.topk(max(params[i].top_logprobs for i in wanted), dim=-1)

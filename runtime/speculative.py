@@ -17,8 +17,9 @@ Around each scheduled step (runtime/engine.py drives it):
   computed (next to the token after it) into its own cache, and from each sampled sequence's last
   computed position drafts `num_speculative_steps` tokens for the next step.
 
-Which requests speculate: those without penalties (which depend on every token before) or
-logprobs; the others decode one token a step beside them. A rejected
+Which requests speculate: those without penalties (which depend on every token before),
+logprobs or a constraint (structured output: verifying drafts would need a grammar mask per draft
+position); the others decode one token a step beside them. A rejected
 draft's K/V (target and draft caches) lie past the sequence's computed tokens and are overwritten
 when those positions are computed again.
 """
@@ -37,7 +38,7 @@ from llama_aot.runtime.sequence import SequenceStatus
 
 
 def speculates(params: SamplingParams) -> bool:
-    return not params.has_penalties and not params.logprobs
+    return not params.has_penalties and not params.logprobs and params.constraint is None
 
 
 def verify_sampled(probs: torch.Tensor, drafts: tuple[int, ...], generator: torch.Generator | None) -> list[int]:

@@ -5,15 +5,23 @@
 scripts count tokens with the server's own tokenizer); /health; /metrics. With an API key, /v1/*
 requires `Authorization: Bearer KEY`. Tool calls use the llama3 JSON format when the server runs
 with --tool-call-parser llama3.
+
+Structured output (serve/protocol.py reads the request's fields) is compiled on a worker thread
+before the request reaches the engine, so neither the event loop nor the engine waits for a
+schema's compilation; tool_choice "required" or a named function constrains the call the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from llama_aot.runtime import structured_output as so
 from llama_aot.runtime.engine import Engine, RequestOutput
+from llama_aot.runtime.sampling import SamplingParams
 from llama_aot.serve import responses as R
 from llama_aot.serve.auth import BearerAuth
 from llama_aot.serve.chat_template import ChatTemplate
@@ -21,7 +29,7 @@ from llama_aot.serve.choices import Choices
 from llama_aot.serve.errors import APIError, error_body, install_error_handlers
 from llama_aot.serve.metrics import Metrics
 from llama_aot.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from llama_aot.serve.tool_parser import StreamingToolParser, parse, tools_for_choice
+from llama_aot.serve.tool_parser import StreamingToolParser, call_opening, parse, tool_call_format, tools_for_choice
 
 TOOL_CALL_PARSERS = ("llama3",)
 
@@ -47,8 +55,30 @@ def forced_call_prefix(tool_choice, forced_name: str | None) -> str:
     """Llama 3.1's JSON tool-call opening, fed to the model after the generation prompt, so that
     tool_choice "required" (or a named function) yields a call rather than prose."""
     if forced_name is not None:
-        return '{"name": "%s", "parameters": ' % forced_name
+        return call_opening(forced_name)
     return '{"name": "' if tool_choice == "required" else ""
+
+
+def chat_constraint(body: ChatCompletionRequest, tools: list | None, forced: bool, prefix: str) -> so.Constraint | None:
+    """What a chat completion's output must match: the tool calls when a call is forced (the
+    response format then describes a later answer, not this turn's calls); a call or the
+    response format when the model may choose (tool_choice "auto"); else the response format."""
+    found = body.output_format()
+    if tools is not None and forced:
+        return so.Constraint((tool_call_format(tools, body.parallel_tool_calls),), prefix, "tools")
+    if found is None:
+        return None
+    fmt, param = found
+    if tools is not None:
+        return so.Constraint((tool_call_format(tools, body.parallel_tool_calls), fmt), param=param)
+    return so.Constraint((fmt,), param=param)
+
+
+async def constrained(engine: Engine, params: SamplingParams, constraint: so.Constraint | None) -> SamplingParams:
+    """`params` with the constraint's compiled grammar; compiling (or the cache) runs on a worker thread."""
+    if constraint is None:
+        return params
+    return dataclasses.replace(params, constraint=await run_in_threadpool(engine.structured.compile, constraint))
 
 
 def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfig) -> FastAPI:
@@ -122,6 +152,7 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
         prefix = forced_call_prefix(body.tool_choice, forced_name) if tools is not None else ""
         if prefix:
             prompt += engine.tokenizer.encode(prefix, add_special_tokens=False).ids
+        params = await constrained(engine, params, chat_constraint(body, tools, bool(prefix), prefix))
         choices = Choices(engine, metrics, prompt, params, body.choices(), "chatcmpl", "messages")
         if body.stream:
             return _event_stream(_chat_events(choices, body, tools is not None, prefix))
@@ -181,6 +212,8 @@ def create_app(engine: Engine, template: ChatTemplate | None, config: ServeConfi
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         params = body.sampling_params()
+        found = body.output_format()
+        params = await constrained(engine, params, so.Constraint((found[0],), param=found[1]) if found else None)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
             ids = engine.tokenizer.encode(prompt, add_special_tokens=True).ids

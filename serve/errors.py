@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_aot.runtime.sampling import SamplingParamsError
+from llama_aot.runtime.structured_output import ConstraintError
 from llama_aot.serve.chat_template import RequestError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -52,6 +53,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SamplingParamsError)
     async def _sampling_error(_: Request, e: SamplingParamsError):
+        return error_response(400, str(e), e.param)
+
+    @app.exception_handler(ConstraintError)
+    async def _constraint_error(_: Request, e: ConstraintError):
         return error_response(400, str(e), e.param)
 
     @app.exception_handler(RequestValidationError)

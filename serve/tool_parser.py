@@ -17,6 +17,11 @@ llama3 JSON parsers read. The rules here:
   before it stand and the rest, from where that call starts, is content.
 - `arguments` is the parsed object re-serialised (`json.dumps`, non-ASCII kept), so it always parses.
 
+With tool_choice "required" or a named function the output is constrained (`tool_call_format`,
+runtime/structured_output.py) to calls in exactly this form, `{"name": "N", "parameters": {...}}`
+with arguments that match the function's JSON schema, several joined by "; " when
+parallel_tool_calls allows, so that they always parse.
+
 The streaming parser gives the same result as `parse` however the text is split. To keep that
 promise and never stream arguments that later turn out broken, a call is emitted when its object is
 complete: the header delta (id, name) and then its arguments in one piece. Content is not held
@@ -30,9 +35,11 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
+from llama_aot.runtime import structured_output as so
 from llama_aot.serve.chat_template import RequestError
 
 PYTHON_TAG = "<|python_tag|>"
+CALL_SEPARATOR = "; "
 _WS = " \t\n\r"
 _ID_ALPHABET = string.ascii_letters + string.digits
 _CALL_KEYS = {"name", "parameters", "arguments", "type"}
@@ -254,6 +261,20 @@ def _tool_name(tool: Any, i: int) -> str:
         raise RequestError(f"{where}.function.parameters must be a JSON Schema object",
                            f"{where}.function.parameters")
     return name
+
+
+def call_opening(name: str) -> str:
+    """The text of a call up to its arguments, as Llama 3.1 writes it."""
+    return '{"name": "%s", "parameters": ' % name
+
+
+def tool_call_format(tools: list, parallel: bool) -> so.TaggedJson:
+    """The calls the model may make to `tools` (validated by `tools_for_choice`): one, or with
+    `parallel` one or more joined by CALL_SEPARATOR, each with arguments that match its schema
+    (any object where the function declares none)."""
+    tags = tuple(so.Tag(call_opening(t["function"]["name"]),
+                        so.canonical(t["function"].get("parameters") or {"type": "object"}), "}") for t in tools)
+    return so.TaggedJson(tags, CALL_SEPARATOR, parallel)
 
 
 def tools_for_choice(tools: list | None, tool_choice: Any) -> tuple[list | None, str | None]:

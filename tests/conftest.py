@@ -190,6 +190,17 @@ def smollm2_artifact(smollm2_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_server(smollm2_artifact):
+    """`llama-serve` on the embedded default, with the llama3 tool-call parser, started once for
+    the modules that test the API through it."""
+    from server import ServerProcess
+
+    proc = ServerProcess(smollm2_artifact, "--tool-call-parser", "llama3")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
 def llama31_checkpoint(tmp_path_factory) -> Path:
     """Tiny random Llama 3.1 with the real Llama 3 tokenizer and the official chat template."""
     from llama31_checkpoint import write_llama31_checkpoint

@@ -5,6 +5,8 @@ the next step runs, so a request a stop string ends may already sit in that next
 tests check that nothing of it leaks out and that every KV block comes back."""
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 
@@ -169,3 +171,27 @@ def test_abort_stops_the_outputs_and_spares_the_others(engine, reference):
     got = collector.tokens("r4")
     assert got == reference[4][:2]
     assert all(o.finish_reason is None for o in collector.outputs["r4"])
+
+
+def test_constrained_requests_beside_free_ones(engine, reference, tokenizer):
+    """Structured output in a continuous batch: requests held to a regex and to a JSON schema
+    (sampled, with ignore_eos) run beside free greedy ones. The free ones get exactly their
+    reference tokens; the constrained ones match their grammar and end with "stop" where it does."""
+    from llama_aot.runtime import structured_output as so
+
+    def constrained(fmt, **kw):
+        return SamplingParams(constraint=engine.structured.compile(so.Constraint((fmt,))), **kw)
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"]}
+    collector = Collector()
+    submit_all(engine, collector, {0: greedy(max_tokens=NEW_TOKENS),
+                                   1: constrained(so.Regex("(yes|no), [0-9]"), temperature=0),
+                                   2: greedy(max_tokens=NEW_TOKENS),
+                                   3: constrained(so.JsonSchema.of(schema, compact=True), temperature=1.0, seed=1,
+                                                  ignore_eos=True, max_tokens=40)})
+    assert collector.tokens("r0") == reference[0] and collector.tokens("r2") == reference[2]
+    assert re.fullmatch("(yes|no), [0-9]", collector.text("r1")) and collector.last("r1").finish_reason == "stop"
+    value = json.loads(collector.text("r3"))
+    assert set(value) == {"ok", "n"} and collector.last("r3").finish_reason == "stop"
+    wait_for_free_blocks(engine)

@@ -19,10 +19,8 @@ FACTS = ["France", "Japan", "Italy", "Spain", "Egypt", "Canada", "Kenya", "Peru"
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_artifact):
-    proc = ServerProcess(smollm2_artifact)
-    yield proc
-    proc.stop()
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ counted right; rejection sampling keeps the target's distribution (chi-square); 
 length reaches /metrics, the benchmark and the server's log."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -116,6 +118,23 @@ def test_sampled_requests_speculate_beside_greedy_ones(artifact, plain):
     assert collector.tokens("greedy") == plain["r0"]
     assert len(collector.tokens("sampled")) == NEW_TOKENS and collector.outputs["sampled"][-1].completion_tokens == NEW_TOKENS
     assert stats.verify_steps > 0
+
+
+def test_a_constrained_request_decodes_beside_speculating_ones(artifact, plain):
+    """A request held to a grammar never speculates (its drafts would need a mask per position):
+    it matches its regex and ends with "stop" while the greedy requests beside it keep their tokens."""
+    from llama_aot.runtime import structured_output as so
+
+    config = artifact.model_config
+    outputs = so.StructuredOutputs(Tokenizer.from_file(str(artifact.path / "tokenizer.json")), config.vocab_size,
+                                   tuple(config.eos_token_ids), max_rows=1)
+    grammar = outputs.compile(so.Constraint((so.Regex("(yes|no)! [a-z]{3,6}"),)))
+    sampled = SamplingParams(temperature=1.0, seed=2, max_tokens=NEW_TOKENS, constraint=grammar)
+    requests = {"r0": (PROMPTS[0], greedy()), "r1": (PROMPTS[1], greedy()), "constrained": (PROMPTS[2], sampled)}
+    collector, stats = run(artifact, requests)
+    assert collector.tokens("r0") == plain["r0"] and collector.tokens("r1") == plain["r1"]
+    assert re.fullmatch("(yes|no)! [a-z]{3,6}", collector.text("constrained"))
+    assert collector.outputs["constrained"][-1].finish_reason == "stop" and stats.verify_steps > 0
 
 
 def test_a_request_runs_to_the_end_of_the_context(artifact):

@@ -2,7 +2,9 @@
 
 The model is scripted: a stand-in engine emits a fixed text token by token through the real
 tokenizer and detokenizer, so the assertions are about the server (prompt rendering, forced
-calls, parsing, streaming deltas, finish reasons), not about what a random model would say.
+calls, parsing, streaming deltas, finish reasons), not about what a random model would say. A
+request with a constraint (a forced call) also runs its script through the compiled grammar, so
+a script the grammar would not let the model write fails the test.
 """
 import json
 import threading
@@ -14,6 +16,7 @@ from fastapi.testclient import TestClient
 from llama_aot.compiler.checkpoint import open_checkpoint
 from llama_aot.runtime.detokenizer import IncrementalDetokenizer
 from llama_aot.runtime.engine import EngineStats, RequestOutput
+from llama_aot.runtime.structured_output import RequestGrammar, StructuredOutputs
 from llama_aot.serve.app import ServeConfig, create_app
 from llama_aot.serve.chat_template import load_chat_template
 
@@ -27,8 +30,9 @@ USER = [{"role": "user", "content": "Weather in Paris?"}]
 class ScriptedEngine:
     """Duck-types the Engine surface the app uses; 'generates' `script` for every request."""
 
-    def __init__(self, tokenizer, vocab_size):
+    def __init__(self, tokenizer, vocab_size, eos_token_ids):
         self.tokenizer = tokenizer
+        self.structured = StructuredOutputs(tokenizer, vocab_size, tuple(eos_token_ids), max_rows=1)
         self.script = ""
         self.prompts: list[list[int]] = []
         self.stats = EngineStats()
@@ -38,6 +42,9 @@ class ScriptedEngine:
     def submit(self, request_id, prompt_ids, params, sink):
         self.prompts.append(list(prompt_ids))
         ids = self.tokenizer.encode(self.script, add_special_tokens=False).ids
+        if params.constraint is not None:
+            grammar = RequestGrammar(params.constraint)
+            assert all(grammar.accept(t) for t in ids), f"the grammar refuses {self.script!r}"
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
 
         def run():
@@ -58,7 +65,8 @@ def template(llama31_checkpoint):
 
 @pytest.fixture(scope="module")
 def engine(template, llama31_checkpoint):
-    return ScriptedEngine(template.tokenizer, open_checkpoint(llama31_checkpoint).config.vocab_size)
+    config = open_checkpoint(llama31_checkpoint).config
+    return ScriptedEngine(template.tokenizer, config.vocab_size, config.eos_token_ids)
 
 
 @pytest.fixture(scope="module")
