@@ -23,9 +23,9 @@ sequence's context (flash-decoding):
   the H200 (5.3 -> 6.4 us per layer at 128-token context, 8K-context decode 5.47 -> 5.66 ms per
   token, batch 32 at 1K 7.71 -> 8.24 ms), and the interpreter needs the `while` anyway.
 An FP8 cache (e4m3) is read as it is: each page widens to float16 in registers (float32 for a
-float32 model; exact either way; sm_89+
-converts e4m3 pairs to float16 in one instruction, where widening to bf16 goes through float32,
-and a bf16 query or probability is exact in float16 or rounds more finely), the layer's K scale
+float32 model; exact either way; sm_89+ converts e4m3 pairs to float16 in one instruction, where
+widening to bf16 goes through float32, and a bf16 query or probability is exact in float16 or
+rounds more finely), the layer's K scale
 joins the softmax scale on the float32 scores and its V scale multiplies the split's accumulator,
 so the kernel reads half the bytes and dequantizes nothing in memory. Widened to bf16, the FP8
 kernel read the cache at 35-50 % of copy bandwidth on the H100, barely faster than the bf16 cache
@@ -64,6 +64,17 @@ SEQ_SCAN = 128  # sequences whose tile starts a program compares at once while f
 
 
 @triton.jit
+def _widened(page, q, FP8_CACHE: tl.constexpr, WIDEN_TO_HALF: tl.constexpr):
+    """A page of keys or values as the dot takes it: an FP8 page widened (see the module docstring)."""
+    if FP8_CACHE:
+        if WIDEN_TO_HALF:
+            page = page.to(tl.float16)
+        else:
+            page = page.to(q.dtype)
+    return page
+
+
+@triton.jit
 def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_kb, stride_ks, dims, scale,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_CACHE: tl.constexpr,
                   WIDEN_TO_HALF: tl.constexpr):
@@ -72,12 +83,8 @@ def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_
     in_range = keys < end
     page = tl.load(table + keys // BLOCK_SIZE, mask=in_range, other=0)
     offset = page.to(tl.int64) * stride_kb + (keys % BLOCK_SIZE) * stride_ks
-    k = tl.load(k_base + offset[None, :] + dims[:, None], mask=in_range[None, :], other=0.0)
-    if FP8_CACHE:
-        if WIDEN_TO_HALF:
-            k = k.to(tl.float16)
-        else:
-            k = k.to(q.dtype)
+    k = _widened(tl.load(k_base + offset[None, :] + dims[:, None], mask=in_range[None, :], other=0.0),
+                 q, FP8_CACHE, WIDEN_TO_HALF)
     scores = tl.dot(q.to(k.dtype), k, input_precision="ieee") * scale
     scores = tl.where((keys[None, :] <= pos[:, None]) & in_range[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -85,12 +92,8 @@ def _attend_block(q, pos, m_i, l_i, acc, n0, end, table, k_base, v_base, stride_
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(scores - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + offset[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
-    if FP8_CACHE:
-        if WIDEN_TO_HALF:
-            v = v.to(tl.float16)
-        else:
-            v = v.to(q.dtype)
+    v = _widened(tl.load(v_base + offset[:, None] + dims[None, :], mask=in_range[:, None], other=0.0),
+                 q, FP8_CACHE, WIDEN_TO_HALF)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
 
