@@ -9,6 +9,7 @@
 #   FP8=0 bash ...                      without the FP8 artifacts (FP8_VARIANTS="fp8-kv": only the one with both) (--fp8, and --fp8 with the FP8 KV cache),
 #                                       which otherwise are timed and swept next to the bf16 one
 #   KERNEL_TABLES=0 bash ...            without the attention and matmul tables
+#   PROFILE="1:128 8:1024" bash ...     profile each artifact's step at these batch:context points (default 1:128)
 #   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
 #                                       (default: llama-compile's for cuda, 128 and 2048)
 #   SCENARIOS=random-1000-1000-c100,sharegpt-100 bash ...   some sweep scenarios, in this order
@@ -36,6 +37,8 @@ RESULTS=${RESULTS:-bench/results}
 INPUTS=${INPUTS:-.device-inputs}
 # The image's default g++ builds AOTInductor libraries that segfault at load (see DEVICE.md).
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc PYTHONUNBUFFERED=1
+# A `git archive` copy (.trees/NAME, as the notes prepare them) has no .git: its GIT_SHA file says which commit.
+[[ -z ${LLAMA_AOT_GIT_SHA:-} && -f GIT_SHA ]] && export LLAMA_AOT_GIT_SHA=$(cat GIT_SHA)
 t0=$(date +%s)
 stage() { echo "=== $1 (+$(( $(date +%s) - t0 )) s)"; }
 trap 'status=$?; echo "=== done (+$(( $(date +%s) - t0 )) s, exit $status)"' EXIT
@@ -150,9 +153,11 @@ if [[ ${BENCH:-1} == 1 ]]; then
   llama-bench decode "${ARTIFACTS[@]}" --checkpoint "$CKPT" --batch 1 --context 128,8192 --model-name "$NAME" \
     --out-dir "$RESULTS"
   llama-bench decode "${ARTIFACTS[@]}" --batch 8,32 --context 1024 --model-name "$NAME" --out-dir "$RESULTS"
-  for art in "$ART" "${FP8_PATHS[@]}"; do
-    stage "profile $(basename "$art"): batch 1, context 128"
-    python3 -m llama_aot.bench.profile_step "$art" --batch 1 --context 128
+  for point in ${PROFILE:-1:128}; do
+    for art in "$ART" "${FP8_PATHS[@]}"; do
+      stage "profile $(basename "$art"): batch ${point%:*}, context ${point#*:}"
+      python3 -m llama_aot.bench.profile_step "$art" --batch "${point%:*}" --context "${point#*:}"
+    done
   done
 fi
 

@@ -5,7 +5,10 @@ This folder is also importable as a top-level `kernels` whenever the directory h
 checkout is on sys.path (`python -m ...` or `python -m pytest` from the repository root), where it
 would hide the `kernels` distribution that transformers imports (transformers >= 5.25 depends on
 it). Imported under that name, this module steps aside: it loads the installed distribution in its
-place, or fails as a missing module would. tests/test_packaging.py checks it from the root.
+place. Without one (transformers < 5.25, as on the GPU machine's image) it stays an empty module
+with no `__file__`, which is how transformers' availability probe, after `find_spec` has found
+this folder, recognises a directory shadowing a package that is not installed; raising instead
+would fail `import transformers` itself. tests/test_packaging.py checks both from the root.
 """
 import sys as _sys
 
@@ -18,7 +21,8 @@ if __name__ == "kernels":
     _path = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout]
     _spec = _machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    _installed = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _installed  # the import system returns what sys.modules holds
-    _spec.loader.exec_module(_installed)
+        del __file__
+    else:
+        _installed = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _installed  # the import system returns what sys.modules holds
+        _spec.loader.exec_module(_installed)

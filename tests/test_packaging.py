@@ -25,6 +25,15 @@ def test_bare_kernels_is_the_installed_distribution_from_the_root():
     assert Path(location).parent != ROOT / "kernels" and has_api == "True"
 
 
+def test_bare_kernels_without_the_distribution_looks_absent_to_transformers_probe():
+    """transformers < 5.25 (the GPU machine's 5.17) probes `kernels` with find_spec, which finds our
+    folder, then imports it; it counts a module without `__file__` or `__version__` as absent."""
+    done = run_in_root("-c", "import sys; sys.path = [p for p in sys.path if 'packages' not in p]; "
+                             "import kernels; print(getattr(kernels, '__file__', None), getattr(kernels, '__version__', None))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "None"]
+
+
 def test_module_entry_points_run_from_the_root():
     done = run_in_root("-m", "llama_aot.bench.cli", "--help")
     assert done.returncode == 0 and "usage" in done.stdout, done.stderr
