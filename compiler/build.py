@@ -45,6 +45,7 @@ from llama_aot.compiler.model import build_model
 from llama_aot.compiler.package import copy_tokenizer, write_manifest
 from llama_aot.compiler.rank_run import compiled_run_on_ranks
 from llama_aot.compiler.verify import add_float32_rows, compare, compiled_run, reference_run, verify_draft
+from llama_aot.kernels import cpu_kernels
 from llama_aot.passes.pipeline import PassContext, run_pipeline
 
 # The source that decides what a build produces: the compile path and the contract it writes.
@@ -98,7 +99,8 @@ def input_hash(ckpt: Checkpoint, build: BuildConfig, calibration: CalibrationSet
     key = {"checkpoint": fingerprint(ckpt), "build": build.to_dict(), "source": source_hash(),
            "torch": torch.__version__, "target": describe_host(build.target)["arch"],
            "calibration": calibration.digest if calibration else None,
-           "draft": head_fingerprint(draft_model) if draft_model else None}
+           "draft": head_fingerprint(draft_model) if draft_model else None,
+           "cpu_kernels": build.target == "cpu" and cpu_kernels.enabled()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

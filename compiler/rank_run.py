@@ -64,6 +64,10 @@ def _rank_main(rank: int, world: int, device_type: str, init: str, package: Path
     if device_type == "cuda":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
+    else:
+        from llama_aot.kernels import cpu_kernels
+
+        cpu_kernels.available()  # the program calls the C++ attention through the dispatcher, if it was built
     schedule = torch.load(steps, weights_only=False)
     program = load_package(package)
     weights = read_weights(weight_files[rank], device)

@@ -17,6 +17,8 @@ import importlib.util
 import torch
 from torch.library import triton_op
 
+from llama_aot.kernels import cpu_kernels
+
 if importlib.util.find_spec("triton") is not None:
     from llama_aot.kernels.triton_paged_attention import paged_attention_triton
 else:  # CPU-only installs: the reference is the CPU path
@@ -74,5 +76,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_t
                     scale: float, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`k_scale`, `v_scale`: the layer's scalars for an FP8 cache (kernels/kv_cache.py), None otherwise."""
-    impl = paged_attention_triton if q.is_cuda else paged_attention_reference
+    if q.is_cuda:
+        impl = paged_attention_triton
+    elif cpu_kernels.available():  # the C++ kernel (kernels/cpu_kernels.py says why), opaque to Inductor
+        impl = torch.ops.llama_aot.paged_attention_cpu
+    else:
+        impl = paged_attention_reference
     return impl(q, kv_cache, layer, block_tables, context_lens, query_index, positions, scale, k_scale, v_scale)

@@ -76,6 +76,7 @@ ROW_TILE_WIDE_FROM = 16384
 # 76.3; 1.9 TB/s). The tiles of the steps up to 16 rows took o 15.6, down 46.1 and gate_up 84.7.
 WIDE_TILES_NARROW_WEIGHT = {"wide_block_n": 32, "wide_block_k": 128, "wide_block_m": MAX_ROWS}
 WIDE_TILES_WIDE_WEIGHT = {"wide_block_n": 64, "wide_block_k": 128, "wide_block_m": FP8_MAX_ROWS}
+SILU_BLOCK = 1024  # values of the MLP's activation per program, for steps of 2 or more rows
 
 
 def fp8_tiles(n: int) -> Tiles:
@@ -92,6 +93,18 @@ def _silu_times(x, up):
     g = x.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
     return (silu * up.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _silu_times_kernel(X, Up, Out, stride_xm, stride_um, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[m, :] = silu(X[m, :]) * Up[m, :], one program per BLOCK values of a row."""
+    per_row: tl.constexpr = (K + BLOCK - 1) // BLOCK
+    row = tl.program_id(0) // per_row
+    cols = (tl.program_id(0) % per_row) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < K
+    x = tl.load(X + row * stride_xm + cols, mask=ok, other=0.0)
+    up = tl.load(Up + row * stride_um + cols, mask=ok, other=0.0)
+    tl.store(Out + row * K + cols, _silu_times(x, up), mask=ok)
 
 
 @triton.jit
@@ -120,16 +133,14 @@ def _single_row_kernel(X, W, Scale, Out, Up, N: tl.constexpr, K: tl.constexpr, B
 
 
 @triton.jit
-def _decode_linear_kernel(X, W, Scale, Out, Up, M, stride_xm, stride_om, stride_um, N: tl.constexpr,
-                          K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SCALED: tl.constexpr, WEIGHT_FIRST: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-                          GATED: tl.constexpr):
+def _decode_linear_kernel(X, W, Scale, Out, M, stride_xm, stride_om, N: tl.constexpr, K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SCALED: tl.constexpr, WEIGHT_FIRST: tl.constexpr, ROW_BLOCKS: tl.constexpr):
     pid = tl.program_id(0)
     rm = (pid % ROW_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (pid // ROW_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = X + rm[:, None] * stride_xm + rk[None, :]
-    up_ptrs = Up + rm[:, None] * stride_um + rk[None, :]
     w_ptrs = W + rn[:, None].to(tl.int64) * K + rk[None, :]
     row_ok, col_ok = rm[:, None] < M, rn[:, None] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -138,9 +149,6 @@ def _decode_linear_kernel(X, W, Scale, Out, Up, M, stride_xm, stride_om, stride_
         k_ok = rk[None, :] < K - k0
         w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
-        if GATED:
-            x = _silu_times(x, tl.load(up_ptrs, mask=row_ok & k_ok, other=0.0))
-            up_ptrs += BLOCK_K
         if SCALED:
             w = w.to(x.dtype)
         if WEIGHT_FIRST:
@@ -167,27 +175,35 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     that is empty unless the count is in its band, computed with floor divisions only: `1 // rows`
     is 1 for one row, `(MAX_ROWS // rows + MAX_ROWS - 1) // MAX_ROWS` is 1 up to MAX_ROWS rows, and
     `(rows + FP8_MAX_ROWS - MAX_ROWS - 1) // FP8_MAX_ROWS` is 1 from MAX_ROWS + 1 to FP8_MAX_ROWS.
-    An empty grid launches nothing, in Triton's launcher and in AOTInductor's."""
+    An empty grid launches nothing, in Triton's launcher and in AOTInductor's.
+
+    With `up`, only the single-row kernel computes the activation as it loads x. Steps of two or
+    more rows get it from a small kernel of its own first (`1 - 1 // rows` is 1 from two rows
+    on): the tensor-core kernel would recompute it for its whole [rows, BLOCK_K] tile in every
+    column program, and hold that tile, gate and up, in registers."""
     n, k = weight.shape
     scaled = weight_scale is not None
     scale = weight_scale if scaled else out  # never read unless scaled: any tensor stands in
-    gated = up is not None
-    up = up if gated else x  # likewise
     rows = x.shape[0]
+    gate, single_row_up = x, (up if up is not None else x)  # likewise, unless gated
+    if up is not None:
+        activation = torch.empty(rows, k, dtype=x.dtype, device=x.device)
+        wrap_triton(_silu_times_kernel)[(rows * (1 - 1 // rows) * triton.cdiv(k, SILU_BLOCK),)](
+            x, up, activation, x.stride(0), up.stride(0), K=k, BLOCK=SILU_BLOCK)
+        x = activation
 
     def tensor_core_tile(block_m: int, block_n: int, block_k: int, row_blocks: int, band: int) -> None:
         """The band's programs: `row_blocks` adjacent ones per column tile, none unless band is 1."""
         wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, block_n) * row_blocks * band,)](
-            x, weight, scale, out, up, rows, x.stride(0), out.stride(0), up.stride(0), N=n, K=k,
+            x, weight, scale, out, rows, x.stride(0), out.stride(0), N=n, K=k,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k * 2 // weight.element_size(), SCALED=scaled,
-            WEIGHT_FIRST=tiles.weight_first, ROW_BLOCKS=row_blocks, GATED=gated,
-            num_stages=tiles.num_stages, num_warps=tiles.num_warps)
+            WEIGHT_FIRST=tiles.weight_first, ROW_BLOCKS=row_blocks, num_stages=tiles.num_stages, num_warps=tiles.num_warps)
 
     up_to_max_rows = 1
     if tiles.row_block_n:
         wrap_triton(_single_row_kernel)[(triton.cdiv(n, tiles.row_block_n) * (1 // rows),)](
-            x, weight, scale, out, up, N=n, K=k, BLOCK_N=tiles.row_block_n,
-            BLOCK_K=tiles.row_block_k, SCALED=scaled, GATED=gated, num_stages=1, num_warps=tiles.num_warps)
+            gate, weight, scale, out, single_row_up, N=n, K=k, BLOCK_N=tiles.row_block_n,
+            BLOCK_K=tiles.row_block_k, SCALED=scaled, GATED=up is not None, num_stages=1, num_warps=tiles.num_warps)
         up_to_max_rows = (rows + MAX_ROWS - 2) // MAX_ROWS  # 0 at one row
     if scaled:
         up_to_max_rows = up_to_max_rows * ((MAX_ROWS // rows + MAX_ROWS - 1) // MAX_ROWS)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import llama_aot.kernels.ops  # noqa: F401  (the programs call torch.ops.llama_aot)
+from llama_aot.kernels import cpu_kernels
 from llama_aot.artifacts.config import BuildConfig, ModelConfig
 from llama_aot.artifacts.digest import DigestMismatch, check_files, mismatch_message
 from llama_aot.artifacts.errors import ArtifactError
@@ -82,11 +83,25 @@ def load_weights(path: Path, name: str, device: str, expected: dict) -> dict[str
     return restore_ties(weights, metadata)
 
 
+def _load_cpu_kernels(package: Path) -> None:
+    """A CPU program may call the C++ kernels through the dispatcher (kernels/cpu_kernels.py): load
+    them (building them once per machine) before it runs, or refuse a program that needs them
+    here, rather than fail at its first step."""
+    try:
+        cpu_kernels.load()
+    except cpu_kernels.CpuKernelsUnavailable as e:
+        if cpu_kernels.called_by(package):
+            raise ArtifactError(f"{package}: the program calls the C++ CPU kernels, which cannot be loaded "
+                                f"here ({e}); rebuild the artifact with LLAMA_AOT_CPU_KERNELS=0") from None
+
+
 def _open_program(path: Path, manifest: Manifest, spec: ProgramSpec, device: str, rank: int,
                   single_threaded: bool, seconds: dict[str, float]):
     if tuple(spec.inputs) != PROGRAM_INPUTS.get(spec.name, tuple(spec.inputs)):
         raise ArtifactError(f"{path}: program {spec.name!r} takes {list(spec.inputs)}, this runtime passes "
                             f"{list(PROGRAM_INPUTS[spec.name])}; rebuild the artifact with this llama-compile")
+    if device == "cpu":
+        _load_cpu_kernels(path / spec.package)
     start = time.perf_counter()
     program = load_package(path / spec.package, single_threaded)
     seconds["program"] = seconds.get("program", 0.0) + time.perf_counter() - start

@@ -110,8 +110,8 @@ def test_fp8_gated_input_matches_the_activation_then_the_matmul(rows, n):
 def test_fp8_kernels_behind_a_row_count_known_only_at_run_time():
     """In an artifact the step's row count is symbolic: AOTInductor launches both FP8 kernels with
     grids computed from it, and exactly one of them runs. Right answers at every row count
-    the kernels' bands meet at."""
-    from llama_aot.kernels.fp8_linear import WEIGHT_ONLY, fp8_linear, quantize_rows
+    the kernels' bands meet at, with and without the MLP's activation folded in."""
+    from llama_aot.kernels.fp8_linear import WEIGHT_ONLY, fp8_gated_linear, fp8_linear, quantize_rows, silu_times
 
     class Matmul(torch.nn.Module):
         def __init__(self):
@@ -120,14 +120,20 @@ def test_fp8_kernels_behind_a_row_count_known_only_at_run_time():
             self.register_buffer("weight", q)
             self.register_buffer("scale", scale)
 
-        def forward(self, x):
-            return fp8_linear(x, self.weight, self.scale, WEIGHT_ONLY)
+        def forward(self, x, gate_up):
+            return (fp8_linear(x, self.weight, self.scale, WEIGHT_ONLY),
+                    fp8_gated_linear(gate_up, self.weight, self.scale, WEIGHT_ONLY))
 
-    model, x = Matmul(), torch.randn(FP8_MAX_ROWS, 300, device=DEVICE, dtype=torch.bfloat16)
-    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("rows", min=1, max=FP8_MAX_ROWS)}})
+    model = Matmul()
+    x = torch.randn(FP8_MAX_ROWS, 300, device=DEVICE, dtype=torch.bfloat16)
+    gate_up = torch.randn(FP8_MAX_ROWS, 600, device=DEVICE, dtype=torch.bfloat16) * 3
+    rows_dim = torch.export.Dim("rows", min=1, max=FP8_MAX_ROWS)
+    program = torch.export.export(model, (x, gate_up), dynamic_shapes={"x": {0: rows_dim}, "gate_up": {0: rows_dim}})
     compiled = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program))
+    w = model.weight.float() * model.scale[:, None]
     for rows in (1, 2, 5, MAX_ROWS, MAX_ROWS + 1, FP8_MAX_ROWS - 1, FP8_MAX_ROWS):
         # Against float32 maths on the same FP8 weights: the kernel widens them exactly and
         # accumulates in float32, where the reference would round the scaled weights to bf16 first.
-        expected = x[:rows].float() @ (model.weight.float() * model.scale[:, None]).T
-        _close(compiled(x[:rows].contiguous()), expected, torch.bfloat16)
+        plain, gated = compiled(x[:rows].contiguous(), gate_up[:rows].contiguous())
+        _close(plain, x[:rows].float() @ w.T, torch.bfloat16)
+        _close(gated, silu_times(*gate_up[:rows].chunk(2, dim=-1)).float() @ w.T, torch.bfloat16)

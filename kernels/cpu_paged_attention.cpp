@@ -1,0 +1,288 @@
+// llama_aot::paged_attention_cpu: kernels/paged_attention.py's op on the CPU, reading keys and
+// values where they lie in the paged cache. kernels/cpu_kernels.py builds and loads this file and
+// says why it exists; the arguments and the result are paged_attention_reference's.
+//
+// A decode step (one new token per sequence) streams each sequence's pages once per KV head:
+// every page's keys are scored against the query heads that share the head, softmax runs online
+// (running max and sum), and the values are accumulated in float32, so nothing is gathered or
+// copied and the cost is the bytes of context read. Long contexts are split into pieces that
+// threads take independently, then merged by their maxima and sums. Steps with several new tokens
+// per sequence (prefill chunks) gather the context and use the matmuls, as the reference does.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxGroup = 16;         // query heads per KV head
+constexpr int64_t kMaxBlock = 256;        // slots per cache block
+constexpr int64_t kKeysPerSplit = 512;    // context a thread takes at a time in a long sequence
+
+// e^x for x <= 0 and -inf (softmax's arguments), written so that a loop of it vectorises: 2^(x log2 e)
+// as a power of two times a degree-6 polynomial in the fraction (relative error ~2e-7). Arguments
+// below -87 give ~1e-38 rather than 0, which every use multiplies by a value that is then 0 or
+// negligible. libm's expf is a call per element and was a third of the decode loop.
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.0f) * 1.44269504f;
+  const float n = std::floor(t + 0.5f), f = t - n;
+  float p = 1.5403530e-4f;
+  p = p * f + 1.3333558e-3f;
+  p = p * f + 9.6181291e-3f;
+  p = p * f + 5.5504109e-2f;
+  p = p * f + 2.4022651e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+// A cached row widened to float32. e4m3 goes through a 256-entry table, which vectorises as a
+// gather; c10's conversion is a branchy function per element.
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i) value[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+  }
+};
+
+template <typename T>
+inline void widen_row(const T* src, float* dst, int64_t dim) {
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+}
+
+inline void widen_row(const c10::Float8_e4m3fn* src, float* dst, int64_t dim) {
+  static const Fp8Table table;
+  const uint8_t* bits = reinterpret_cast<const uint8_t*>(src);
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) dst[d] = table.value[bits[d]];
+}
+
+// One piece of one (sequence, KV head): queries `q` [group][head_dim] already scaled, keys
+// `[first, last)` of the sequence, a page at a time. Leaves the piece's maxima, sums and
+// unnormalised outputs. `Dim` is head_dim where it is one of the usual sizes, so that the loops over
+// it unroll into whole vectors; 0 reads it at run time.
+template <typename Cache, int64_t Dim>
+void attend_piece(const float* q, int64_t group, int64_t head_dim, const Cache* keys, const Cache* values,
+                  const int32_t* table, int64_t block_size, int64_t block_stride, int64_t slot_stride,
+                  int64_t first, int64_t last, float* max_out, float* sum_out, float* acc_out) {
+  const int64_t D = Dim > 0 ? Dim : head_dim;
+  alignas(64) float scores[kMaxGroup][kMaxBlock];
+  alignas(64) float row[Dim > 0 ? Dim : kMaxHeadDim];
+  for (int64_t g = 0; g < group; ++g) {
+    max_out[g] = -std::numeric_limits<float>::infinity();
+    sum_out[g] = 0.f;
+  }
+  std::fill(acc_out, acc_out + group * D, 0.f);
+  for (int64_t start = first; start < last;) {
+    const int64_t page = start / block_size, offset = start % block_size;
+    const int64_t count = std::min(block_size - offset, last - start);
+    const int64_t base = static_cast<int64_t>(table[page]) * block_stride + offset * slot_stride;
+    for (int64_t j = 0; j < count; ++j) {
+      widen_row(keys + base + j * slot_stride, row, D);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = q + g * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * row[d];
+        scores[g][j] = dot;
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float page_max = max_out[g];
+      for (int64_t j = 0; j < count; ++j) page_max = std::max(page_max, scores[g][j]);
+      const float rescale = exp_nonpositive(max_out[g] - page_max);  // ~0 for the first page
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < count; ++j) {
+        scores[g][j] = exp_nonpositive(scores[g][j] - page_max);
+        sum += scores[g][j];
+      }
+      sum_out[g] = sum_out[g] * rescale + sum;
+      max_out[g] = page_max;
+      float* acc = acc_out + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] *= rescale;
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      widen_row(values + base + j * slot_stride, row, D);
+      for (int64_t g = 0; g < group; ++g) {
+        float* acc = acc_out + g * D;
+        const float p = scores[g][j];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += p * row[d];
+      }
+    }
+    start += count;
+  }
+}
+
+// One call's arguments, and the sizes both paths read off them. `scale` has the K scale folded in.
+struct Step {
+  const at::Tensor &q, &kv_cache, &block_tables, &context_lens, &query_index, &positions;
+  int64_t layer;
+  double scale, v_scale;
+  int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  int64_t num_kv_heads = kv_cache.size(4), block_size = kv_cache.size(3);
+  int64_t batch = query_index.size(0), q_len = query_index.size(1), group = num_heads / num_kv_heads;
+};
+
+template <typename Query, typename Cache>
+at::Tensor decode_attention(const Step& a) {
+  const int64_t width = a.block_tables.size(1);
+  TORCH_CHECK(a.group <= kMaxGroup && a.block_size <= kMaxBlock && a.head_dim <= kMaxHeadDim,
+              "paged_attention_cpu: ", a.group, " query heads per KV head, blocks of ", a.block_size, " or head_dim ", a.head_dim,
+              " beyond this kernel's limits");
+  const auto attend = a.head_dim == 64 ? attend_piece<Cache, 64> : a.head_dim == 128 ? attend_piece<Cache, 128>
+                                                                                 : attend_piece<Cache, 0>;
+  // A block is [block_size, num_kv_heads, head_dim]: one slot's key for one head is head_dim
+  // contiguous values, and the next slot's for that head lies num_kv_heads * head_dim further on.
+  const int64_t slot_stride = a.num_kv_heads * a.head_dim, block_stride = a.block_size * slot_stride;
+  const Cache* keys = a.kv_cache.select(0, a.layer).select(0, 0).data_ptr<Cache>();
+  const Cache* values = a.kv_cache.select(0, a.layer).select(0, 1).data_ptr<Cache>();
+  const Query* q_ptr = a.q.data_ptr<Query>();
+  const int32_t* tables = a.block_tables.data_ptr<int32_t>();
+  const int32_t* lens = a.context_lens.data_ptr<int32_t>();
+  const int64_t* rows = a.query_index.data_ptr<int64_t>();
+  const int64_t* pos = a.positions.data_ptr<int64_t>();
+
+  // Keys each row attends to: causal (up to its position) and within its sequence's context.
+  std::vector<int64_t> visible(a.batch, 0);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    if (rows[b] < a.num_tokens) visible[b] = std::min<int64_t>(pos[rows[b]] + 1, lens[b]);
+    longest = std::max(longest, visible[b]);
+  }
+  const int64_t splits = std::max<int64_t>(1, (longest + kKeysPerSplit - 1) / kKeysPerSplit);
+  const int64_t items = a.batch * a.num_kv_heads * splits;
+  at::Tensor partial = at::empty({items, a.group, a.head_dim + 2}, a.q.options().dtype(at::kFloat));
+  float* part = partial.data_ptr<float>();
+  const int64_t part_stride = a.group * (a.head_dim + 2);
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    float q_scaled[kMaxGroup * kMaxHeadDim];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t split = item % splits, h = (item / splits) % a.num_kv_heads;
+      const int64_t b = item / (splits * a.num_kv_heads);
+      float* out = part + item * part_stride;  // [group] maxima, [group] sums, [group][head_dim] outputs
+      const int64_t first = split * kKeysPerSplit, last = std::min(visible[b], first + kKeysPerSplit);
+      if (first >= last) {
+        std::fill(out, out + a.group, -std::numeric_limits<float>::infinity());
+        std::fill(out + a.group, out + part_stride, 0.f);
+        continue;
+      }
+      const Query* qh = q_ptr + (rows[b] * a.num_heads + h * a.group) * a.head_dim;
+      for (int64_t i = 0; i < a.group * a.head_dim; ++i) q_scaled[i] = static_cast<float>(qh[i] * a.scale);
+      attend(q_scaled, a.group, a.head_dim, keys + h * a.head_dim, values + h * a.head_dim, tables + b * width,
+             a.block_size, block_stride, slot_stride, first, last, out, out + a.group, out + 2 * a.group);
+    }
+  });
+
+  at::Tensor result = at::zeros_like(a.q);
+  Query* res = result.data_ptr<Query>();
+  at::parallel_for(0, a.batch * a.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> merged(a.head_dim);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / a.num_kv_heads, h = bh % a.num_kv_heads;
+      if (visible[b] == 0) continue;
+      for (int64_t g = 0; g < a.group; ++g) {
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < splits; ++s) top = std::max(top, part[(bh * splits + s) * part_stride + g]);
+        float total = 0.f;
+        std::fill(merged.begin(), merged.end(), 0.f);
+        for (int64_t s = 0; s < splits; ++s) {
+          const float* piece = part + (bh * splits + s) * part_stride;
+          const float weight = std::exp(piece[g] - top);  // 0 for an empty piece
+          total += weight * piece[a.group + g];
+          const float* acc = piece + 2 * a.group + g * a.head_dim;
+          for (int64_t d = 0; d < a.head_dim; ++d) merged[d] += weight * acc[d];
+        }
+        Query* dst = res + (rows[b] * a.num_heads + h * a.group + g) * a.head_dim;
+        const float norm = static_cast<float>(a.v_scale) / total;
+        for (int64_t d = 0; d < a.head_dim; ++d) dst[d] = static_cast<Query>(merged[d] * norm);
+      }
+    }
+  });
+  return result;
+}
+
+// Several new tokens per sequence: the reference's matmuls over a gathered context.
+at::Tensor prefill_attention(const Step& a) {
+  const int64_t ctx = a.block_tables.size(1) * a.block_size;
+  const at::ScalarType dtype = a.kv_cache.element_size() == 1 ? a.q.scalar_type() : a.kv_cache.scalar_type();
+  const at::Tensor tables = a.block_tables.to(at::kLong).reshape({-1});
+  const at::Tensor k = a.kv_cache.select(0, a.layer).select(0, 0).index_select(0, tables).to(dtype)
+                           .reshape({a.batch, ctx, a.num_kv_heads, a.head_dim}).permute({0, 2, 3, 1});
+  const at::Tensor v = a.kv_cache.select(0, a.layer).select(0, 1).index_select(0, tables).to(dtype)
+                           .reshape({a.batch, ctx, a.num_kv_heads, a.head_dim}).transpose(1, 2);
+  const at::Tensor q_pad = at::cat({a.q, a.q.new_zeros({1, a.num_heads, a.head_dim})})
+                               .index_select(0, a.query_index.reshape(-1))
+                               .view({a.batch, a.q_len, a.num_kv_heads, a.group, a.head_dim}).permute({0, 2, 1, 3, 4})
+                               .reshape({a.batch, a.num_kv_heads, a.q_len * a.group, a.head_dim}).to(dtype);
+  at::Tensor scores =
+      at::matmul(q_pad, k).to(at::kFloat).view({a.batch, a.num_kv_heads, a.q_len, a.group, ctx}) * a.scale;
+  const at::Tensor q_pos = at::cat({a.positions, a.positions.new_zeros({1})})
+                               .index_select(0, a.query_index.reshape(-1)).view({a.batch, a.q_len});
+  const at::Tensor key_pos = at::arange(ctx, a.positions.options());
+  const at::Tensor visible = key_pos.le(q_pos.unsqueeze(-1)).logical_and(
+      key_pos.lt(a.context_lens.to(at::kLong).view({a.batch, 1, 1})));
+  scores = scores.masked_fill(visible.logical_not().view({a.batch, 1, a.q_len, 1, ctx}),
+                              -std::numeric_limits<float>::infinity());
+  const at::Tensor probs = at::softmax(scores, -1).to(dtype).view({a.batch, a.num_kv_heads, a.q_len * a.group, ctx});
+  at::Tensor out = at::matmul(probs, v);
+  if (a.v_scale != 1.0) out = (out.to(at::kFloat) * a.v_scale).to(dtype);
+  out = out.view({a.batch, a.num_kv_heads, a.q_len, a.group, a.head_dim}).permute({0, 2, 1, 3, 4})
+            .reshape({a.batch * a.q_len, a.num_heads, a.head_dim}).to(a.q.scalar_type());
+  return a.q.new_zeros({a.num_tokens + 1, a.num_heads, a.head_dim}).index_copy(0, a.query_index.reshape(-1), out)
+      .narrow(0, 0, a.num_tokens);
+}
+
+double scalar_or_one(const std::optional<at::Tensor>& s) { return s.has_value() ? s->item<double>() : 1.0; }
+
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer,
+                               const at::Tensor& block_tables, const at::Tensor& context_lens,
+                               const at::Tensor& query_index, const at::Tensor& positions, double scale,
+                               const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  TORCH_CHECK(kv_cache.is_contiguous() && q.is_contiguous(), "paged_attention_cpu: q and the cache must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
+              query_index.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+              "paged_attention_cpu: int32 block tables and context lengths, int64 query index and positions");
+  const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  const at::Tensor rows = query_index.contiguous(), pos = positions.contiguous();
+  const Step step{q, kv_cache, tables, lens, rows, pos, layer, scale * scalar_or_one(k_scale), scalar_or_one(v_scale)};
+  if (step.q_len != 1) return prefill_attention(step);
+  const auto run = [&](auto query_tag, auto cache_tag) {
+    using Query = decltype(query_tag);
+    using Cache = decltype(cache_tag);
+    return decode_attention<Query, Cache>(step);
+  };
+  const auto with_cache = [&](auto query_tag) {
+    switch (kv_cache.scalar_type()) {
+      case at::kFloat: return run(query_tag, float{});
+      case at::kBFloat16: return run(query_tag, c10::BFloat16{});
+      case at::kHalf: return run(query_tag, c10::Half{});
+      case at::kFloat8_e4m3fn: return run(query_tag, c10::Float8_e4m3fn{});
+      default: TORCH_CHECK(false, "paged_attention_cpu: unsupported cache dtype ", kv_cache.scalar_type());
+    }
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: return with_cache(float{});
+    case at::kBFloat16: return with_cache(c10::BFloat16{});
+    case at::kHalf: return with_cache(c10::Half{});
+    default: TORCH_CHECK(false, "paged_attention_cpu: unsupported query dtype ", q.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llama_aot, CPU, m) { m.impl("paged_attention_cpu", &paged_attention_cpu); }
