@@ -167,9 +167,15 @@ class Engine:
         self._commands.wake.set()
 
     def start(self) -> "Engine":
+        """The engine loop on a thread of its own."""
         self._thread = threading.Thread(target=self._loop, name="llama-aot-engine", daemon=True)
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """The engine loop on the calling thread, until `shutdown()` from another: llama-serve runs
+        it on the main thread (serve/cli.py says why)."""
+        self._loop()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stops after the step in flight; requests still running get finish_reason "abort"."""

@@ -187,7 +187,6 @@ def _load_and_serve(args, config, runtime: RuntimeConfig, capturable: bool, work
     engine = Engine(runner, tokenizer)
     engine_s = time.perf_counter() - engine_start
     warmup = runner.warmup()
-    engine.start()
     # The grammar compiler reads the vocabulary once (~1.7 s for Llama 3's): before the first
     # structured-output request, not during it.
     threading.Thread(target=engine.structured.warm_up, name="grammar-warm-up", daemon=True).start()
@@ -211,8 +210,8 @@ def _load_and_serve(args, config, runtime: RuntimeConfig, capturable: bool, work
     app = create_app(engine, template, config)
 
     class Server(uvicorn.Server):
-        """Stops the engine once uvicorn has drained its connections. uvicorn then re-raises the
-        signal, so a SIGTERM'd server exits as terminated by SIGTERM, as supervisors expect."""
+        """Stops the engine once uvicorn has drained its connections (`_serve` then re-raises the
+        signal, so a SIGTERM'd server exits as terminated by SIGTERM, as supervisors expect)."""
 
         async def shutdown(self, sockets=None):
             await super().shutdown(sockets)
@@ -248,11 +247,54 @@ def main(argv=None) -> int:
         failures.report(str(e))
         return 2
     failures.server = server
+    return _serve(server, engine) or (1 if failures.failed else 0)
+
+
+def _serve(server, engine) -> int | None:
+    """Runs the engine loop on this, the main, thread and uvicorn on another; returns uvicorn's
+    exit status if it could not start.
+
+    Why this way round: on the CPU every op of a step is an OpenMP parallel region, and libgomp
+    throttles the spinning of its idle threads to almost nothing once it manages more threads
+    than there are cores. A second thread that runs regions (the engine's, beside the main
+    thread's pool from loading and warm-up) crosses that line on a 2-core machine, and every
+    region then pays a futex wake-up: the int8 default's step ran 11.6 ms on the main thread and
+    27 ms on another (docs/cpu.md). uvicorn only listens for signals on the main thread, so this
+    thread takes SIGINT and SIGTERM for it and, once it has drained, re-raises them, so that a
+    SIGTERM'd server still exits as terminated by SIGTERM."""
+    import signal
+
+    startup_failure: list[int] = []
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        except SystemExit as e:  # uvicorn's start-up failure
+            startup_failure.append(e.code)
+        finally:
+            engine.shutdown()  # also when uvicorn stopped on its own
+
+    captured: list[int] = []
+
+    def on_signal(sig, frame) -> None:
+        captured.append(sig)
+        server.handle_exit(sig, frame)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    http = threading.Thread(target=serve_http, name="http")
+    http.start()
     try:
-        server.run()
+        engine.run()
     finally:
+        server.should_exit = True  # the engine stopped first only if it failed
         engine.shutdown()
-    return 1 if failures.failed else 0
+        http.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for sig in reversed(captured):
+        signal.raise_signal(sig)
+    return startup_failure[0] if startup_failure else None
 
 
 if __name__ == "__main__":
