@@ -142,7 +142,9 @@ def _start_ranks(args, failures: RankFailures):
 
 def build_server(args, failures: RankFailures | None = None):
     """Loads everything and returns (uvicorn server, engine); raises the user-facing errors.
-    `failures` hears of a rank that fails, if the artifact has more than one."""
+    The engine is not running yet: `main` runs it on this thread (`_serve` says why), a test can
+    `start()` it on a thread of its own. `failures` hears of a rank that fails, if the artifact
+    has more than one."""
     from llama_aot.artifacts.pull import resolve_artifact
     from llama_aot.serve.app import ServeConfig
 

@@ -15,6 +15,7 @@ def fuzz_app(llama31_artifact):
     server, engine = build_server(parse_args([str(llama31_artifact), "--port", str(free_port()),
                                               "--tool-call-parser", "llama3", "--context-length", "256",
                                               "--kv-cache-blocks", "64"]))
+    engine.start()
     yield server.config.app
     engine.shutdown()
 
