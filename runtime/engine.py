@@ -136,7 +136,8 @@ class Engine:
         self._pending: list[_Pending] = []
         self._commands = _Commands()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()  # clear while the loop runs, on whichever thread
+        self._idle.set()
         self.stats = EngineStats(kv_blocks_total=runtime.num_blocks - 1)
         self._logged = (time.monotonic(), 0, 0, 0)  # when, tokens sent, verify steps, accepted drafts
         self._tokens_sent = 0
@@ -168,23 +169,29 @@ class Engine:
 
     def start(self) -> "Engine":
         """The engine loop on a thread of its own."""
-        self._thread = threading.Thread(target=self._loop, name="llama-aot-engine", daemon=True)
-        self._thread.start()
+        self._idle.clear()
+        threading.Thread(target=self._run_loop, name="llama-aot-engine", daemon=True).start()
         return self
 
     def run(self) -> None:
         """The engine loop on the calling thread, until `shutdown()` from another: llama-serve runs
         it on the main thread (serve/cli.py says why)."""
-        self._loop()
+        self._idle.clear()
+        self._run_loop()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stops after the step in flight; requests still running get finish_reason "abort"."""
         self._stop.set()
         self._commands.wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._idle.wait(timeout)
 
     # ---- engine thread -----------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._idle.set()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_commands()

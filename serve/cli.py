@@ -290,7 +290,6 @@ def _serve(server, engine) -> int | None:
         engine.run()
     finally:
         server.should_exit = True  # the engine stopped first only if it failed
-        engine.shutdown()
         http.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
