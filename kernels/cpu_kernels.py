@@ -34,19 +34,21 @@ from pathlib import Path
 
 import torch
 
+from llama_aot.artifacts.local_cache import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.cpp")
-OPS = ("llama_aot::paged_attention_cpu",)
+OP = "llama_aot::paged_attention_cpu"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 
 torch.library.define(
-    "llama_aot::paged_attention_cpu",
+    OP,
     "(Tensor q, Tensor kv_cache, int layer, Tensor block_tables, Tensor context_lens, Tensor query_index, "
     "Tensor positions, float scale, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor")
 
 
-@torch.library.register_fake("llama_aot::paged_attention_cpu")
+@torch.library.register_fake(OP)
 def _paged_attention_cpu_fake(q, kv_cache, layer, block_tables, context_lens, query_index, positions, scale,
                               k_scale=None, v_scale=None):
     return torch.empty_like(q)
@@ -73,8 +75,7 @@ def _compiler() -> str | None:
 def library_path(compiler: str) -> Path:
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(),
                                      " ".join(FLAGS).encode()])).hexdigest()[:16]
-    root = Path(os.environ.get("LLAMA_AOT_CACHE") or Path.home() / ".cache" / "llama-aot")
-    return root / "cpu-kernels" / f"llama_aot_cpu_{key}.so"
+    return cache_root() / "cpu-kernels" / f"llama_aot_cpu_{key}.so"
 
 
 def _build(compiler: str, out: Path) -> None:
@@ -142,11 +143,10 @@ def available() -> bool:
 
 
 def called_by(package: Path) -> bool:
-    """Whether an AOTInductor package calls one of these kernels: its wrapper's JSON lists the ops
-    it runs through the dispatcher."""
+    """Whether an AOTInductor package calls the C++ attention: its wrapper's JSON lists the ops it
+    runs through the dispatcher."""
     try:
         with zipfile.ZipFile(package) as z:
-            return any(op.encode() in z.read(name) for name in z.namelist() if name.endswith(".wrapper.json")
-                       for op in OPS)
+            return any(OP.encode() in z.read(name) for name in z.namelist() if name.endswith(".wrapper.json"))
     except (OSError, zipfile.BadZipFile):
         return False  # not a package: the loader that follows says so

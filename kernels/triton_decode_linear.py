@@ -185,25 +185,25 @@ def launch_decode_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     scaled = weight_scale is not None
     scale = weight_scale if scaled else out  # never read unless scaled: any tensor stands in
     rows = x.shape[0]
-    gate, single_row_up = x, (up if up is not None else x)  # likewise, unless gated
-    if up is not None:
-        activation = torch.empty(rows, k, dtype=x.dtype, device=x.device)
+    gated = up is not None
+    tile_input = x  # what the tensor-core kernels multiply: x, or with `up` the activation
+    if gated:
+        tile_input = torch.empty(rows, k, dtype=x.dtype, device=x.device)
         wrap_triton(_silu_times_kernel)[(rows * (1 - 1 // rows) * triton.cdiv(k, SILU_BLOCK),)](
-            x, up, activation, x.stride(0), up.stride(0), K=k, BLOCK=SILU_BLOCK)
-        x = activation
+            x, up, tile_input, x.stride(0), up.stride(0), K=k, BLOCK=SILU_BLOCK)
 
     def tensor_core_tile(block_m: int, block_n: int, block_k: int, row_blocks: int, band: int) -> None:
         """The band's programs: `row_blocks` adjacent ones per column tile, none unless band is 1."""
         wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, block_n) * row_blocks * band,)](
-            x, weight, scale, out, rows, x.stride(0), out.stride(0), N=n, K=k,
+            tile_input, weight, scale, out, rows, tile_input.stride(0), out.stride(0), N=n, K=k,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k * 2 // weight.element_size(), SCALED=scaled,
             WEIGHT_FIRST=tiles.weight_first, ROW_BLOCKS=row_blocks, num_stages=tiles.num_stages, num_warps=tiles.num_warps)
 
     up_to_max_rows = 1
     if tiles.row_block_n:
         wrap_triton(_single_row_kernel)[(triton.cdiv(n, tiles.row_block_n) * (1 // rows),)](
-            gate, weight, scale, out, single_row_up, N=n, K=k, BLOCK_N=tiles.row_block_n,
-            BLOCK_K=tiles.row_block_k, SCALED=scaled, GATED=up is not None, num_stages=1, num_warps=tiles.num_warps)
+            x, weight, scale, out, up if gated else x, N=n, K=k, BLOCK_N=tiles.row_block_n,  # x: never read ungated
+            BLOCK_K=tiles.row_block_k, SCALED=scaled, GATED=gated, num_stages=1, num_warps=tiles.num_warps)
         up_to_max_rows = (rows + MAX_ROWS - 2) // MAX_ROWS  # 0 at one row
     if scaled:
         up_to_max_rows = up_to_max_rows * ((MAX_ROWS // rows + MAX_ROWS - 1) // MAX_ROWS)
