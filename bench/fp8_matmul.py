@@ -111,9 +111,9 @@ def main(argv=None) -> int:
         swept = [r for name in args.shapes.split(",") for n_rows in rows for r in sweep_tiles(name, n_rows)]
         print(save_results("fp8-tiles", [{"device": device, "git_sha": sha, **r} for r in swept], args.out_dir))
         return 0
-    checks = {rows: check_modes(rows) for rows in (1, 5, MAX_ROWS)}
-    for rows, errors in checks.items():
-        print(f"check at {rows} rows: " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
+    checks = {n_rows: check_modes(n_rows) for n_rows in (1, 5, MAX_ROWS)}
+    for n_rows, errors in checks.items():
+        print(f"check at {n_rows} rows: " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
     results = [r for name in args.shapes.split(",") for r in time_shape(name, rows)]
     print(save_results("fp8-matmul", [{"device": device, "git_sha": sha, "checks": checks, **r} for r in results],
                        args.out_dir))
