@@ -82,8 +82,16 @@ def write_random_checkpoint(out: Path, num_layers: int | None = None, seed: int 
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000,
                                                             "eos_token_id": [128001, 128008, 128009]}))
-    (out / "tokenizer.json").write_text(tokenizer.read_text() if tokenizer else _tokenizer_json())
+    write_tokenizer(out, tokenizer)
     return out
+
+
+def write_tokenizer(out: Path, tokenizer: Path | None) -> None:
+    """`tokenizer` (a tokenizer.json) into the checkpoint `out`, with the tokenizer_config.json
+    beside it if there is one, for its chat template; without one, the byte-level stand-in."""
+    (out / "tokenizer.json").write_text(tokenizer.read_text() if tokenizer else _tokenizer_json())
+    if tokenizer and (config := tokenizer.with_name("tokenizer_config.json")).is_file():
+        (out / "tokenizer_config.json").write_text(config.read_text())
 
 
 def main(argv=None):
@@ -91,7 +99,8 @@ def main(argv=None):
     p.add_argument("out", type=Path)
     p.add_argument("--layers", type=int, help="fewer layers than 32, for quick iterations")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", type=Path, help="a tokenizer.json to ship instead of the byte-level stand-in")
+    p.add_argument("--tokenizer", type=Path, help="a tokenizer.json to ship instead of the byte-level stand-in "
+                   "(with the tokenizer_config.json beside it, if there is one: the chat template)")
     args = p.parse_args(argv)
     write_random_checkpoint(args.out, args.layers, device=args.device, tokenizer=args.tokenizer)
     print(args.out)
