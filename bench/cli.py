@@ -7,6 +7,7 @@
         [--output-file F.jsonl] [--plot]
     llama-bench sweep [--host H --port P | --base-url URL] [--tokenizer DIR] [--scale F] [--scenarios A,B] [--plot]
     llama-bench accuracy --artifact DIR (--checkpoint HF_DIR | --baseline ARTIFACT_DIR)
+    llama-bench cpu [--artifact artifacts/default] [--checkpoint HF_DIR] [--new-tokens 128]
 
 `serve` takes SGLang bench_serving's flags: `python -m sglang.bench_serving ARGS` runs here as
 `llama-bench serve ARGS`; docs/serving.md lists where its defaults differ.
@@ -144,6 +145,15 @@ def parse_args(argv):
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--dataset-path", type=Path)
     a.add_argument("--out-dir", type=Path)
+
+    c = sub.add_parser("cpu", help="the embedded default on this CPU: HF eager float32, the program alone at "
+                       "contexts 128 and 8192, and llama-serve streaming, in one run")
+    c.add_argument("--artifact", type=Path, default=Path("artifacts/default"),
+                   help="a CPU artifact (default: artifacts/default, what `make serve` builds)")
+    c.add_argument("--checkpoint", type=Path,
+                   help="the HF checkpoint it was built from (default: the embedded default's)")
+    c.add_argument("--new-tokens", type=_positive_int, default=128)
+    c.add_argument("--out-dir", type=Path)
     return p.parse_args(argv)
 
 
@@ -402,12 +412,36 @@ def run_accuracy(args) -> int:
     return 0
 
 
+def run_cpu(args) -> int:
+    from llama_aot.artifacts.errors import ArtifactError
+    from llama_aot.artifacts.manifest import checked_manifest
+    from llama_aot.bench.cpu_default import run
+    from llama_aot.bench.datasets import BenchInputError
+    from llama_aot.bench.results import save_results
+
+    try:
+        if checked_manifest(args.artifact)[1] != "cpu":
+            raise BenchInputError(f"{args.artifact}: not a CPU artifact; `llama-bench cpu` measures the CPU build")
+    except ArtifactError as e:
+        raise BenchInputError(str(e)) from None
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from llama_aot.compiler.gguf_import import default_checkpoint
+
+        checkpoint = default_checkpoint()
+    if not (checkpoint / "config.json").is_file():
+        raise BenchInputError(f"{checkpoint}: not an HF checkpoint (no config.json)")
+    print(save_results("cpu-default", [run(args.artifact, checkpoint, args.new_tokens)], args.out_dir))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from llama_aot.bench.datasets import BenchInputError
 
     try:
-        return {"decode": run_decode, "serve": run_serve, "sweep": run_sweep, "accuracy": run_accuracy}[args.command](args)
+        return {"decode": run_decode, "serve": run_serve, "sweep": run_sweep, "accuracy": run_accuracy,
+                "cpu": run_cpu}[args.command](args)
     except BenchInputError as e:
         print(f"llama-bench: error: {e}", file=sys.stderr)
         return 2

@@ -44,7 +44,9 @@ def parse_args(argv):
     p.add_argument("--speculative-draft-model-path", type=Path, metavar="DIR",
                    help="an EAGLE-3 head for this model, in the Hugging Face layout SGLang and vLLM load")
     p.add_argument("--speculative-num-steps", type=int, default=3, help="tokens drafted per step (default: 3)")
-    p.add_argument("--dtype", choices=SUPPORTED_DTYPES, help=f"compute dtype (default: {by_target('dtype')})")
+    p.add_argument("--dtype", choices=SUPPORTED_DTYPES,
+                   help=f"compute dtype (default: {by_target('dtype')}; without --dtype, --int8 or --fp8 a CPU "
+                        "with AVX-512 builds --int8)")
     p.add_argument("--max-num-tokens", type=int,
                    help=f"largest number of tokens in one step (default: {by_target('max_num_tokens')})")
     p.add_argument("--max-num-seqs", type=int,
@@ -79,6 +81,12 @@ def main(argv=None) -> int:
         check_build_machine(build)
 
         checkpoint = args.model if args.model is not None else default_checkpoint()
+        if not (args.fp8 or args.int8 or args.dtype):
+            from llama_aot.compiler.machine_default import machine_default
+
+            build, choice = machine_default(build, checkpoint)
+            if choice:
+                print(f"[llama-compile] {choice}", file=sys.stderr)
         quantized = ("" if build.weight_quant == "none" else f"-{build.weight_quant}") + \
             ("-kv-fp8" if build.kv_dtype == FP8_KV else "")
         out = args.output or Path("artifacts") / f"{checkpoint.name.lower()}-{build.target}-{build.dtype}{quantized}"

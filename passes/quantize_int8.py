@@ -57,5 +57,6 @@ def quantize_int8(ep, ctx: PassContext) -> PassResult:
         editor.graph.erase_node(node)
         quantized.append(name)
     record = {"weights": "int8", "weight_scale": "per output channel", "matmul": "aten._weight_int8pack_mm",
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX512: its vectorized kernel
               "lm_head": LM_HEAD in quantized, "lm_head_tied_copy": tied_head, "matmuls": len(quantized)}
     return PassResult(editor.finish(), len(quantized), editor.new_weights, record if quantized else {})

@@ -27,7 +27,9 @@ _SESSION_CACHE: list[str] = []  # the build cache this session made, if it made 
 # Fixture name -> (artifact directory name, which the server serves it as; llama-compile flags)
 # for the embedded default model.
 BACKGROUND_BUILDS = {
-    "smollm2_artifact": ("smollm2", []),  # llama-compile's defaults, as `make serve` builds it
+    # float32, which the tests compare with HF token for token
+    "smollm2_artifact": ("smollm2", ["--dtype", "float32"]),
+    "smollm2_default": ("smollm2-default", []),  # llama-compile's default for this machine, as `make serve` builds it
     "fp8_default": ("smollm2-fp8-kv-fp8", ["--fp8", "--fp8-ignore", "gate_up_proj", "--kv-cache-dtype", "fp8_e4m3"]),
 }
 _BACKGROUND: dict[str, tuple[subprocess.Popen, Path]] = {}
@@ -178,14 +180,28 @@ def smollm2_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(smollm2_checkpoint, tmp_path_factory) -> Path:
-    """The embedded default, built with llama-compile's defaults, as `make serve` builds it."""
+    """The embedded default in float32 (`--dtype float32`): the build the tests compare with HF token
+    for token. `make serve` builds smollm2_default's."""
     from llama_aot.artifacts.config import BuildConfig
     from llama_aot.compiler.build import build_artifact
 
     if (built := background_artifact("smollm2_artifact")) is not None:
         return built
     out = tmp_path_factory.mktemp("artifacts") / "smollm2"
-    build_artifact(smollm2_checkpoint, BuildConfig(), out)
+    build_artifact(smollm2_checkpoint, BuildConfig(dtype="float32"), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_default(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """The embedded default as `make serve` builds it on this machine: llama-compile without flags
+    (--int8 where the CPU has AVX-512, compiler/machine_default.py)."""
+    from llama_aot.compiler.cli import main
+
+    if (built := background_artifact("smollm2_default")) is not None:
+        return built
+    out = tmp_path_factory.mktemp("artifacts") / "smollm2-default"
+    assert main(["--model", str(smollm2_checkpoint), "-o", str(out)]) == 0
     return out
 
 

@@ -147,7 +147,7 @@ def test_success_prints_the_summary_with_the_build_time(capsys, tiny_checkpoint,
     from conftest import TINY_BUILD
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_BUILD.items()]
-    assert main(["--model", str(tiny_checkpoint), *flags, "-o", str(tmp_path / "tiny")]) == 0
+    assert main(["--model", str(tiny_checkpoint), *flags, "--dtype", "float32", "-o", str(tmp_path / "tiny")]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(f"{tmp_path / 'tiny'}: cpu ") and "fuse_qkv=2" in last
     assert re.search(r"; built in \d+\.\d s$", last), last

@@ -21,7 +21,7 @@ def _step(case, gen):
     return build_step_inputs(chunks, BLOCK)
 
 
-@pytest.mark.parametrize("head_dim", [16, 64])  # 64: the loops specialised for a common head size
+@pytest.mark.parametrize("head_dim", [16, 64, 128])  # 64, 128: the loops specialised for common head sizes
 @pytest.mark.parametrize("query_dtype,cache_dtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float8_e4m3fn)])
 @pytest.mark.parametrize("case", [

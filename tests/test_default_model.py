@@ -1,6 +1,7 @@
-"""The embedded default, SmolLM2-135M-Instruct, compiled with llama-compile's defaults: its pass
-report, its verification, and greedy parity with HF transformers' `generate` on the same
-dequantized weights (fp32), token for token."""
+"""The embedded default, SmolLM2-135M-Instruct, compiled in float32 (`--dtype float32`; what
+`make serve` builds on this machine is tested in test_machine_default.py): its pass report, its
+verification, and greedy parity with HF transformers' `generate` on the same dequantized weights
+(fp32), token for token."""
 
 import pytest
 import torch
