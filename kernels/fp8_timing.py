@@ -35,7 +35,7 @@ def time_modes(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]
     copies = max(1, -(-STREAMED_BYTES // (n * k)))
     weights = [torch.randn(n, k, device="cuda", generator=gen).to(FP8) for _ in range(copies)]
     scale = torch.rand(n, device="cuda", generator=gen) + 0.5
-    compiled = {mode: _compiled(mode) for mode in MODES}
+    compiled = {mode: compiled_mode(mode) for mode in MODES}
     times = {}
     with torch._dynamo.config.patch(recompile_limit=64):  # a variant per mode, static at 1 row and dynamic
         for r in rows:
@@ -50,7 +50,7 @@ def time_modes(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]
     return times
 
 
-def _compiled(mode: str):
+def compiled_mode(mode: str):
     """fp8_linear in `mode`, compiled by Inductor as the artifact's program is."""
     def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, weight, scale, mode)

@@ -208,11 +208,11 @@ def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
 def test_the_modes_are_timed_as_inductor_compiles_them_and_compute_the_same():
     """kernels/fp8_timing.py times each mode compiled (Inductor fuses the per-token quantization
     into one kernel); compiled with a dynamic row count, each mode still computes the op's product."""
-    from llama_aot.kernels.fp8_timing import _compiled
+    from llama_aot.kernels.fp8_timing import compiled_mode
 
     q, scale = quantize_rows(torch.randn(32, 64))
     for mode in MODES:
-        matmul = _compiled(mode)
+        matmul = compiled_mode(mode)
         for rows in (3, 7):
             x = torch.randn(rows, 64).to(torch.bfloat16)
             torch._dynamo.mark_dynamic(x, 0)
