@@ -61,7 +61,7 @@ def test_every_decoder_matmul_and_the_tied_lm_head_become_int8_and_the_embedding
     assert sd[TIED_HEAD_COPY].dtype == torch.int8 and sd["lm_head.weight"].dtype == torch.bfloat16
     assert result.record == {"weights": "int8", "weight_scale": "per output channel",
                              "matmul": "aten._weight_int8pack_mm", "lm_head": True, "lm_head_tied_copy": True,
-                             "matmuls": 4 * LAYERS + 1}
+                             "matmuls": 4 * LAYERS + 1, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def test_the_int8_program_is_the_model_with_rounded_weights(tied):
