@@ -41,6 +41,9 @@ def machine_default(build: BuildConfig, checkpoint: Path) -> tuple[BuildConfig, 
     if capability not in INT8_CAPABILITIES:
         return build, (f"this CPU's vector ISA is {capability}, where torch's int8 matmul is not vectorized: "
                        f"building in {build.dtype}")
-    int8 = dataclasses.replace(build, weight_quant="int8", dtype=None, passes=None)
+    # The KV cache follows the new dtype as `--kv-cache-dtype auto` does (build.kv_dtype holds the
+    # float32 that auto resolved to); an FP8 cache stays FP8.
+    kv_dtype = "auto" if build.kv_dtype == build.dtype else build.kv_dtype
+    int8 = dataclasses.replace(build, weight_quant="int8", dtype=None, kv_dtype=kv_dtype, passes=None)
     return int8, (f"this CPU has {capability}: building --int8 (int8 weights, {int8.dtype} activations), "
                   "its fastest format here; --dtype float32 builds float32")

@@ -28,8 +28,11 @@ def tiny(tmp_path_factory):
 def test_an_avx512_cpu_builds_int8_with_bfloat16_activations(tiny, monkeypatch):
     monkeypatch.setattr(md, "cpu_capability", lambda: "AVX512")
     build, line = md.machine_default(BuildConfig(), tiny)
-    assert (build.weight_quant, build.dtype, build.passes[-1]) == ("int8", "bfloat16", "quantize_int8")
+    assert build == BuildConfig(weight_quant="int8")  # exactly what `llama-compile --int8` builds
+    assert (build.dtype, build.kv_dtype, build.passes[-1]) == ("bfloat16", "bfloat16", "quantize_int8")
     assert "AVX512" in line and "--dtype float32" in line
+    fp8_kv, _ = md.machine_default(BuildConfig(kv_dtype="fp8_e4m3"), tiny)
+    assert fp8_kv == BuildConfig(weight_quant="int8", kv_dtype="fp8_e4m3")
 
 
 def test_other_cpus_and_other_builds_keep_what_they_asked_for(tiny, monkeypatch):
@@ -53,7 +56,7 @@ def test_a_dtype_on_the_command_line_builds_that_dtype(tiny, tmp_path, monkeypat
 def test_the_default_build_is_int8_where_the_cpu_has_avx512(smollm2_default):
     manifest = read_manifest(smollm2_default)
     if md.cpu_capability() in md.INT8_CAPABILITIES:
-        assert (manifest.build.weight_quant, manifest.build.dtype) == ("int8", "bfloat16")
+        assert (manifest.build.weight_quant, manifest.build.dtype, manifest.build.kv_dtype) == ("int8", "bfloat16", "bfloat16")
         assert manifest.quantization["quantize_int8"]["cpu_capability"] == md.cpu_capability()
     else:
         assert (manifest.build.weight_quant, manifest.build.dtype) == ("none", "float32")
