@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import platform
-import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -78,14 +73,6 @@ with `new_tokens` more is cut to the longest it can (SmolLM2's 8192 to 8064)."""
             for c in fits for r in measure_decode([artifact], 1, c, new_tokens, False, bandwidth)}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ready(base_url: str) -> bool:
     try:
         with urllib.request.urlopen(base_url + "/health", timeout=5) as response:
@@ -99,29 +86,21 @@ def served_ms(artifact_dir: Path, new_tokens: int) -> dict:
     from tokenizers import Tokenizer
 
     from llama_aot.bench.datasets import BenchInputError, BenchRequest
+    from llama_aot.bench.server_process import ServerProcess
     from llama_aot.bench.serving import ServeConfig, compute_metrics, run_benchmark
 
-    port = _free_port()
-    exe = shutil.which("llama-serve", path=os.path.dirname(sys.executable)) or "llama-serve"
-    server = subprocess.Popen([exe, str(artifact_dir), "--port", str(port), "--log-level", "warning"],
-                              stderr=subprocess.PIPE, text=True)
-    base_url = f"http://127.0.0.1:{port}"
+    server = ServerProcess([str(artifact_dir)])
     try:
-        while not _ready(base_url):
-            if server.poll() is not None:
-                raise BenchInputError(f"llama-serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
+        while not _ready(server.base_url):
+            if (failure := server.failure()) is not None:
+                raise BenchInputError(failure[-2000:])
             time.sleep(0.2)
         tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
         requests = [BenchRequest(p, len(tokenizer.encode(p).ids), new_tokens) for p in SERVED_PROMPTS]
-        outcome = asyncio.run(run_benchmark(ServeConfig(base_url, backend="openai-chat", max_concurrency=1),
+        outcome = asyncio.run(run_benchmark(ServeConfig(server.base_url, backend="openai-chat", max_concurrency=1),
                                             requests))
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.communicate()
+        server.stop()
     metrics = compute_metrics(outcome.results, outcome.duration_s)
     if metrics.failed:
         raise BenchInputError(f"the served requests failed: {metrics.failures}")

@@ -8,21 +8,12 @@ server's own start-up line and the elapsed seconds, then stops the server with S
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from llama_aot.bench.server_process import ServerProcess
 
 
 def _first_token(base_url: str) -> bool:
@@ -40,25 +31,17 @@ def main(argv=None) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    port = _free_port()
-    exe = shutil.which("llama-serve", path=os.path.dirname(sys.executable)) or "llama-serve"
     start = time.perf_counter()
-    proc = subprocess.Popen([exe, *argv, "--port", str(port), "--log-level", "warning"], stderr=subprocess.PIPE,
-                            text=True)
+    server = ServerProcess(argv)
     try:
-        while not _first_token(f"http://127.0.0.1:{port}"):
-            if proc.poll() is not None:
-                print(f"llama-serve exited with {proc.returncode}: {proc.stderr.read()}", file=sys.stderr)
+        while not _first_token(server.base_url):
+            if (failure := server.failure()) is not None:
+                print(failure, file=sys.stderr)
                 return 1
             time.sleep(0.1)
         elapsed = time.perf_counter() - start
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err = server.stop()
     print("\n".join(line for line in err.splitlines() if line.startswith("llama-serve:")))
     print(f"first token {elapsed:.1f} s after launching llama-serve")
     return 0
