@@ -51,6 +51,24 @@ inline float exp_nonpositive(float x) {
   return p * two_n;
 }
 
+// One page of scores through the online softmax: `scores[0, count)` become their exponentials
+// against the running maximum, which moves to include them, and their sum joins the running sum.
+// Returns the factor the row's accumulated outputs must be rescaled by (~0 for the first page).
+inline float softmax_page(float* scores, int64_t count, float& running_max, float& running_sum) {
+  float page_max = running_max;
+  for (int64_t j = 0; j < count; ++j) page_max = std::max(page_max, scores[j]);
+  const float rescale = exp_nonpositive(running_max - page_max);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < count; ++j) {
+    scores[j] = exp_nonpositive(scores[j] - page_max);
+    sum += scores[j];
+  }
+  running_sum = running_sum * rescale + sum;
+  running_max = page_max;
+  return rescale;
+}
+
 // A cached row widened to float32. e4m3 goes through a 256-entry table, which vectorises as a
 // gather; c10's conversion is a branchy function per element.
 struct Fp8Table {
@@ -115,17 +133,7 @@ void attend_piece(const float* q, int64_t group, int64_t head_dim, const Cache* 
       }
     }
     for (int64_t g = 0; g < group; ++g) {
-      float page_max = max_out[g];
-      for (int64_t j = 0; j < count; ++j) page_max = std::max(page_max, scores[g][j]);
-      const float rescale = exp_nonpositive(max_out[g] - page_max);  // ~0 for the first page
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < count; ++j) {
-        scores[g][j] = exp_nonpositive(scores[g][j] - page_max);
-        sum += scores[g][j];
-      }
-      sum_out[g] = sum_out[g] * rescale + sum;
-      max_out[g] = page_max;
+      const float rescale = softmax_page(scores[g], count, max_out[g], sum_out[g]);
       float* acc = acc_out + g * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) acc[d] *= rescale;
@@ -192,18 +200,7 @@ void attend_slots_avx512(const float* q, int64_t heads, int64_t group, const Cac
     }
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t g = 0; g < group; ++g) {
-        float* row = scores + (h * group + g) * kMaxBlock;
-        float page_max = row_max(h, g);
-        for (int64_t j = 0; j < count; ++j) page_max = std::max(page_max, row[j]);
-        const float rescale = exp_nonpositive(row_max(h, g) - page_max);  // ~0 for the first page
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < count; ++j) {
-          row[j] = exp_nonpositive(row[j] - page_max);
-          sum += row[j];
-        }
-        row_sum(h, g) = row_sum(h, g) * rescale + sum;
-        row_max(h, g) = page_max;
+        const float rescale = softmax_page(scores + (h * group + g) * kMaxBlock, count, row_max(h, g), row_sum(h, g));
         float* acc = row_acc(h, g);
         const __m512 r = _mm512_set1_ps(rescale);
         for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(acc + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * v), r));
