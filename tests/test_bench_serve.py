@@ -2,9 +2,11 @@
 (stopped, garbage SSE, non-200) that must end in a printed summary, bench_serving's command lines
 and result table, and small live runs against the embedded default (served under the name SGLang's
 Llama 3.1 docs benchmark) whose token counts must agree with the server's usage."""
+import contextlib
 import json
 import math
 import random
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -216,7 +218,8 @@ class _Garbage(BaseHTTPRequestHandler):
 
     reply = b"data: {not json\n\n"
     status = 200
-    stall = 0.0
+    stall = False
+    released = None  # a threading.Event set when the test ends: a stalled reply waits for it, not for a clock
 
     def log_message(self, *args):
         pass
@@ -231,12 +234,38 @@ class _Garbage(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        time.sleep(self.stall)
+        if self.stall:
+            self.released.wait()
         self.send_response(self.status)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Content-Length", str(len(self.reply)))
         self.end_headers()
         self.wfile.write(self.reply)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that gave up (the benchmark's timeout) breaks the pipe under a late reply; that is the test's
+    point, not an error, and socketserver's default report would land as a traceback in a later test's capture."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+@contextlib.contextmanager
+def _fake_server(**replies):
+    """Serves _Garbage with the given class attributes; on exit releases stalled replies and stops serving."""
+    released = threading.Event()
+    httpd = _QuietServer(("127.0.0.1", 0), type("Handler", (_Garbage,), {**replies, "released": released}))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd.server_port
+    finally:
+        released.set()
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.mark.parametrize("status, reply, reason", [
@@ -248,20 +277,12 @@ class _Garbage(BaseHTTPRequestHandler):
     (500, b'{"error": {"message": "boom"}}', "HTTP 500: boom"),
 ])
 def test_bad_server_responses_are_failures_with_reasons(smollm2_checkpoint, tmp_path, capsys, status, reply, reason):
-    stall = 30.0 if status == "stall" else 0.0  # far past --timeout 1: only the timeout can end it
-    handler = type("Handler", (_Garbage,), {"reply": reply, "status": 200 if stall else status, "stall": stall})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    stall = status == "stall"  # held until the test ends, far past --timeout 1: only the timeout can end it
+    with _fake_server(reply=reply, status=200 if stall else status, stall=stall) as port:
         path = _sharegpt_json(tmp_path, _pairs())
-        code, out, err, elapsed = _bench(capsys, "--base-url", f"http://127.0.0.1:{httpd.server_port}", "--tokenizer",
+        code, out, err, elapsed = _bench(capsys, "--base-url", f"http://127.0.0.1:{port}", "--tokenizer",
                                          str(smollm2_checkpoint), "--dataset-path", str(path), "--num-prompts", "3",
                                          "--timeout", "1")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert code == 0 and elapsed < 10 and "Traceback" not in out + err, out + err
     assert f"3 x not sent, warmup failed: {reason}" in out and "Successful requests:" in out, out
 
@@ -389,16 +410,9 @@ def test_a_model_the_server_does_not_serve_is_one_line_exit_2(llama_serve, capsy
 
 
 def test_a_server_without_tokenize_asks_for_tokenizer(tmp_path, capsys):
-    handler = type("Handler", (_Garbage,), {"reply": b'{"detail": "Not Found"}', "status": 404})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        code, out, err, _ = _bench(capsys, "--port", str(httpd.server_port), "--dataset-path",
+    with _fake_server(reply=b'{"detail": "Not Found"}', status=404) as port:
+        code, out, err, _ = _bench(capsys, "--port", str(port), "--dataset-path",
                                    str(_sharegpt_json(tmp_path, _pairs())), "--num-prompts", "2")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "/tokenize answered HTTP 404" in lines[0], err
     assert "pass --tokenizer DIR" in lines[0]
