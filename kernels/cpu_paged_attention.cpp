@@ -152,26 +152,113 @@ void attend_piece(const float* q, int64_t group, int64_t head_dim, const Cache* 
 }
 
 #if defined(__AVX512F__)
-// A piece of one sequence for all its KV heads at once, for float32 and bfloat16 caches with
-// head_dim a multiple of 16, in AVX-512 registers. A slot's keys (and values) for all heads are
-// contiguous, so walking slots and, within each, the heads reads every page front to back:
-// attend_piece, one head per work item, read a head's 128 bytes and skipped the other heads' in
-// every slot, and at context 8K DRAM delivered ~7 GB/s to that pattern (docs/cpu.md). Each key
-// row is loaded (and widened) once and dotted with its group's query heads; each value row is
-// added into their accumulators, which live in `out` (L1-resident). `q` holds every query head
-// [heads * group][D], scaled; `out + h * out_stride` is KV head h's [group] maxima, [group] sums and
-// [group][D] unnormalised outputs.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+constexpr int64_t kTile = 16;  // slots scored together: one per lane of a vector
+
+// e^x for x <= 0 in every lane: exp_nonpositive's polynomial, with the power of two applied by scalef.
+inline __m512 exp16_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  for (const float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
 }
 
+// A cached row of D = 16 V values as V float32 vectors, in "lane order": a float32 row as it lies; a
+// bfloat16 row as, per 32 values, the even-numbered ones then the odd ones, which a shift and a mask
+// make out of one load (widening in order took two instructions per 16 values more, and widening was
+// most of the loop). Queries are put into, and accumulated outputs taken out of, the same order.
+template <int64_t V>
+inline void load_row(const float* p, __m512* out) {
+  for (int64_t v = 0; v < V; ++v) out[v] = _mm512_loadu_ps(p + 16 * v);
+}
+
+template <int64_t V>
+inline void load_row(const c10::BFloat16* p, __m512* out) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  for (int64_t c = 0; c < V / 2; ++c) {
+    const __m512i bits = _mm512_loadu_si512(p + 32 * c);
+    out[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+    out[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(bits, high));
+  }
+}
+
+// The row element that lane i of vector v holds in load_row's order.
+template <typename Cache>
+constexpr int64_t lane_element(int64_t v, int64_t i) {
+  return std::is_same_v<Cache, float> ? 16 * v + i : 32 * (v / 2) + 2 * i + v % 2;
+}
+
+// The sums of sixteen vectors in one, lane j holding the sum of d[j]: a transposing tree of 45
+// shuffles and adds, where sixteen horizontal reductions took ~150 and were the scoring's bulk.
+inline __m512 sum_each16(const __m512* d) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128 bits: d[2i]'s and d[2i+1]'s sums of lanes 0+2 and 1+3, alternating
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128 bits: d[4i .. 4i+3]'s sums over those 128 bits
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const auto fold = [](__m512 a, __m512 b) {  // 128-bit lanes 0+1 and 2+3 of a, then of b
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+  };
+  return fold(fold(quads[0], quads[1]), fold(quads[2], quads[3]));
+}
+
+// Up to kTile slots from `start` that lie before `last` and in start's page: where they begin in
+// the cache (in elements) and how many. None (count 0) from `last` on.
+struct Tile {
+  int64_t base = 0, count = 0;
+
+  Tile(int64_t start, int64_t last, const int32_t* table, int64_t block_size, int64_t block_stride,
+       int64_t slot_stride) {
+    if (start >= last) return;
+    count = std::min({block_size - start % block_size, last - start, kTile});
+    base = static_cast<int64_t>(table[start / block_size]) * block_stride + start % block_size * slot_stride;
+  }
+};
+
+// Asks for a later tile's keys and values (every head's, in address order) a few cache lines at a
+// time while the current tile is computed. The loops below read a tile one head at a time, a
+// strided pattern that DRAM's own prefetching does not follow: without this, reading from DRAM
+// and computing did not overlap at all. Spread out, the requests stay within the core's
+// outstanding-miss limit, which one burst per tile exceeded.
+constexpr int64_t kPrefetchAhead = 2 * kTile;  // slots
+
+struct TilePrefetch {
+  const char *keys = nullptr, *values = nullptr;
+  int64_t lines = 0, issued = 0, per_call = 0;
+
+  template <typename Cache>
+  TilePrefetch(const Cache* k, const Cache* v, const Tile& tile, int64_t slot_stride, int64_t calls)
+      : keys(reinterpret_cast<const char*>(k + tile.base)), values(reinterpret_cast<const char*>(v + tile.base)),
+        lines((tile.count * slot_stride * static_cast<int64_t>(sizeof(Cache)) + 63) / 64),
+        per_call((lines + calls - 1) / calls) {}
+
+  void some() {
+    for (const int64_t end = std::min(lines, issued + per_call); issued < end; ++issued) {
+      _mm_prefetch(keys + 64 * issued, _MM_HINT_T0);
+      _mm_prefetch(values + 64 * issued, _MM_HINT_T0);
+    }
+  }
+};
+
+// A piece of one sequence for all its KV heads at once, for float32 and bfloat16 caches with
+// head_dim 64 or 128, in AVX-512 registers. A slot's keys (and values) for all heads are
+// contiguous, so walking a page's slots for every head reads the page front to back: attend_piece,
+// one head per work item, read a head's 128 bytes and skipped the other heads' in every slot, and at
+// context 8K DRAM delivered ~7 GB/s to that pattern (docs/cpu.md). Sixteen slots at a time, for each
+// head: each query head's sixteen scores come out as one vector (sum_each16), go through the online
+// softmax as one, and the value rows are added into accumulators held in registers for as many query
+// heads as fit. `q` holds every query head [heads * group][D], scaled and in lane order;
+// `out + h * out_stride` is KV head h's [group] maxima, [group] sums and [group][D] unnormalised
+// outputs, in natural order.
 template <typename Cache, int64_t D>
 void attend_slots_avx512(const float* q, int64_t heads, int64_t group, const Cache* keys, const Cache* values,
                          const int32_t* table, int64_t block_size, int64_t block_stride, int64_t slot_stride,
-                         int64_t first, int64_t last, float* out, int64_t out_stride, float* scores) {
-  constexpr int64_t V = D / 16;
+                         int64_t first, int64_t last, float* out, int64_t out_stride) {
+  constexpr int64_t V = D / 16, kGroupTile = 16 / V;  // query heads whose outputs take 16 registers
   const auto row_max = [&](int64_t h, int64_t g) -> float& { return out[h * out_stride + g]; };
   const auto row_sum = [&](int64_t h, int64_t g) -> float& { return out[h * out_stride + group + g]; };
   const auto row_acc = [&](int64_t h, int64_t g) { return out + h * out_stride + 2 * group + g * D; };
@@ -181,45 +268,67 @@ void attend_slots_avx512(const float* q, int64_t heads, int64_t group, const Cac
       row_sum(h, g) = 0.f;
       std::fill(row_acc(h, g), row_acc(h, g) + D, 0.f);
     }
+  alignas(64) float probs[kMaxGroup][kTile];
+  float rescale[kMaxGroup];
   for (int64_t start = first; start < last;) {
-    const int64_t page = start / block_size, offset = start % block_size;
-    const int64_t count = std::min(block_size - offset, last - start);
-    const int64_t base = static_cast<int64_t>(table[page]) * block_stride + offset * slot_stride;
-    for (int64_t j = 0; j < count; ++j) {
-      for (int64_t h = 0; h < heads; ++h) {
-        const Cache* key = keys + base + j * slot_stride + h * D;
-        __m512 k[V];
-        for (int64_t v = 0; v < V; ++v) k[v] = load16(key + 16 * v);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = q + (h * group + g) * D;
-          __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-          for (int64_t v = 1; v < V; ++v) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), k[v], dot);
-          scores[(h * group + g) * kMaxBlock + j] = _mm512_reduce_add_ps(dot);
-        }
-      }
-    }
-    for (int64_t h = 0; h < heads; ++h)
+    const auto [base, count] = Tile(start, last, table, block_size, block_stride, slot_stride);
+    const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
+    TilePrefetch ahead(keys, values, Tile(start + kPrefetchAhead, last, table, block_size, block_stride, slot_stride),
+                       slot_stride, heads * (group + count));
+    for (int64_t h = 0; h < heads; ++h) {
+      const Cache* key0 = keys + base + h * D;
       for (int64_t g = 0; g < group; ++g) {
-        const float rescale = softmax_page(scores + (h * group + g) * kMaxBlock, count, row_max(h, g), row_sum(h, g));
-        float* acc = row_acc(h, g);
-        const __m512 r = _mm512_set1_ps(rescale);
-        for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(acc + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * v), r));
-      }
-    for (int64_t j = 0; j < count; ++j) {
-      for (int64_t h = 0; h < heads; ++h) {
-        const Cache* value = values + base + j * slot_stride + h * D;
-        __m512 x[V];
-        for (int64_t v = 0; v < V; ++v) x[v] = load16(value + 16 * v);
-        for (int64_t g = 0; g < group; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[(h * group + g) * kMaxBlock + j]);
-          float* acc = row_acc(h, g);
-          for (int64_t v = 0; v < V; ++v)
-            _mm512_storeu_ps(acc + 16 * v, _mm512_fmadd_ps(p, x[v], _mm512_loadu_ps(acc + 16 * v)));
+        ahead.some();
+        __m512 qv[V], dots[kTile];
+        for (int64_t v = 0; v < V; ++v) qv[v] = _mm512_loadu_ps(q + (h * group + g) * D + 16 * v);
+        for (int64_t j = 0; j < kTile; ++j) {  // slots past `count` score slot 0 again; the mask drops them
+          __m512 k[V];
+          load_row<V>(key0 + std::min(j, count - 1) * slot_stride, k);
+          dots[j] = _mm512_mul_ps(qv[0], k[0]);
+          for (int64_t v = 1; v < V; ++v) dots[j] = _mm512_fmadd_ps(qv[v], k[v], dots[j]);
         }
+        const __m512 scores =
+            _mm512_mask_blend_ps(live, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sum_each16(dots));
+        const float top = std::max(row_max(h, g), _mm512_reduce_max_ps(scores));
+        const __m512 p = _mm512_maskz_mov_ps(live, exp16_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(top))));
+        rescale[g] = exp_nonpositive(row_max(h, g) - top);
+        row_sum(h, g) = row_sum(h, g) * rescale[g] + _mm512_reduce_add_ps(p);
+        row_max(h, g) = top;
+        _mm512_store_ps(probs[g], p);
+      }
+      const Cache* value0 = values + base + h * D;
+      for (int64_t g0 = 0; g0 < group; g0 += kGroupTile) {
+        const int64_t heads_here = std::min(kGroupTile, group - g0);
+        __m512 acc[kGroupTile][V];
+        for (int64_t t = 0; t < kGroupTile; ++t)
+          if (t < heads_here)
+            for (int64_t v = 0; v < V; ++v)
+              acc[t][v] = _mm512_mul_ps(_mm512_loadu_ps(row_acc(h, g0 + t) + 16 * v), _mm512_set1_ps(rescale[g0 + t]));
+        for (int64_t j = 0; j < count; ++j) {
+          ahead.some();
+          __m512 x[V];
+          load_row<V>(value0 + j * slot_stride, x);
+          for (int64_t t = 0; t < kGroupTile; ++t)
+            if (t < heads_here) {
+              const __m512 p = _mm512_set1_ps(probs[g0 + t][j]);
+              for (int64_t v = 0; v < V; ++v) acc[t][v] = _mm512_fmadd_ps(p, x[v], acc[t][v]);
+            }
+        }
+        for (int64_t t = 0; t < kGroupTile; ++t)
+          if (t < heads_here)
+            for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(row_acc(h, g0 + t) + 16 * v, acc[t][v]);
       }
     }
     start += count;
   }
+  alignas(64) float natural[D];  // the outputs back from lane order
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t g = 0; g < group; ++g) {
+      float* acc = row_acc(h, g);
+      for (int64_t v = 0; v < V; ++v)
+        for (int64_t i = 0; i < 16; ++i) natural[lane_element<Cache>(v, i)] = acc[16 * v + i];
+      std::copy(natural, natural + D, acc);
+    }
 }
 
 template <typename Cache>
@@ -314,7 +423,7 @@ at::Tensor decode_attention(const Step& a) {
                      : a.head_dim == 128 ? attend_slots_avx512<Cache, 128> : nullptr;
     if (slots != nullptr) {  // one work item per (sequence, piece), all KV heads
       at::parallel_for(0, a.batch * splits, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> q_scaled(a.num_heads * a.head_dim), scores(a.num_heads * kMaxBlock);
+        std::vector<float> q_scaled(a.num_heads * a.head_dim);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t split = item % splits, b = item / splits;
           float* out = part + (b * a.num_kv_heads * splits + split) * part_stride;
@@ -324,9 +433,13 @@ at::Tensor decode_attention(const Step& a) {
             continue;
           }
           const Query* qb = q_ptr + rows[b] * a.num_heads * a.head_dim;
-          for (int64_t i = 0; i < a.num_heads * a.head_dim; ++i) q_scaled[i] = static_cast<float>(qb[i] * a.scale);
+          for (int64_t r = 0; r < a.num_heads; ++r)
+            for (int64_t v = 0; v < a.head_dim / 16; ++v)
+              for (int64_t i = 0; i < 16; ++i)
+                q_scaled[(r * a.head_dim) + 16 * v + i] =
+                    static_cast<float>(qb[r * a.head_dim + lane_element<Cache>(v, i)] * a.scale);
           slots(q_scaled.data(), a.num_kv_heads, a.group, keys, values, tables + b * width, a.block_size,
-                block_stride, slot_stride, first, last, out, splits * part_stride, scores.data());
+                block_stride, slot_stride, first, last, out, splits * part_stride);
         }
       });
       return merge_pieces<Query>(a, visible, splits, partial);
