@@ -2,13 +2,13 @@
 
     llama-bench cpu [--artifact artifacts/default] [--checkpoint HF_DIR] [--new-tokens 128] [--out-dir DIR]
 
-In order, each alone on the machine:
 1. HF transformers' LlamaForCausalLM, eager, float32, on the same checkpoint: ms per decode step at
    batch 1 after a 128-token prompt (what a newcomer would run; `attn_implementation` as HF picks).
-2. The artifact's own program (`llama-bench decode`'s loop, no server): ms per step at batch 1,
-   contexts 128 and 8192 (less the new tokens where the artifact holds no more).
-3. `llama-serve ARTIFACT` started as a user starts it, streamed one request at a time through
-   /v1/chat/completions (`llama-bench serve`'s client, greedy, ignore_eos): median TPOT and ITL.
+2. Then, taking turns round by round (each alone on the machine while it runs):
+   - the artifact's own program (`llama-bench decode`'s loop, no server): ms per step at batch 1,
+     contexts 128 and 8192 (less the new tokens where the artifact holds no more), the best round;
+   - `llama-serve ARTIFACT` started as a user starts it, one request a round streamed through
+     /v1/chat/completions (`llama-bench serve`'s client, greedy, ignore_eos): median TPOT and ITL.
 Prints each figure and the ratios, and writes one JSON record to bench/results/.
 
 llama.cpp, which the issue quotes, has no wheel for this machine (llama-cpp-python builds it from
@@ -59,20 +59,6 @@ def hf_eager_ms(checkpoint: Path, context: int, new_tokens: int, rounds: int = 3
             "attn_implementation": model.config._attn_implementation, "threads": torch.get_num_threads()}
 
 
-def program_ms(artifact_dir: Path, contexts: tuple[int, ...], new_tokens: int) -> dict[int, dict]:
-    """The artifact's step program alone at batch 1, by context; a context the artifact cannot hold
-with `new_tokens` more is cut to the longest it can (SmolLM2's 8192 to 8064)."""
-    from llama_aot.bench.decode import copy_bandwidth, measure_decode
-    from llama_aot.runtime.artifact import load_artifact
-
-    artifact = load_artifact(artifact_dir, single_threaded=True)
-    bandwidth = copy_bandwidth("cpu", 1 << 27)
-    longest = artifact.build_config.context_length - new_tokens
-    fits = sorted({min(c, longest) for c in contexts})
-    return {c: {"ms_per_token": r.ms_per_token, "round_ms_per_token": list(r.round_ms_per_token)}
-            for c in fits for r in measure_decode([artifact], 1, c, new_tokens, False, bandwidth)}
-
-
 def _ready(base_url: str) -> bool:
     try:
         with urllib.request.urlopen(base_url + "/health", timeout=5) as response:
@@ -81,31 +67,54 @@ def _ready(base_url: str) -> bool:
         return False
 
 
-def served_ms(artifact_dir: Path, new_tokens: int) -> dict:
-    """`llama-serve` on the artifact, one streamed chat request at a time: median TPOT and ITL."""
+def program_and_served_ms(artifact_dir: Path, contexts: tuple[int, ...], new_tokens: int) -> tuple[dict, dict]:
+    """The artifact's step program alone at batch 1, by context (a context the artifact cannot hold
+    with `new_tokens` more is cut to the longest it can: SmolLM2's 8192 to 8064), and `llama-serve`
+    on it, one streamed chat request at a time (median TPOT and ITL). They take turns, a round of
+    the program at every context and then one served request, so that the ratios between them
+    come from the same minutes: measured one after the other on this 2-core VM, whose speed drifts
+    by 10-30 % from minute to minute, the same build came out anywhere from 1.7x to 2.4x at 8064."""
     from tokenizers import Tokenizer
 
     from llama_aot.bench.datasets import BenchInputError, BenchRequest
+    from llama_aot.bench.decode import copy_bandwidth, measure_cases
     from llama_aot.bench.server_process import ServerProcess
     from llama_aot.bench.serving import ServeConfig, compute_metrics, run_benchmark
+    from llama_aot.runtime.artifact import load_artifact
 
+    artifact = load_artifact(artifact_dir, single_threaded=True)
+    bandwidth = copy_bandwidth("cpu", 1 << 27)
+    longest = artifact.build_config.context_length - new_tokens
+    fits = sorted({min(c, longest) for c in contexts})
+    tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
+    served, seconds = [], 0.0
     server = ServerProcess([str(artifact_dir)])
     try:
         while not _ready(server.base_url):
             if (failure := server.failure()) is not None:
                 raise BenchInputError(failure[-2000:])
             time.sleep(0.2)
-        tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
-        requests = [BenchRequest(p, len(tokenizer.encode(p).ids), new_tokens) for p in SERVED_PROMPTS]
-        outcome = asyncio.run(run_benchmark(ServeConfig(server.base_url, backend="openai-chat", max_concurrency=1),
-                                            requests))
+        config = ServeConfig(server.base_url, backend="openai-chat", max_concurrency=1)
+
+        def serve_one(r: int) -> None:
+            nonlocal seconds
+            prompt = SERVED_PROMPTS[r]
+            outcome = asyncio.run(run_benchmark(config, [BenchRequest(prompt, len(tokenizer.encode(prompt).ids),
+                                                                       new_tokens)]))
+            served.extend(outcome.results)
+            seconds += outcome.duration_s
+
+        program = measure_cases([(artifact, c) for c in fits], 1, new_tokens, False, bandwidth,
+                                rounds=len(SERVED_PROMPTS), after_round=serve_one)
     finally:
         server.stop()
-    metrics = compute_metrics(outcome.results, outcome.duration_s)
+    metrics = compute_metrics(served, seconds)
     if metrics.failed:
         raise BenchInputError(f"the served requests failed: {metrics.failures}")
-    return {"median_tpot_ms": metrics.tpot.median, "median_itl_ms": metrics.itl.median,
-            "requests": metrics.completed, "output_tokens": metrics.total_output}
+    return ({r.context: {"ms_per_token": r.ms_per_token, "round_ms_per_token": list(r.round_ms_per_token)}
+             for r in program},
+            {"median_tpot_ms": metrics.tpot.median, "median_itl_ms": metrics.itl.median,
+             "requests": metrics.completed, "output_tokens": metrics.total_output})
 
 
 def run(artifact_dir: Path, checkpoint: Path, new_tokens: int) -> dict:
@@ -118,10 +127,9 @@ def run(artifact_dir: Path, checkpoint: Path, new_tokens: int) -> dict:
           f"{build.dtype} activations", flush=True)
     hf = hf_eager_ms(checkpoint, CONTEXTS[0], new_tokens)
     print(f"HF transformers eager float32, context {CONTEXTS[0]}: {hf['ms_per_token']:.2f} ms/token", flush=True)
-    program = program_ms(artifact_dir, CONTEXTS, new_tokens)
+    program, served = program_and_served_ms(artifact_dir, CONTEXTS, new_tokens)
     for context, figures in program.items():
         print(f"the program alone, context {context}: {figures['ms_per_token']:.2f} ms/token", flush=True)
-    served = served_ms(artifact_dir, new_tokens)
     short = program[CONTEXTS[0]]["ms_per_token"]
     record = {"device": cpu_name(), "arch": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "threads": torch.get_num_threads(), "git_sha": git_sha(), "artifact": str(artifact_dir),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -131,17 +132,26 @@ def decode_steps(loop: DecodeLoop, new_tokens: int) -> None:
 
 def measure_decode(artifacts: list, batch: int, context: int, new_tokens: int, cuda_graph: bool,
                    bandwidth: float, rounds: int = REPEATS, seed: int = 0) -> list[DecodeResult]:
-    """Times each artifact `rounds` times on the same prompts, taking turns: even rounds in the
-    given order, odd rounds reversed, so that over an even number of rounds each later artifact
-    runs as often before the first as after it. One untimed run of each comes first: without it,
-    on the CPU, an artifact compared with itself came out 10% slower than its copy, most of that
-    in one round. Keeps every artifact's prefilled batch (and KV cache) in memory at once."""
+    """Times each artifact `rounds` times on the same prompts, taking turns (measure_cases)."""
+    return measure_cases([(a, context) for a in artifacts], batch, new_tokens, cuda_graph, bandwidth, rounds, seed)
+
+
+def measure_cases(cases: list[tuple], batch: int, new_tokens: int, cuda_graph: bool, bandwidth: float,
+                  rounds: int = REPEATS, seed: int = 0,
+                  after_round: Callable[[int], None] | None = None) -> list[DecodeResult]:
+    """Times each (artifact, context) case `rounds` times, taking turns: even rounds in the given
+    order, odd rounds reversed, so that over an even number of rounds each later case runs as often
+    before the first as after it. One untimed run of each comes first: without it, on the CPU, an
+    artifact compared with itself came out 10% slower than its copy, most of that in one round.
+    Keeps every case's prefilled batch (and KV cache) in memory at once. `after_round(r)`, if given,
+    runs untimed after round r: `llama-bench cpu` streams a served request there, so that the
+    figures it compares come from the same minutes on a machine whose speed drifts."""
     loops = [prepare_decode(a, batch, context, new_tokens, cuda_graph and a.device_type == "cuda", seed)
-             for a in artifacts]
-    seconds = [[] for _ in artifacts]
+             for a, context in cases]
+    seconds = [[] for _ in cases]
 
     def timed_run(i):
-        device = artifacts[i].device_type
+        device = cases[i][0].device_type
         synchronize(device)
         start = time.perf_counter()
         decode_steps(loops[i], new_tokens)
@@ -152,10 +162,12 @@ def measure_decode(artifacts: list, batch: int, context: int, new_tokens: int, c
         for loop in loops:
             decode_steps(loop, new_tokens)
         for r in range(rounds):
-            for i in (range(len(artifacts)) if r % 2 == 0 else reversed(range(len(artifacts)))):
+            for i in (range(len(cases)) if r % 2 == 0 else reversed(range(len(cases)))):
                 timed_run(i)
+            if after_round is not None:
+                after_round(r)
     return [_result(a, loop, batch, context, new_tokens, runs, bandwidth)
-            for a, loop, runs in zip(artifacts, loops, seconds)]
+            for (a, context), loop, runs in zip(cases, loops, seconds)]
 
 
 def _result(artifact, loop: DecodeLoop, batch: int, context: int, new_tokens: int, runs: list[float],

@@ -15,6 +15,8 @@ def test_one_run_measures_hf_the_program_and_the_server(tiny_checkpoint, tiny_ar
     # The tiny build holds 256 tokens: 8192 is cut to the longest context it can decode 8 more at.
     assert sorted(record["program"], key=int) == ["128", "248"]
     assert record["served"]["requests"] == 4 and record["served"]["output_tokens"] == 4 * 8
+    # One round of the program per served request: every context timed as often as the server.
+    assert [len(record["program"][c]["round_ms_per_token"]) for c in ("128", "248")] == [4, 4]
     assert record["served_vs_hf_eager"] == record["hf_eager_float32"]["ms_per_token"] / record["served"]["median_tpot_ms"]
     assert record["long_over_short_context"] > 0 and record["cpu_capability"]
 
