@@ -31,6 +31,10 @@ constexpr int64_t kMaxGroup = 16;         // query heads per KV head
 constexpr int64_t kMaxBlock = 256;        // slots per cache block
 constexpr int64_t kKeysPerSplit = 512;    // context a thread takes at a time in a long sequence
 
+constexpr int kExp2Terms = 7;
+constexpr float kExp2Poly[kExp2Terms] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f,
+                                         2.4022651e-1f, 6.9314718e-1f, 1.0f};  // 2^f on [-0.5, 0.5], by Horner
+
 // e^x for x <= 0 and -inf (softmax's arguments), written so that a loop of it vectorises: 2^(x log2 e)
 // as a power of two times a degree-6 polynomial in the fraction (relative error ~2e-7). Arguments
 // below -87 give ~1e-38 rather than 0, which every use multiplies by a value that is then 0 or
@@ -38,13 +42,8 @@ constexpr int64_t kKeysPerSplit = 512;    // context a thread takes at a time in
 inline float exp_nonpositive(float x) {
   const float t = std::max(x, -87.0f) * 1.44269504f;
   const float n = std::floor(t + 0.5f), f = t - n;
-  float p = 1.5403530e-4f;
-  p = p * f + 1.3333558e-3f;
-  p = p * f + 9.6181291e-3f;
-  p = p * f + 5.5504109e-2f;
-  p = p * f + 2.4022651e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
+  float p = kExp2Poly[0];
+  for (int i = 1; i < kExp2Terms; ++i) p = p * f + kExp2Poly[i];
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
@@ -159,9 +158,8 @@ inline __m512 exp16_nonpositive(__m512 x) {
   const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);
-  for (const float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.0f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < kExp2Terms; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   return _mm512_scalef_ps(p, n);
 }
 

@@ -2,18 +2,13 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from llama_aot.bench.server_process import free_port
 
 
 class ServerProcess:
