@@ -127,41 +127,20 @@ class ProgramEditor:
             self.graph.erase_node(old)
         return out
 
-    def route_by_rows(self, node: Node, inputs: tuple[Node, ...], max_rows: int, small: tuple, large: tuple,
-                      names: tuple[str, str]) -> None:
-        """Replaces `node` by `cond(inputs[0].shape[0] <= max_rows, small, large, inputs)[0]`, where
-        `small` and `large` are `(target, constant args)`: each branch is the one call
-        `target(*inputs, *constants)`, a subgraph named by `names`.
+    def route_by_rows(self, node: Node, inputs: tuple[Node, ...], branches: tuple, name: str) -> None:
+        """Replaces `node` by a choice between calls by the step's token count, `inputs[0].shape[0]`.
+        `branches` is `((max_rows, target, constants), ..., (None, target, constants))` with
+        max_rows increasing: a step runs the first branch whose max_rows it does not exceed, the
+        one call `target(*inputs, *constants)`.
 
-        The exported program has one symbolic token count, so a choice by step size is a
-        `torch.cond` on it: AOTInductor compiles both branches and picks one per call in its C++
-        wrapper, with no copy of the result. A CUDA graph records the branch of the batch it
-        captured, and decode graphs are captured per batch size."""
-        for name, (target, constants) in zip(names, (small, large)):
-            self.gm.add_submodule(name, self._one_call_graph(target, inputs, constants))
-        rows = self.call(aten.sym_size.int, (inputs[0], 0), before=node)
-        fits = self.call(operator.le, (rows, max_rows), before=node)
+        The exported program has one symbolic token count, so each choice is a `torch.cond` on it,
+        the later branches nested in its false branch: AOTInductor compiles every branch and picks
+        one per call in its C++ wrapper, with no copy of the result. A CUDA graph records the
+        branches of the batch it captured, and decode graphs are captured per batch size."""
         with self.graph.inserting_before(node):
-            branches = [self.graph.get_attr(name) for name in names]
-            cond = self.graph.call_function(torch.ops.higher_order.cond, (fits, *branches, tuple(inputs)))
-        cond.meta["val"] = (node.meta["val"],)
-        result = self.call(operator.getitem, (cond, 0), before=node)
+            result = _route(self.gm, self.graph, list(inputs), branches, name, node.meta["val"])
         node.replace_all_uses_with(result)
         self.graph.erase_node(node)
-
-    def _one_call_graph(self, target, inputs: tuple[Node, ...], constants: tuple) -> GraphModule:
-        """A graph `(*inputs) -> (target(*inputs, *constants),)` with export's fake values."""
-        graph = Graph()
-        placeholders = []
-        for node in inputs:
-            placeholder = graph.placeholder(node.name)
-            placeholder.meta["val"] = node.meta["val"]
-            placeholders.append(placeholder)
-        out = graph.call_function(target, (*placeholders, *constants))
-        with self._fake_mode:
-            out.meta["val"] = target(*(n.meta["val"] for n in inputs), *constants)
-        graph.output((out,))
-        return GraphModule(torch.nn.Module(), graph)
 
     def finish(self) -> ExportedProgram:
         """Drops dead nodes and unused weights, and rebuilds the signature in placeholder order."""
@@ -181,6 +160,44 @@ class ProgramEditor:
             module_call_graph=copy.deepcopy(self.ep.module_call_graph),
             example_inputs=self.ep.example_inputs, constants=self.ep.constants,
             verifiers=self.ep.verifiers)
+
+
+def _route(owner: torch.nn.Module, graph: Graph, operands: list[Node], branches: tuple, name: str, value) -> Node:
+    """Emits `cond(rows <= max_rows, first branch, the others)` at `graph`'s insertion point, each
+    branch a subgraph held by `owner`; returns the node of its result, whose fake value is `value`."""
+    (max_rows, target, constants), rest = branches[0], branches[1:]
+    small = _branch_graph([(None, target, constants)], operands, name, value)
+    large = _branch_graph(rest, operands, name, value)
+    owner.add_module(f"{name}_rows_le_{max_rows}", small)
+    owner.add_module(f"{name}_rows_gt_{max_rows}", large)
+    rows = graph.call_function(aten.sym_size.int, (operands[0], 0))
+    rows.meta["val"] = operands[0].meta["val"].shape[0]
+    fits = graph.call_function(operator.le, (rows, max_rows))
+    fits.meta["val"] = rows.meta["val"] <= max_rows
+    attrs = [graph.get_attr(f"{name}_rows_le_{max_rows}"), graph.get_attr(f"{name}_rows_gt_{max_rows}")]
+    cond = graph.call_function(torch.ops.higher_order.cond, (fits, *attrs, tuple(operands)))
+    cond.meta["val"] = (value,)
+    result = graph.call_function(operator.getitem, (cond, 0))
+    result.meta["val"] = value
+    return result
+
+
+def _branch_graph(branches: tuple, operands: list[Node], name: str, value) -> GraphModule:
+    """A graph `(*operands) -> (result,)`: the one call of a single branch, or the route between several."""
+    graph, root = Graph(), torch.nn.Module()
+    placeholders = []
+    for node in operands:
+        placeholder = graph.placeholder(node.name)
+        placeholder.meta["val"] = node.meta["val"]
+        placeholders.append(placeholder)
+    if len(branches) == 1:
+        _, target, constants = branches[0]
+        out = graph.call_function(target, (*placeholders, *constants))
+        out.meta["val"] = value
+    else:
+        out = _route(root, graph, placeholders, branches, name, value)
+    graph.output((out,))
+    return GraphModule(root, graph)
 
 
 def _propagate(gm: GraphModule, inputs: list, fake_mode) -> None:

@@ -23,15 +23,18 @@ the weights it quantizes, and its record counts them as `from_checkpoint`.
 Which way each matmul computes (kernels/fp8_linear.py: weight-only, or per-token FP8 activations
 through `_scaled_mm` with row-wise or output-applied scales) is chosen per weight shape and step
 size; a --tp build's shapes are one rank's, as its kernels will see them (the pass runs before
-sharding). The GPU target times every mode on the building GPU (kernels/fp8_timing.py) at steps of
-SMALL_STEP_ROWS and of LARGE_STEP_ROWS tokens, and a shape whose best mode differs between the two
-gets both, behind a `torch.cond` on the step's token count (ProgramEditor.route_by_rows):
+sharding). The GPU target times every mode on the building GPU (kernels/fp8_timing.py) at the
+steps of TIMED_ROWS tokens and gives each band of STEP_BANDS the fastest mode at its steps;
+adjacent bands with one mode merge, and a shape with more than one band gets a `torch.cond` on the
+step's token count per boundary (ProgramEditor.route_by_rows), nested:
 
-    y = cond(x.shape[0] <= limit, fp8_linear(x, W8, s, small_mode), fp8_linear(x, W8, s, large_mode))
+    y = cond(rows <= 16, fp8_linear(x, W8, s, "weight_only"),
+             cond(rows <= 128, fp8_linear(x, W8, s, "per_token_epilogue"), fp8_linear(x, W8, s, "per_token")))
 
-The small steps' mode is the fastest summed over 1 and MAX_ROWS rows; `limit` is FP8_MAX_ROWS (the
-most rows the weight-only kernel takes) where that mode is also the fastest at FP8_MAX_ROWS rows,
-else MAX_ROWS, and the steps in between take the large steps' mode.
+Why bands and not one boundary: the fastest mode changes more than once with the step size. On
+an H200 (docs/fp8.md, session 22) down_proj took weight-only up to 16 rows (17.5 us at one),
+output-applied scales at 32 and 128 rows (30.5 and 36.7 us, against 42.7 and 43.0 row-wise), and
+row-wise scales at 2048 (212 us against 323).
 
 On the CPU target speed is not the aim and the weight-only form is the accurate one, so it is
 taken everywhere. The choices and the timings go to the manifest's `quantization` section.
@@ -57,28 +60,43 @@ fp8_linear = torch.ops.llama_aot.fp8_linear.default
 fp8_gated_linear = torch.ops.llama_aot.fp8_gated_linear.default
 
 
-# Step sizes the GPU target times: decode batches within the weight-only kernel's rows (one row,
-# and each of its two row bands full), and a full-width decode step and a prefill chunk beyond them.
-SMALL_STEP_ROWS = (1, MAX_ROWS, FP8_MAX_ROWS)
-LARGE_STEP_ROWS = (128, 2048)
+# The bands of step sizes that may each take their own mode, as (the band's largest step, None for
+# every larger one; the step sizes its mode is timed at): decode batches within each of the
+# weight-only kernel's two row tiles, a full-width decode batch, and a prefill chunk.
+STEP_BANDS = ((MAX_ROWS, (1, MAX_ROWS)), (FP8_MAX_ROWS, (FP8_MAX_ROWS,)), (128, (128,)), (None, (2048,)))
+TIMED_ROWS = tuple(rows for _, band_rows in STEP_BANDS for rows in band_rows)
 SCALED_MM_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
 class ModeChoice:
-    """How a matmul of one weight shape computes in steps of at most `small_rows` tokens and in
-    larger ones, and the timings (us by step rows, then by mode) the choice was made from."""
+    """How a matmul of one weight shape computes, by step size: `bands` is ((max_rows, mode), ...)
+    with max_rows increasing, the last None (every larger step); `timings_us` (us by step rows, then
+    by mode) what the choice was made from."""
 
-    small_steps: str
-    large_steps: str
+    bands: tuple[tuple[int | None, str], ...]
     timings_us: dict = field(default_factory=dict)
-    small_rows: int = FP8_MAX_ROWS
+
+    @classmethod
+    def everywhere(cls, mode: str) -> "ModeChoice":
+        return cls(((None, mode),))
+
+    def describe(self) -> dict[str, str]:
+        """The manifest's record: the mode by band of step sizes."""
+        if len(self.bands) == 1:
+            return {"every step": self.bands[0][1]}
+        described, low = {}, 1
+        for max_rows, mode in self.bands:
+            steps = (f"<= {max_rows}" if low == 1 else f"{low}-{max_rows}") if max_rows else f"> {low - 1}"
+            described[f"steps of {steps} tokens"] = mode
+            low = (max_rows or 0) + 1
+        return described
 
 
 def choose_modes(ctx: PassContext, shape: tuple[int, int]) -> ModeChoice:
     """See the module docstring: the fastest mode by timing on the GPU target, weight-only on CPU."""
     if ctx.target != "cuda":
-        return ModeChoice(WEIGHT_ONLY, WEIGHT_ONLY)
+        return ModeChoice.everywhere(WEIGHT_ONLY)
     if any(d % SCALED_MM_MULTIPLE for d in shape):
         raise ConfigError(f"--fp8: a matmul with weight shape {shape[0]}x{shape[1]} cannot take FP8 on the GPU "
                           f"(cuBLASLt's FP8 kernels need both dimensions to be multiples of {SCALED_MM_MULTIPLE}); "
@@ -86,13 +104,14 @@ def choose_modes(ctx: PassContext, shape: tuple[int, int]) -> ModeChoice:
     from llama_aot.artifacts.config import torch_dtype
     from llama_aot.kernels.fp8_timing import candidate_modes, time_modes
 
-    timings = time_modes(shape, torch_dtype(ctx.build.dtype), SMALL_STEP_ROWS + LARGE_STEP_ROWS)
-
-    def fastest(rows_set):
-        return min(candidate_modes(max(rows_set)), key=lambda m: sum(timings[r][m] for r in rows_set))
-    small = fastest(SMALL_STEP_ROWS[:2])
-    return ModeChoice(small, fastest(LARGE_STEP_ROWS), {f"rows={r}": t for r, t in timings.items()},
-                      FP8_MAX_ROWS if fastest(SMALL_STEP_ROWS[2:]) == small else MAX_ROWS)
+    timings = time_modes(shape, torch_dtype(ctx.build.dtype), TIMED_ROWS)
+    bands: list[tuple[int | None, str]] = []
+    for max_rows, band_rows in STEP_BANDS:
+        mode = min(candidate_modes(max(band_rows)), key=lambda m: sum(timings[r][m] for r in band_rows))
+        if bands and bands[-1][1] == mode:
+            bands.pop()  # the band before takes this one's steps too
+        bands.append((max_rows, mode))
+    return ModeChoice(tuple(bands), {f"rows={r}": t for r, t in timings.items()})
 
 
 def _quantizable(editor: ProgramEditor, node, ctx: PassContext) -> str | None:
@@ -132,10 +151,8 @@ def quantize_fp8(ep, ctx: PassContext) -> PassResult:
     record = {"weights": str(FP8).removeprefix("torch."), "weight_scale": "per output channel",
               "lm_head": LM_HEAD in fp8_weights, "from_checkpoint": from_checkpoint,
               "ignored": list(ctx.build.fp8_ignore),
-              "modes_by_weight_shape": {shape: {f"steps of <= {c.small_rows} tokens": c.small_steps,
-                                                f"steps of > {c.small_rows} tokens": c.large_steps}
-                                        for shape, c in choices.items()},
-              "chosen_by": (f"timing on the building GPU at steps of {SMALL_STEP_ROWS + LARGE_STEP_ROWS} tokens"
+              "modes_by_weight_shape": {shape: c.describe() for shape, c in choices.items()},
+              "chosen_by": (f"timing on the building GPU at steps of {TIMED_ROWS} tokens"
                             if ctx.target == "cuda" else "rule: weight-only on the CPU target (not timed)"),
               "timings_us_by_weight_shape": {shape: c.timings_us for shape, c in choices.items() if c.timings_us}}
     return PassResult(editor.finish(), len(fp8_weights), editor.new_weights, record if fp8_weights else {})
@@ -143,14 +160,14 @@ def quantize_fp8(ep, ctx: PassContext) -> PassResult:
 
 def _emit(editor: ProgramEditor, node, inputs: tuple, choice: ModeChoice, index: int) -> None:
     """Replaces matmul `node` by fp8_linear (fp8_gated_linear where its input is the MLP's
-    activation) in the chosen mode, or by a cond between two modes."""
+    activation) in the chosen mode, or by conds between the bands' modes."""
     target = fp8_linear
     if (gate_up := silu_times_source(inputs[0])) is not None:
         target, inputs = fp8_gated_linear, (gate_up, *inputs[1:])
-    if choice.small_steps == choice.large_steps:
-        matmul = editor.call(target, (*inputs, choice.small_steps), before=node)
+    if len(choice.bands) == 1:
+        matmul = editor.call(target, (*inputs, choice.bands[0][1]), before=node)
         node.replace_all_uses_with(matmul)
         editor.graph.erase_node(node)
         return
-    editor.route_by_rows(node, inputs, choice.small_rows, (target, (choice.small_steps,)),
-                         (target, (choice.large_steps,)), (f"fp8_small_steps_{index}", f"fp8_large_steps_{index}"))
+    editor.route_by_rows(node, inputs, tuple((max_rows, target, (mode,)) for max_rows, mode in choice.bands),
+                         f"fp8_linear_{index}")

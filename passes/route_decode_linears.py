@@ -52,5 +52,5 @@ def _writes_residual(linear: Node) -> bool:
 
 
 def _route(editor: ProgramEditor, linear: Node, index: int) -> None:
-    editor.route_by_rows(linear, linear.args, MAX_ROWS, (torch.ops.llama_aot.decode_linear.default, ()),
-                         (aten.linear.default, ()), (f"decode_linear_graph_{index}", f"cublas_linear_graph_{index}"))
+    editor.route_by_rows(linear, linear.args, ((MAX_ROWS, torch.ops.llama_aot.decode_linear.default, ()),
+                                               (None, aten.linear.default, ())), f"linear_{index}")

@@ -138,26 +138,33 @@ def test_weight_only_program_is_the_model_with_rounded_weights(fused):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_gpu_choices_by_step_size_become_a_cond_on_the_token_count(fused, monkeypatch):
+def test_gpu_choices_by_step_size_become_conds_on_the_token_count(fused, monkeypatch):
     """The CUDA target times the modes per shape and step size (kernels/fp8_timing.py); where the
-    small-step and the large-step winners differ, the matmul becomes a cond between the two. Its
-    structure and numerics are checked here on CPU, with the timing replaced: a 5-token step
-    (this test's logits) takes the small-step branch, and per-token quantization moves it."""
+    bands of step sizes take different modes, the matmul becomes nested conds between them. Their
+    structure and numerics are checked here on CPU, with the timing replaced: an 8-token step
+    (this test's logits) takes the second band's branch, and per-token quantization moves it."""
     ep, build, _ = fused
-    choice = quantize_module.ModeChoice(WEIGHT_ONLY, PER_TOKEN, {"rows=1": {WEIGHT_ONLY: 1.0, PER_TOKEN: 2.0}})
+    choice = quantize_module.ModeChoice(((4, PER_TOKEN), (16, WEIGHT_ONLY), (None, PER_TOKEN_EPILOGUE)),
+                                        {"rows=1": {WEIGHT_ONLY: 1.0, PER_TOKEN: 2.0}})
     monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: choice)
     cuda = dataclasses.replace(build, target="cuda", passes=None)
     result = quantize_module.quantize_fp8(ep, PassContext(cuda))
     conds = [n for n in result.program.graph.nodes if n.target is torch.ops.higher_order.cond]
     assert result.matches == len(conds) == 4 * LAYERS
-    assert modes_used(result.record) == {WEIGHT_ONLY, PER_TOKEN}
+    nested = [n for n in getattr(result.program.graph_module, conds[0].args[2].target).graph.nodes
+              if n.target is torch.ops.higher_order.cond]
+    assert len(nested) == 1  # rows <= 4; else rows <= 16; else the rest
+    assert modes_used(result.record) == {WEIGHT_ONLY, PER_TOKEN, PER_TOKEN_EPILOGUE}
+    assert all(by_step == {"steps of <= 4 tokens": PER_TOKEN, "steps of 5-16 tokens": WEIGHT_ONLY,
+                           "steps of > 16 tokens": PER_TOKEN_EPILOGUE}
+               for by_step in result.record["modes_by_weight_shape"].values())
     assert result.record["chosen_by"].startswith("timing on the building GPU")
     assert all(t == choice.timings_us for t in result.record["timings_us_by_weight_shape"].values())
     weight_only = quantize_module.quantize_fp8(ep, PassContext(fp8_build(build))).program
     small = logits(weight_only, build)
     torch.testing.assert_close(logits(result.program, build), small, rtol=1e-5, atol=1e-5)
-    every_step_large = dataclasses.replace(choice, small_rows=0)  # per-token for the 5-token step too
-    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: every_step_large)
+    first_band_per_token = dataclasses.replace(choice, bands=((8, PER_TOKEN), *choice.bands[1:]))
+    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: first_band_per_token)
     per_token = quantize_module.quantize_fp8(ep, PassContext(cuda)).program
     assert not torch.allclose(logits(per_token, build), small, rtol=1e-5, atol=1e-5)
 
@@ -168,7 +175,7 @@ def test_a_tp_build_times_the_shapes_each_rank_multiplies(fused, monkeypatch):
     ep, build, model = fused
     timed = []
     monkeypatch.setattr(quantize_module, "choose_modes",
-                        lambda ctx, shape: timed.append(shape) or quantize_module.ModeChoice(WEIGHT_ONLY, WEIGHT_ONLY))
+                        lambda ctx, shape: timed.append(shape) or quantize_module.ModeChoice.everywhere(WEIGHT_ONLY))
     tp2 = dataclasses.replace(build, target="cuda", tp=2, passes=None)
     result = quantize_module.quantize_fp8(ep, PassContext(fp8_build(tp2)))
     cfg = model.config
@@ -179,7 +186,7 @@ def test_a_tp_build_times_the_shapes_each_rank_multiplies(fused, monkeypatch):
 
 
 def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
-    """Summed over the step sizes each branch covers; weight-only is never a candidate beyond
+    """Summed over the step sizes each band covers; weight-only is never a candidate beyond
     FP8_MAX_ROWS rows (its CUDA kernel stops there), however fast a timing says it is."""
     from llama_aot.kernels import fp8_timing
 
@@ -193,14 +200,18 @@ def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
         asked.append((shape, dtype, rows))
         return {r: {m: t for m, t in table[r].items() if m in fp8_timing.candidate_modes(r)} for r in rows}
     monkeypatch.setattr(fp8_timing, "time_modes", fake)
-    choice = quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 128))
-    assert (choice.small_steps, choice.large_steps) == (WEIGHT_ONLY, PER_TOKEN_EPILOGUE)
+    cuda = PassContext(BuildConfig(target="cuda", weight_quant="fp8"))
+    choice = quantize_module.choose_modes(cuda, (64, 128))
     assert asked == [((64, 128), torch.bfloat16, (1, 16, 32, 128, 2048))]
-    # Weight-only is slower than per-token at 32 rows: steps of 17-32 tokens go to the large mode.
-    assert choice.small_rows == 16
+    # Weight-only is slower than per-token at 32 rows: steps of 17-32 tokens take per-token, as
+    # do those up to 128 (one band), and the prefill chunks the epilogue form.
+    assert choice.bands == ((16, WEIGHT_ONLY), (128, PER_TOKEN), (None, PER_TOKEN_EPILOGUE))
     table[32][WEIGHT_ONLY] = 30.0
-    assert quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 128)).small_rows == 32
-    assert choice.timings_us["rows=128"] == table[128]
+    assert quantize_module.choose_modes(cuda, (64, 128)).bands == (
+        (32, WEIGHT_ONLY), (128, PER_TOKEN), (None, PER_TOKEN_EPILOGUE))
+    table[2048][PER_TOKEN_EPILOGUE] = 500.0  # adjacent bands with one mode are one band
+    assert quantize_module.choose_modes(cuda, (64, 128)).bands == ((32, WEIGHT_ONLY), (None, PER_TOKEN))
+    assert choice.timings_us["rows=128"] == {PER_TOKEN: 50.0, PER_TOKEN_EPILOGUE: 60.0}
     with pytest.raises(ConfigError, match="--fp8-ignore"):
         quantize_module.choose_modes(PassContext(BuildConfig(target="cuda", weight_quant="fp8")), (64, 120))
 
@@ -247,7 +258,7 @@ def test_fp8_on_a_gpu_without_fp8_is_refused_before_any_work(capsys, tmp_path, m
 def test_fp8_build_verifies_and_records_its_quantization(tiny_checkpoint, tiny_build, tiny_artifact, tmp_path,
                                                         monkeypatch, mode):
     """Through AOTInductor's C++ backend: per-token mode takes torch's CPU `_scaled_mm`."""
-    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: quantize_module.ModeChoice(mode, mode))
+    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: quantize_module.ModeChoice.everywhere(mode))
     build = fp8_build(tiny_build)
     # The weight-only build is the default one, which other tests may have cached; per-token must compile.
     manifest = build_artifact(tiny_checkpoint, build, tmp_path / "fp8", Progress(io.StringIO()),

@@ -239,7 +239,7 @@ def test_eager_model_matches_hf_on_the_checkpoints_weights(fp8_checkpoints, hf_w
 def test_per_token_mode_matches_hf_fp8_dynamic(fp8_checkpoints, hf_fp8_dynamic, monkeypatch):
     """The FP8-dynamic scheme as its config states it: each token's activations quantized to e4m3
     with their own scale, which is our per-token mode."""
-    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: quantize_module.ModeChoice(PER_TOKEN, PER_TOKEN))
+    monkeypatch.setattr(quantize_module, "choose_modes", lambda ctx, shape: quantize_module.ModeChoice.everywhere(PER_TOKEN))
     ckpt = open_checkpoint(fp8_checkpoints["channel"])
     build = FP8_BUILD.resolved(ckpt.config)
     model = build_model(ckpt.config, load_weights(ckpt, torch.float32))

@@ -134,7 +134,8 @@ def test_fp8_ranks_keep_gate_and_up_rows_when_down_proj_takes_gate_up_whole(mode
     from llama_aot.kernels.fp8_linear import PER_TOKEN, WEIGHT_ONLY
     from llama_aot.passes import quantize_fp8
 
-    monkeypatch.setattr(quantize_fp8, "choose_modes", lambda ctx, shape: quantize_fp8.ModeChoice(WEIGHT_ONLY, PER_TOKEN))
+    choice = quantize_fp8.ModeChoice(((16, WEIGHT_ONLY), (None, PER_TOKEN)))
+    monkeypatch.setattr(quantize_fp8, "choose_modes", lambda ctx, shape: choice)
     model, ep, build = model_and_program
     inter = model.config.intermediate_size
     fp8 = dataclasses.replace(build, target="cuda", weight_quant="fp8", passes=None)
