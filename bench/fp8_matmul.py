@@ -5,6 +5,7 @@ it (kernels/fp8_timing.py) next to cuBLAS bf16, at decode and prefill step sizes
 
     python -m llama_aot.bench.fp8_matmul [--rows 1,16,128,2048] [--shapes qkv,o,...] [--out-dir DIR]
     python -m llama_aot.bench.fp8_matmul --tiles [--rows 1,16]   the weight-only kernel's tiles
+    python -m llama_aot.bench.fp8_matmul --row-tiles [--rows 8,16,32,128]   the per_token_tiles kernel's
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from llama_aot.kernels.decode_linear import FP8_MAX_ROWS, MAX_ROWS
 from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, fp8_linear, fp8_linear_reference, quantize_rows
 from llama_aot.kernels.fp8_timing import STREAMED_BYTES, time_modes
 from llama_aot.kernels.triton_decode_linear import FP8_TILES, Tiles, fp8_tiles, launch_decode_linear
+from llama_aot.kernels.triton_fp8_rows import RowTiles, fp8_rows_triton, row_tiles
 from llama_aot.kernels.graph_timing import graph_time_us
 
 
@@ -65,29 +67,47 @@ WIDE_TILE_SWEEP = [dataclasses.replace(FP8_TILES, num_stages=st, wide_block_n=bn
                    for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 4) for m in (MAX_ROWS, FP8_MAX_ROWS)]
 
 
-def sweep_tiles(name: str, rows: int) -> list[dict]:
-    """decode_linear's FP8 weight-only kernel with every TILE_SWEEP tile (WIDE_TILE_SWEEP past
-    MAX_ROWS rows), each checked against the shipped tile's output, graph-replayed over streamed
-    weight copies."""
+# The decode-batch FP8 x FP8 kernel's tiles (fp8_linear's per_token_tiles mode), around
+# kernels/triton_fp8_rows.py's row_tiles: split-K for the 4096-wide weights is the question.
+ROW_TILE_SWEEP = [RowTiles(bn, bk, split, st) for bn in (32, 64, 128) for bk in (128, 256)
+                  for split in (1, 2, 4, 8) for st in (3, 4)]
+
+
+def sweep_tiles(name: str, rows: int, decode_batch_kernel: bool) -> list[dict]:
+    """The weight-only kernel (decode_linear's) with every TILE_SWEEP tile (WIDE_TILE_SWEEP past
+    MAX_ROWS rows), or with `decode_batch_kernel` the per_token_tiles kernel with every
+    ROW_TILE_SWEEP tile: each checked against the shipped tile's output, graph-replayed over
+    streamed weight copies."""
     n, k = SHAPES[name]
     copies = max(1, -(-STREAMED_BYTES // (n * k)))
     weights = [torch.randn(n, k, device="cuda").to(FP8) for _ in range(copies)]
     scale = torch.rand(n, device="cuda") + 0.5
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
-    launch_decode_linear(x, weights[0], out, FP8_TILES, scale)
-    shipped_tiles = dataclasses.replace(fp8_tiles(n), row_block_n=0, row_block_k=0)  # the sweep's have no single-row tile
-    ref = out.float().clone()
+    if decode_batch_kernel:
+        xq, x_scale = quantize_rows(x)
+        candidates, shipped_tiles = ROW_TILE_SWEEP, row_tiles(n, k)
+
+        def run(weight, tiles):
+            return fp8_rows_triton(xq, x_scale, weight, scale, torch.bfloat16, tiles)
+    else:
+        out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
+        candidates = TILE_SWEEP if rows <= MAX_ROWS else WIDE_TILE_SWEEP
+        shipped_tiles = dataclasses.replace(fp8_tiles(n), row_block_n=0, row_block_k=0)  # the sweep's have no single-row tile
+
+        def run(weight, tiles):
+            launch_decode_linear(x, weight, out, tiles, scale)
+            return out
+    ref = run(weights[0], shipped_tiles).float().clone()
     timed = []
-    for tiles in TILE_SWEEP if rows <= MAX_ROWS else WIDE_TILE_SWEEP:
+    for tiles in candidates:
         try:
-            launch_decode_linear(x, weights[0], out, tiles, scale)
+            got = run(weights[0], tiles)
         except triton.runtime.errors.OutOfResources:
             continue
-        if not ((out.float() - ref).norm() / ref.norm()).item() < 1e-3:
+        if not ((got.float() - ref).norm() / ref.norm()).item() < 1e-3:
             print(f"{name} rows {rows} {tiles}: WRONG", flush=True)
             continue
-        us = graph_time_us(lambda i: launch_decode_linear(x, weights[i], out, tiles, scale), copies)
+        us = graph_time_us(lambda i: run(weights[i], tiles), copies)
         timed.append({"shape": name, "rows": rows, "tiles": dataclasses.asdict(tiles), "us": us,
                       "weight_gbps": n * k / us / 1e3, "shipped": tiles == shipped_tiles})
     del weights
@@ -104,12 +124,17 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="qkv,o,gate_up,down", help=f"some of {', '.join(SHAPES)}")
     p.add_argument("--out-dir", type=Path, help="where the JSON goes (default bench/results)")
     p.add_argument("--tiles", action="store_true", help="instead, sweep the weight-only kernel's tiles")
+    p.add_argument("--row-tiles", action="store_true",
+                   help="instead, sweep the per_token_tiles kernel's tiles (default rows 8,16,32,128)")
     args = p.parse_args(argv)
     device, sha = torch.cuda.get_device_name(), git_sha()
-    rows = [int(r) for r in (args.rows or ("1,16" if args.tiles else "1,16,32,128,2048")).split(",")]
-    if args.tiles:
-        swept = [r for name in args.shapes.split(",") for n_rows in rows for r in sweep_tiles(name, n_rows)]
-        print(save_results("fp8-tiles", [{"device": device, "git_sha": sha, **r} for r in swept], args.out_dir))
+    default_rows = "8,16,32,128" if args.row_tiles else "1,16" if args.tiles else "1,16,32,128,2048"
+    rows = [int(r) for r in (args.rows or default_rows).split(",")]
+    if args.tiles or args.row_tiles:
+        swept = [r for name in args.shapes.split(",") for n_rows in rows
+                 for r in sweep_tiles(name, n_rows, decode_batch_kernel=args.row_tiles)]
+        kind = "fp8-row-tiles" if args.row_tiles else "fp8-tiles"
+        print(save_results(kind, [{"device": device, "git_sha": sha, **r} for r in swept], args.out_dir))
         return 0
     checks = {n_rows: check_modes(n_rows) for n_rows in (1, 5, MAX_ROWS)}
     for n_rows, errors in checks.items():

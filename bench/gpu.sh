@@ -57,7 +57,7 @@ if [[ ${TESTS:-1} == 1 ]]; then
   stage "kernel tests"
   # A kernel that fails here would fail the builds too: stop before spending device time on them.
   python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernels.py tests/test_fused_kernels.py \
-    tests/test_decode_linear.py || exit 1
+    tests/test_decode_linear.py tests/test_fp8_rows_kernel.py || exit 1
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_graphs.py tests/test_weights_loader.py \
     tests/test_sampling.py  # the files with gpu-marked tests; others import packages the image lacks
 fi

@@ -16,7 +16,13 @@ Three ways to compute it, chosen per weight shape and step size by the quantize 
   scales, both scale vectors then applied to its [M, N] output. cuBLASLt's tensor-wise FP8 kernels
   can be much faster than its row-wise ones at small M (H100, down_proj at M = 1: 25.9 against
   48.9 us), and scaling the output by x's row scale and W's column scale computes the same product.
+- PER_TOKEN_TILES: PER_TOKEN's product from a Triton kernel of our own made for decode batches
+  (kernels/triton_fp8_rows.py: both operands e4m3 into the tensor cores, K split for narrow
+  weights), where cuBLASLt's FP8 kernels and the weight-only one read the weight at well under
+  the bandwidth one row gets. On CPU it is PER_TOKEN.
 """
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op
@@ -26,7 +32,11 @@ from llama_aot.kernels.decode_linear import decode_linear_triton  # None where T
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 WEIGHT_ONLY, PER_TOKEN, PER_TOKEN_EPILOGUE = "weight_only", "per_token", "per_token_epilogue"
-MODES = (WEIGHT_ONLY, PER_TOKEN, PER_TOKEN_EPILOGUE)
+PER_TOKEN_TILES = "per_token_tiles"
+MODES = (WEIGHT_ONLY, PER_TOKEN, PER_TOKEN_EPILOGUE, PER_TOKEN_TILES)
+
+if importlib.util.find_spec("triton") is not None:
+    from llama_aot.kernels.triton_fp8_rows import fp8_rows_triton
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +55,7 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     if mode == WEIGHT_ONLY:
         return x @ dequantize_rows(weight, weight_scale, x.dtype).T
     xq, x_scale = quantize_rows(x)
-    if mode == PER_TOKEN:
+    if mode in (PER_TOKEN, PER_TOKEN_TILES):
         return torch._scaled_mm(xq, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :],
                                 out_dtype=x.dtype)
     one = torch.ones((), dtype=torch.float32, device=x.device)
@@ -68,15 +78,23 @@ def fp8_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: 
     pointwise op that Inductor fuses into their activation quantization. One tensor, not two
     halves: `torch.cond` (quantize_fp8's routing by step size) takes no operands that alias."""
     gate, up = gate_up.chunk(2, dim=-1)
-    if gate_up.is_cuda and mode == WEIGHT_ONLY:
-        return decode_linear_triton(gate, weight, weight_scale, up)
-    return fp8_linear_reference(silu_times(gate, up), weight, weight_scale, mode)
+    return _fp8_matmul(gate, weight, weight_scale, mode, up)
 
 
 @triton_op("llama_aot::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, mode: str) -> torch.Tensor:
     """x: [M, K] in the model dtype; weight: [N, K] float8_e4m3fn; weight_scale: [N] float32.
     Returns [M, N] in x's dtype. `mode` is one of MODES; WEIGHT_ONLY on CUDA takes M <= FP8_MAX_ROWS."""
+    return _fp8_matmul(x, weight, weight_scale, mode)
+
+
+def _fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, mode: str,
+                up: torch.Tensor | None = None) -> torch.Tensor:
+    """Both ops' body: the product of x (with `up`, of `silu(x) * up`) by the FP8 weight in `mode`."""
     if x.is_cuda and mode == WEIGHT_ONLY:
-        return decode_linear_triton(x, weight, weight_scale)
+        return decode_linear_triton(x, weight, weight_scale, up)
+    if up is not None:
+        x = silu_times(x, up)
+    if x.is_cuda and mode == PER_TOKEN_TILES:
+        return fp8_rows_triton(*quantize_rows(x), weight, weight_scale, x.dtype)
     return fp8_linear_reference(x, weight, weight_scale, mode)

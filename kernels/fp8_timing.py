@@ -15,21 +15,32 @@ from __future__ import annotations
 
 import torch
 
+import warnings
+
 from llama_aot.kernels.decode_linear import FP8_MAX_ROWS
-from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, fp8_linear
+from llama_aot.kernels.fp8_linear import (FP8, MODES, PER_TOKEN_TILES, WEIGHT_ONLY, fp8_linear,
+                                          fp8_linear_reference)
 from llama_aot.kernels.graph_timing import graph_time_us
 
 STREAMED_BYTES = 256 << 20  # weight copies per timing together exceed any L2
+# The most rows each mode is timed at: weight-only's CUDA kernel takes at most FP8_MAX_ROWS, and
+# the decode-batch tile is made for decode batches (llama-compile's default --max-num-seqs on CUDA).
+MODE_MAX_ROWS = {WEIGHT_ONLY: FP8_MAX_ROWS, PER_TOKEN_TILES: 128}
+# A mode whose compiled product is further than this from the reference's (relative, in norm)
+# computes something else on this GPU: e4m3's rounding stays well under it.
+MAX_RELATIVE_ERROR = 2e-2
 
 
 def candidate_modes(rows: int) -> tuple[str, ...]:
-    """The modes worth timing at `rows` rows: weight-only's CUDA kernel takes at most FP8_MAX_ROWS."""
-    return MODES if rows <= FP8_MAX_ROWS else tuple(m for m in MODES if m != WEIGHT_ONLY)
+    """The modes worth timing at `rows` rows (MODE_MAX_ROWS)."""
+    return tuple(m for m in MODES if rows <= MODE_MAX_ROWS.get(m, rows))
 
 
 def time_modes(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]) -> dict[int, dict[str, float]]:
     """Microseconds per call of `fp8_linear(x, W, s, mode)` for W of `shape`, by x's row count in
-    `rows`, then by mode (each row count's candidate_modes)."""
+    `rows`, then by mode (each row count's candidate_modes). A mode that fails to compile or run
+    on this GPU, or computes another product, is left out of every row count with a warning: one
+    kernel that this GPU or toolchain cannot take must not stop an FP8 build."""
     n, k = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     copies = max(1, -(-STREAMED_BYTES // (n * k)))
@@ -42,12 +53,31 @@ def time_modes(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]
             x = torch.randn(r, k, device="cuda", generator=gen).to(dtype)
             if r > 1:
                 torch._dynamo.mark_dynamic(x, 0)  # as in the artifact, where the step's token count is
-            times[r] = {mode: graph_time_us(lambda i: compiled[mode](x, weights[i], scale), copies)
-                        for mode in candidate_modes(r)}
+            times[r] = {}
+            for mode in candidate_modes(r):
+                if mode not in compiled:
+                    continue
+                try:
+                    _check_product(compiled[mode], x, weights[0], scale, mode)
+                    times[r][mode] = graph_time_us(lambda i: compiled[mode](x, weights[i], scale), copies)
+                except Exception as error:  # Triton's and Inductor's errors share no narrower type
+                    warnings.warn(f"--fp8: the {mode} mode fails for a {n}x{k} weight at {r} rows on this GPU, "
+                                  f"so it is not a candidate: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+                    del compiled[mode]
+    for by_mode in times.values():  # a mode left out at any row count is left out at all
+        for mode in set(by_mode) - set(compiled):
+            del by_mode[mode]
     del weights, compiled
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return times
+
+
+def _check_product(compiled, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, mode: str) -> None:
+    expected = fp8_linear_reference(x, weight, scale, mode).float()
+    error = ((compiled(x, weight, scale).float() - expected).norm() / expected.norm()).item()
+    if not error <= MAX_RELATIVE_ERROR:
+        raise ValueError(f"relative error {error:.3g} against the reference")
 
 
 def compiled_mode(mode: str):

@@ -107,7 +107,8 @@ def choose_modes(ctx: PassContext, shape: tuple[int, int]) -> ModeChoice:
     timings = time_modes(shape, torch_dtype(ctx.build.dtype), TIMED_ROWS)
     bands: list[tuple[int | None, str]] = []
     for max_rows, band_rows in STEP_BANDS:
-        mode = min(candidate_modes(max(band_rows)), key=lambda m: sum(timings[r][m] for r in band_rows))
+        timed = [m for m in candidate_modes(max(band_rows)) if all(m in timings[r] for r in band_rows)]
+        mode = min(timed, key=lambda m: sum(timings[r][m] for r in band_rows))
         if bands and bands[-1][1] == mode:
             bands.pop()  # the band before takes this one's steps too
         bands.append((max_rows, mode))

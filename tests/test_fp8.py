@@ -16,8 +16,8 @@ from llama_aot.compiler.build import Progress, build_artifact
 from llama_aot.compiler.checkpoint import load_weights, open_checkpoint
 from llama_aot.compiler.export import export_model
 from llama_aot.compiler.model import build_model
-from llama_aot.kernels.fp8_linear import (FP8, MODES, PER_TOKEN, PER_TOKEN_EPILOGUE, WEIGHT_ONLY, dequantize_rows, fp8_linear,
-                                         quantize_rows)
+from llama_aot.kernels.fp8_linear import (FP8, MODES, PER_TOKEN, PER_TOKEN_EPILOGUE, PER_TOKEN_TILES, WEIGHT_ONLY,
+                                          dequantize_rows, fp8_linear, quantize_rows)
 from llama_aot.passes import quantize_fp8 as quantize_module
 from llama_aot.passes.graph_pass import PassContext
 from llama_aot.passes.pipeline import run_pipeline
@@ -200,6 +200,11 @@ def test_the_gpu_takes_each_step_sizes_fastest_mode_by_its_timings(monkeypatch):
         asked.append((shape, dtype, rows))
         return {r: {m: t for m, t in table[r].items() if m in fp8_timing.candidate_modes(r)} for r in rows}
     monkeypatch.setattr(fp8_timing, "time_modes", fake)
+    assert fp8_timing.candidate_modes(32) == MODES
+    assert PER_TOKEN_TILES in fp8_timing.candidate_modes(128) and WEIGHT_ONLY not in fp8_timing.candidate_modes(128)
+    assert PER_TOKEN_TILES not in fp8_timing.candidate_modes(2048)
+    # The table has no per_token_tiles timings, as when that mode failed on the GPU (time_modes
+    # leaves such a mode out): the bands are chosen among the others.
     cuda = PassContext(BuildConfig(target="cuda", weight_quant="fp8"))
     choice = quantize_module.choose_modes(cuda, (64, 128))
     assert asked == [((64, 128), torch.bfloat16, (1, 16, 32, 128, 2048))]
