@@ -41,8 +41,8 @@ def main(argv=None) -> int:
             time.sleep(0.1)
         elapsed = time.perf_counter() - start
     finally:
-        err = server.stop()
-    print("\n".join(line for line in err.splitlines() if line.startswith("llama-serve:")))
+        server.stop()
+    print("\n".join(line for line in server.output().splitlines() if line.startswith("llama-serve:")))
     print(f"first token {elapsed:.1f} s after launching llama-serve")
     return 0
 

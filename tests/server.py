@@ -1,34 +1,14 @@
-"""Starting `llama-serve` as users do, in a subprocess, and waiting until it answers."""
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-
+"""Starting `llama-serve` as users do, in a subprocess, and waiting until it answers: the
+benchmarks' ServerProcess with stdout and stderr in one pipe, which the tests read."""
 import httpx
 
-from llama_aot.bench.server_process import free_port
+from llama_aot.bench.server_process import ServerProcess as BenchServerProcess
 
 
-class ServerProcess:
+class ServerProcess(BenchServerProcess):
     def __init__(self, artifact, *flags, startup_timeout=120):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("llama-serve", path=os.path.dirname(sys.executable))
-        self.proc = subprocess.Popen([exe, str(artifact), "--port", str(self.port), "--log-level", "warning", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-serve exited with {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("llama-serve did not become healthy in time")
+        super().__init__([str(artifact), *flags], merge_output=True)
+        self.wait_healthy(startup_timeout)
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.base_url + "/metrics", timeout=10).text
@@ -38,13 +18,3 @@ class ServerProcess:
                 name, value = line.rsplit(" ", 1)
                 values[name] = float(value)
         return values
-
-    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
