@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -121,6 +122,32 @@ class HFReference:
         return hf_logits(self.model, tokens)
 
 
+@dataclass(frozen=True)
+class TeacherForced:
+    """The module docstring's teacher-forced comparison over a set of prompts."""
+
+    agreement: float  # of all forced positions
+    identical: int  # prompts whose every forced position agrees
+    worst_logits_error: float  # ||artifact - reference|| / ||reference||, the worst prompt's
+
+
+def teacher_forced(artifact, reference, prompts: list[list[int]], new_tokens: int) -> TeacherForced:
+    """`artifact` against `reference` (HFReference or BaselineArtifact) on `prompts`, each forced
+    with the reference's greedy continuation of `new_tokens`."""
+    agree = total = identical = 0
+    worst_error = 0.0
+    for ids in prompts:
+        forced = reference.greedy(ids, new_tokens)
+        ours = artifact_logits(artifact, ids + forced)[len(ids) - 1:-1]
+        theirs = reference.logits(ids + forced)[len(ids) - 1:-1]
+        worst_error = max(worst_error, ((ours - theirs).norm() / theirs.norm()).item())
+        matches = sum(a == b for a, b in zip(ours.argmax(-1).tolist(), forced))
+        agree += matches
+        identical += matches == len(forced)
+        total += len(forced)
+    return TeacherForced(agree / total, identical, worst_error)
+
+
 def sample_prompts_and_texts(tokenizer, dataset_path, seed: int, num_prompts: int, num_texts: int,
                              max_len: int) -> tuple[list[list[int]], list[list[int]]]:
     """Shuffled ShareGPT conversations: the first `num_prompts` give prompts (their first
@@ -196,17 +223,8 @@ def evaluate(args) -> dict:
     prompts, texts = sample_prompts_and_texts(tokenizer, args.dataset_path, args.seed, args.prompts,
                                               args.ppl_texts, max_len)
 
-    agree = total = identical = 0
-    worst_error = 0.0
-    for ids in prompts:
-        forced = reference.greedy(ids, new_tokens)
-        ours = artifact_logits(artifact, ids + forced)[len(ids) - 1:-1]
-        theirs = reference.logits(ids + forced)[len(ids) - 1:-1]
-        worst_error = max(worst_error, ((ours - theirs).norm() / theirs.norm()).item())
-        matches = sum(a == b for a, b in zip(ours.argmax(-1).tolist(), forced))
-        agree += matches
-        identical += matches == len(forced)
-        total += len(forced)
+    scored = teacher_forced(artifact, reference, prompts, new_tokens)
+    identical, worst_error = scored.identical, scored.worst_logits_error
     mean_a = sum(perplexity(artifact_logits(artifact, ids), ids) for ids in texts) / len(texts)
     mean_r = sum(perplexity(reference.logits(ids), ids) for ids in texts) / len(texts)
     build, name = artifact.build_config, reference.name
@@ -214,7 +232,7 @@ def evaluate(args) -> dict:
               "git_sha": git_sha(), "artifact": str(args.artifact), "dtype": build.dtype,
               "weight_quant": build.weight_quant, "kv_dtype": build.kv_dtype, **reference.fields,
               "prompts": len(prompts), "new_tokens": new_tokens,
-              "greedy_agreement": agree / total, "identical_continuations": identical,
+              "greedy_agreement": scored.agreement, "identical_continuations": identical,
               "logits_relative_error": worst_error, "ppl_texts": len(texts), "max_len": max_len,
               "perplexity_artifact": mean_a, f"perplexity_{name.lower()}": mean_r,
               "perplexity_relative_change": (mean_a - mean_r) / mean_r}

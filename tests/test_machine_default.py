@@ -2,12 +2,11 @@
 (compiler/machine_default.py): --int8 on a CPU with AVX-512, as given elsewhere; and the embedded
 default built that way, as `make serve` builds it, against HF transformers in float32."""
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from llama_aot.artifacts.config import BuildConfig
 from llama_aot.artifacts.manifest import read_manifest
-from llama_aot.bench.accuracy import artifact_greedy, artifact_logits
+from llama_aot.bench.accuracy import HFReference, artifact_greedy, teacher_forced
 from llama_aot.compiler import machine_default as md
 from llama_aot.compiler.cli import main
 from llama_aot.runtime.artifact import load_artifact
@@ -67,20 +66,11 @@ def test_the_default_build_agrees_with_hf_on_the_test_chats(smollm2_checkpoint, 
     """Teacher-forced: each position of HF's greedy continuation is scored on HF's prefix, so one
     early difference does not count against every later token."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint)
-    hf = LlamaForCausalLM.from_pretrained(smollm2_checkpoint, torch_dtype=torch.float32).eval()
     artifact = load_artifact(smollm2_default)
-    agree = total = 0
-    for chat in CHATS:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=False)
-        with torch.no_grad():
-            forced = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
-        ours = artifact_logits(artifact, prompt + forced.tolist())[len(prompt) - 1:-1].argmax(-1)
-        agree += int((ours == forced[:len(ours)]).sum())
-        total += len(forced)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for chat in CHATS]
+    agreement = teacher_forced(artifact, HFReference(smollm2_checkpoint, "cpu"), prompts, NEW_TOKENS).agreement
     print(f"greedy agreement of the default ({artifact.build_config.weight_quant}, {artifact.build_config.dtype}) "
-          f"with HF float32, teacher-forced on {len(CHATS)} chats x {NEW_TOKENS} tokens: {agree / total:.4f}")
-    assert agree / total >= (1.0 if artifact.build_config.weight_quant == "none" else MIN_INT8_AGREEMENT)
-    first = tokenizer.apply_chat_template([{"role": "user", "content": CHATS[0]}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
-    assert "Paris" in tokenizer.decode(artifact_greedy(artifact, first, NEW_TOKENS))
+          f"with HF float32, teacher-forced on {len(CHATS)} chats x {NEW_TOKENS} tokens: {agreement:.4f}")
+    assert agreement >= (1.0 if artifact.build_config.weight_quant == "none" else MIN_INT8_AGREEMENT)
+    assert "Paris" in tokenizer.decode(artifact_greedy(artifact, prompts[0], NEW_TOKENS))
