@@ -27,7 +27,6 @@ from typing import Any
 
 from llama_aot.artifacts.config import BuildConfig, ModelConfig
 from llama_aot.artifacts.errors import ArtifactError, ConfigError
-from llama_aot.artifacts.target import check_target
 
 FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
@@ -147,7 +146,10 @@ def _check_programs(mpath: Path, manifest: Manifest) -> None:
 
 def checked_manifest(path: Path, device: str | None = None) -> tuple[Manifest, str]:
     """The manifest of the artifact at `path` and the device it will run on (default: the device
-    type it was built for), once this machine is known to run it; reads no other file."""
+    type it was built for), once this machine is known to run it; reads no other file. The target
+    check imports torch (~2 s), so it is imported here: reading a manifest (pull, publish) does not."""
+    from llama_aot.artifacts.target import check_target
+
     if not path.is_dir():
         raise ArtifactError(f"{path}: no such artifact directory")
     manifest = read_manifest(path)

@@ -14,12 +14,10 @@ verified blobs, shared by every artifact pulled, and `pulled/DIGEST/NAME` what `
 """
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from llama_aot.artifacts.blob_fetch import Blob, BlobCache, Fetcher
 from llama_aot.artifacts.digest import hash_file
 from llama_aot.artifacts.errors import ArtifactError
 from llama_aot.artifacts.local_cache import cache_root
+from llama_aot.artifacts.manifest import read_manifest
 from llama_aot.artifacts.store_index import MANIFEST_FILE, IndexEntry, StoreIndex, disagreements
 from llama_aot.artifacts.store_match import best, compile_hint, misfits, this_machine
 from llama_aot.artifacts.store_ref import StoreRef, looks_like_store, parse_ref
@@ -93,7 +92,7 @@ def pull(ref: StoreRef, out: Path | None = None, *, tp: int | None = None, into_
          connections: int = CONNECTIONS, say: Callable[[str], None] = lambda line: None) -> Pulled:
     """Pulls the artifact `ref` picks into `out` (default artifacts/NAME, or with `into_cache` the
     cache's pulled/DIGEST/NAME); see the module docstring for the order and the guarantees."""
-    source = open_source(ref, connections)
+    source = open_source(ref)
     try:
         entry = choose(source.read_index(), ref, tp)
         dest = (cache_dir() / "pulled" / entry.digest / entry.name if into_cache
@@ -103,7 +102,6 @@ def pull(ref: StoreRef, out: Path | None = None, *, tp: int | None = None, into_
         if dest.exists():
             raise ArtifactError(f"{dest} exists and is not {entry.name} (sha256:{entry.digest}); remove it or "
                                 "choose another -o")
-        _import_torch_meanwhile()
         say(f"pulling {entry.name} (sha256:{entry.digest[:12]}, {entry.size / 1e6:.1f} MB) from {ref.store} "
             f"into {dest}")
         return _fetch(source, ref, entry, dest, connections)
@@ -146,8 +144,6 @@ def _checked_manifest(staging: Path, ref: StoreRef, entry: IndexEntry):
     """The pulled manifest, once it is one this runtime reads and its index entry agrees with it
     (the files were fetched as the index lists them: each blob matches its key whatever the index
     says, and none is put in place unless the manifest lists it with that digest)."""
-    from llama_aot.artifacts.manifest import read_manifest
-
     try:
         manifest = read_manifest(staging)
     except ArtifactError as e:
@@ -156,12 +152,6 @@ def _checked_manifest(staging: Path, ref: StoreRef, entry: IndexEntry):
         raise ArtifactError(f"{ref.store}: the index entry of {entry.name} disagrees with its manifest "
                             f"({'; '.join(problems)}); the index was edited or is corrupt: republish {entry.name}")
     return manifest
-
-
-def _import_torch_meanwhile() -> None:
-    """Reading the manifest imports torch (artifacts/target.py), ~2 s of a pull's start-up; a
-    thread does it while the blobs download, and read_manifest's import then waits for it."""
-    threading.Thread(target=importlib.import_module, args=("llama_aot.artifacts.manifest",), daemon=True).start()
 
 
 def _blob(name: str, digest: dict) -> Blob:

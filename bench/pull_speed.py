@@ -11,8 +11,10 @@ rounds, each from launch to exit into an empty directory:
   - `llama-artifacts pull STORE:NAME -o DIR` with an empty cache: ranged requests on --connections
     connections, every chunk hashed as it lands, the artifact renamed into place.
 Pull also reports its own time from the first request to the artifact in place, which leaves out
-starting Python and importing torch (about 2 s here). The ratios are curl's median time over
-pull's: 1.0 means as fast as curl. Saved as JSON in bench/results/ with the git sha and device "cpu".
+starting Python (~0.15 s). The ratios are curl's median time over pull's: 1.0 means as fast as curl.
+Each run's CPU seconds (user + system) are recorded too, the client's and the server's, since on a
+machine with few cores they share them: wall times alone do not say who was waiting on whom.
+Saved as JSON in bench/results/ with the git sha and device "cpu".
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -92,13 +95,23 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the store server did not start")
 
 
-def timed(cmd: list[str], env=None) -> tuple[float, str]:
-    start = time.perf_counter()
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU of the children waited for (pid None), or of the running process `pid`."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], server_pid: int, env=None) -> tuple[float, float, float, str]:
+    """Wall seconds, the command's CPU seconds and the server's, and the command's output."""
+    cpu, server_cpu, start = cpu_seconds(), cpu_seconds(server_pid), time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return seconds, done.stdout + done.stderr
+    return seconds, cpu_seconds() - cpu, cpu_seconds(server_pid) - server_cpu, done.stdout + done.stderr
 
 
 def main(argv=None) -> int:
@@ -125,13 +138,15 @@ def main(argv=None) -> int:
         pull = [str(Path(sys.executable).parent / "llama-artifacts"), "pull", f"{url}:{NAME}",
                 "--connections", str(args.connections), "-o"]
         times: dict[str, list[float]] = {"curl": [], "curl_parallel": [], "pull": [], "pull_transfer": []}
+        cpu = {k: [] for k in ("curl", "curl_parallel", "pull")}
+        server_cpu = {k: [] for k in ("curl", "curl_parallel", "pull")}
         for r in range(args.rounds):
             for kind in ("curl", "curl_parallel", "pull"):
                 scratch = work / f"round{r}-{kind}"
                 scratch.mkdir()
                 if kind == "pull":
                     env = {**os.environ, "LLAMA_AOT_CACHE": str(scratch / "cache")}
-                    seconds, out = timed(pull + [str(scratch / NAME)], env)
+                    seconds, used, served, out = timed(pull + [str(scratch / NAME)], server.pid, env)
                     transfer = float(re.search(r"received [\d.]+ MB in ([\d.]+) s", out).group(1))
                     times["pull_transfer"].append(transfer)
                 else:
@@ -139,12 +154,15 @@ def main(argv=None) -> int:
                     start = os.getcwd()
                     os.chdir(scratch)
                     try:
-                        seconds, _ = timed(cmd)
+                        seconds, used, served, _ = timed(cmd, server.pid)
                     finally:
                         os.chdir(start)
                 times[kind].append(seconds)
+                cpu[kind].append(used)
+                server_cpu[kind].append(served)
                 shutil.rmtree(scratch)
                 detail = f" (transfer {transfer:.2f} s)" if kind == "pull" else ""
+                detail += f", CPU {used:.2f} s, server CPU {served:.2f} s"
                 print(f"round {r}: {kind} {seconds:.2f} s{detail}", flush=True)
     finally:
         if server is not None:
@@ -161,10 +179,13 @@ def main(argv=None) -> int:
               "rounds": args.rounds, "connections": args.connections,
               "server": f"uvicorn {uvicorn.__version__} + starlette {starlette.__version__} StaticFiles",
               "seconds": times, "median_s": med, "median_mb_s": {k: mb / v for k, v in med.items()},
+              "cpu_s": cpu, "server_cpu_s": server_cpu,
               "pull_vs_curl": med["curl"] / med["pull"], "pull_transfer_vs_curl": med["curl"] / med["pull_transfer"],
               "pull_vs_curl_parallel": med["curl_parallel"] / med["pull"]}
     for k, v in med.items():
-        print(f"{k:14s} median {v:.2f} s  {mb / v:.0f} MB/s")
+        spent = (f"  CPU {statistics.median(cpu[k]):.2f} s, server CPU {statistics.median(server_cpu[k]):.2f} s"
+                 if k in cpu else "")
+        print(f"{k:14s} median {v:.2f} s  {mb / v:.0f} MB/s{spent}")
     print(f"pull / curl speed: {record['pull_vs_curl']:.2f} launch to exit, {record['pull_transfer_vs_curl']:.2f} "
           f"transfer only; against curl --parallel {record['pull_vs_curl_parallel']:.2f}")
     print(f"saved {save_results('pull_speed', [record], args.out_dir)}")

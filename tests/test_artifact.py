@@ -85,7 +85,7 @@ def test_artifact_of_an_older_format_is_refused(artifact_copy):
 
 
 def test_serving_a_format2_artifact_is_one_line_and_exit_status_2(artifact_copy, capsys):
-    from server import free_port
+    from llama_aot.bench.server_process import free_port
 
     from llama_aot.serve.cli import main
 

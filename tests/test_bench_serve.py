@@ -19,7 +19,8 @@ from llama_aot.bench.datasets import (RemoteTokenizer, load_conversations, load_
 from llama_aot.bench.report import format_table
 from llama_aot.bench.sweep import chosen_scenarios, seed_scenarios
 from llama_aot.bench.serving import RequestResult, arrival_gaps, compute_metrics, peak_rates
-from server import ServerProcess, free_port
+from llama_aot.bench.server_process import free_port
+from server import ServerProcess
 
 # The two bench_serving command lines of SGLang's Llama 3.1 docs (the cookbook's low-concurrency
 # run and the 70B guide's), which must run as `llama-bench serve ...` unchanged.

@@ -172,7 +172,7 @@ def test_cuda_graph_flags_resolve_against_the_artifact(artifact):
     (["--kv-cache-blocks", str(10 ** 13)], "does not fit in the cpu's free memory; lower --kv-cache-blocks"),
 ])
 def test_serve_refuses_bad_runtime_flags_in_one_line(capsys, tiny_artifact, flags, needle):
-    from server import free_port
+    from llama_aot.bench.server_process import free_port
 
     from llama_aot.serve.cli import main
 

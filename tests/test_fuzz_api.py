@@ -5,7 +5,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from server import free_port
+from llama_aot.bench.server_process import free_port
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,11 @@ HTTP server on loopback.
 The server is uvicorn serving the store with starlette's StaticFiles, which honours Range requests
 (206, checked below). A thin ASGI wrapper counts the bytes it serves per path, and can cut a
 response at a given byte offset or flip a byte in one, so the tests can show what a resumed pull
-did not fetch again. The other builds in the store are the session's tiny artifact with its
-manifest edited (another arch, another world size, a GPU); nothing new is compiled.
+did not fetch again; it also redirects what is asked under /moved/, and notes the credentials.
+The other builds in the store are the session's tiny artifact with its manifest edited (another
+arch, another world size, a GPU); nothing new is compiled.
 """
+import base64
 import hashlib
 import json
 import os
@@ -25,7 +27,8 @@ from llama_aot.artifacts.digest import hash_file
 from llama_aot.artifacts.errors import ArtifactError
 from llama_aot.artifacts.store_cli import main
 from llama_aot.artifacts.store_ref import INDEX_FILE, looks_like_store, parse_ref
-from server import ServerProcess, free_port
+from llama_aot.bench.server_process import free_port
+from server import ServerProcess
 
 PROG = "llama-artifacts: error:"
 
@@ -41,6 +44,7 @@ class StoreServer:
         self.served: dict[str, int] = {}
         self.cut: dict[str, list] = {}  # path -> [byte offset, responses to cut (-1: all)]
         self.corrupt: dict[str, int] = {}  # path -> responses to corrupt
+        self.authorizations: set[str] = set()  # the Authorization headers received
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, lifespan="off",
@@ -56,8 +60,15 @@ class StoreServer:
         return self.served.get(f"/blobs/{key}", 0)
 
     async def app(self, scope, receive, send):
-        path = scope["path"]
-        ranges = dict(scope["headers"]).get(b"range", b"bytes=0-").decode()
+        path, headers = scope["path"], dict(scope["headers"])
+        if b"authorization" in headers:
+            self.authorizations.add(headers[b"authorization"].decode())
+        if path.startswith("/moved/"):  # the store moved to the root
+            await send({"type": "http.response.start", "status": 307,
+                        "headers": [(b"location", path.removeprefix("/moved").encode()), (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        ranges = headers.get(b"range", b"bytes=0-").decode()
         offset = int(ranges.split("=")[1].split("-")[0])
         cut = self.cut.get(path)
         corrupt = self.corrupt.get(path, 0) != 0
@@ -361,6 +372,32 @@ def test_blobs_already_pulled_are_linked_not_fetched(capsys, served, cache, tmp_
     assert weights.stat().st_ino == (tmp_path / "a" / "step.rank0.safetensors").stat().st_ino
     assert main(["pull", served.url + ":tiny", "-o", str(tmp_path / "a")]) == 0
     assert "already holds tiny" in capsys.readouterr().out
+
+
+def test_a_pull_by_name_does_not_import_torch(served, tmp_path):
+    """Importing torch holds the GIL for ~2 s, which every download thread waits on (docs/distribution.md,
+    "Pull speed"); only choosing a build by this machine's hardware needs it."""
+    code = ("import sys; from llama_aot.artifacts.store_cli import main; "
+            "assert main(['pull', sys.argv[1], '-o', sys.argv[2]]) == 0; assert 'torch' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code, f"{served.url}:tiny", str(tmp_path / "out")],
+                          env={**os.environ, "LLAMA_AOT_CACHE": str(tmp_path / "cache")}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_redirect_a_proxy_and_credentials_in_the_url_are_honoured(capsys, served, cache, tmp_path, monkeypatch):
+    """As with curl: a host that redirects every request (307); the proxy HTTP_PROXY names (the
+    test server answers the whole-URL requests a proxy gets as it would pass them on); and
+    user:password@ in the URL, sent as basic auth."""
+    assert main(["pull", f"{served.url}/moved:tiny", "-o", str(tmp_path / "a")]) == 0
+    assert served.blob_served(key_of(served.root, "tiny", "step.pt2")) > 0
+    monkeypatch.setenv("LLAMA_AOT_CACHE", str(tmp_path / "another-cache"))
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", served.url)
+    assert main(["pull", "http://user:s%40cret@store.invalid/:tiny", "-o", str(tmp_path / "b")]) == 0
+    assert served.authorizations == {"Basic " + base64.b64encode(b"user:s@cret").decode()}
+    assert hash_file(tmp_path / "b" / "manifest.json") == hash_file(tmp_path / "a" / "manifest.json")
 
 
 def test_verify_names_a_modified_file(capsys, served, cache, tmp_path):

@@ -225,7 +225,7 @@ def test_too_few_gpus_are_refused_before_anything_loads(tp_artifact, monkeypatch
     """On a machine with one GPU, a CUDA artifact built for two: one line, exit status 2, and
     neither a worker started nor a weight loaded."""
     import llama_aot.runtime.artifact
-    from server import free_port
+    from llama_aot.bench.server_process import free_port
 
     from llama_aot.serve import cli
 
