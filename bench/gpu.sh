@@ -112,6 +112,8 @@ if [[ ${FP8:-1} == 1 ]]; then
     start=$(date +%s)
     llama-compile --model "$CKPT" --target cuda "${flags[@]}" -o "$ART-$variant" || exit 1
     echo "compile wall time: $(( $(date +%s) - start )) s"
+    python3 -c "import json, sys; q = json.load(open(sys.argv[1]))['quantization']['quantize_fp8']
+print('modes by weight shape:', json.dumps(q['modes_by_weight_shape'], indent=1))" "$ART-$variant/manifest.json"
     FP8_ARTIFACTS+=(--artifact "$ART-$variant") FP8_PATHS+=("$ART-$variant")
   done
 fi
