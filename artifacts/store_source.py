@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 from llama_aot.artifacts.errors import ArtifactError
@@ -89,15 +89,14 @@ def _pool(base: str):
     timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S)
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if url.username:
-        headers.update(urllib3.make_headers(basic_auth=f"{unquote(url.username)}:{unquote(url.password or '')}"))
+        headers.update(urllib3.make_headers(basic_auth=_credentials(url)))
     # Redirects followed (the Authorization header dropped on a move to another host); no other
     # retries here: pull resumes a cut transfer itself, from the bytes it has.
     retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=MAX_REDIRECTS)
     proxy = None if proxy_bypass(url.hostname or "") else getproxies().get(url.scheme)
     if proxy:
         p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        auth = urllib3.make_headers(proxy_basic_auth=f"{unquote(p.username)}:{unquote(p.password or '')}") \
-            if p.username else {}
+        auth = urllib3.make_headers(proxy_basic_auth=_credentials(p)) if p.username else {}
         return urllib3.ProxyManager(proxy, proxy_headers=auth, headers=headers, timeout=timeout, retries=retries)
     return urllib3.PoolManager(headers=headers, timeout=timeout, retries=retries)
 
@@ -186,6 +185,11 @@ class HttpSource:
 
     def close(self) -> None:
         self.pool.clear()
+
+
+def _credentials(url: SplitResult) -> str:
+    """`user:password` from a URL's userinfo, percent-decoded, for a basic-auth header."""
+    return f"{unquote(url.username)}:{unquote(url.password or '')}"
 
 
 def _without_credentials(location: str) -> str:

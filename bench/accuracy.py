@@ -224,7 +224,6 @@ def evaluate(args) -> dict:
                                               args.ppl_texts, max_len)
 
     scored = teacher_forced(artifact, reference, prompts, new_tokens)
-    identical, worst_error = scored.identical, scored.worst_logits_error
     mean_a = sum(perplexity(artifact_logits(artifact, ids), ids) for ids in texts) / len(texts)
     mean_r = sum(perplexity(reference.logits(ids), ids) for ids in texts) / len(texts)
     build, name = artifact.build_config, reference.name
@@ -232,13 +231,13 @@ def evaluate(args) -> dict:
               "git_sha": git_sha(), "artifact": str(args.artifact), "dtype": build.dtype,
               "weight_quant": build.weight_quant, "kv_dtype": build.kv_dtype, **reference.fields,
               "prompts": len(prompts), "new_tokens": new_tokens,
-              "greedy_agreement": scored.agreement, "identical_continuations": identical,
-              "logits_relative_error": worst_error, "ppl_texts": len(texts), "max_len": max_len,
+              "greedy_agreement": scored.agreement, "identical_continuations": scored.identical,
+              "logits_relative_error": scored.worst_logits_error, "ppl_texts": len(texts), "max_len": max_len,
               "perplexity_artifact": mean_a, f"perplexity_{name.lower()}": mean_r,
               "perplexity_relative_change": (mean_a - mean_r) / mean_r}
     print(f"greedy-token agreement with {name} (teacher-forced, {len(prompts)} prompts x {new_tokens} tokens): "
-          f"{record['greedy_agreement']:.4f}; identical greedy continuations: {identical}/{len(prompts)}")
-    print(f"logits relative error against {name} (worst prompt): {worst_error:.2e}")
+          f"{record['greedy_agreement']:.4f}; identical greedy continuations: {scored.identical}/{len(prompts)}")
+    print(f"logits relative error against {name} (worst prompt): {scored.worst_logits_error:.2e}")
     print(f"perplexity on {len(texts)} held-out ShareGPT replies: artifact {mean_a:.4f}, {name} {mean_r:.4f} "
           f"(relative change {record['perplexity_relative_change']:+.2e})")
     print(save_results("accuracy", [record], args.out_dir))

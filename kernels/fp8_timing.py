@@ -13,9 +13,9 @@ Run eagerly, each of those ops is a kernel of its own: ~20 us a call on the H200
 """
 from __future__ import annotations
 
-import torch
-
 import warnings
+
+import torch
 
 from llama_aot.kernels.decode_linear import FP8_MAX_ROWS
 from llama_aot.kernels.fp8_linear import (FP8, MODES, PER_TOKEN_TILES, WEIGHT_ONLY, fp8_linear,

@@ -168,13 +168,14 @@ def _route(owner: torch.nn.Module, graph: Graph, operands: list[Node], branches:
     (max_rows, target, constants), rest = branches[0], branches[1:]
     small = _branch_graph([(None, target, constants)], operands, name, value)
     large = _branch_graph(rest, operands, name, value)
-    owner.add_module(f"{name}_rows_le_{max_rows}", small)
-    owner.add_module(f"{name}_rows_gt_{max_rows}", large)
+    names = (f"{name}_rows_le_{max_rows}", f"{name}_rows_gt_{max_rows}")
+    for branch_name, branch in zip(names, (small, large)):
+        owner.add_module(branch_name, branch)
     rows = graph.call_function(aten.sym_size.int, (operands[0], 0))
     rows.meta["val"] = operands[0].meta["val"].shape[0]
     fits = graph.call_function(operator.le, (rows, max_rows))
     fits.meta["val"] = rows.meta["val"] <= max_rows
-    attrs = [graph.get_attr(f"{name}_rows_le_{max_rows}"), graph.get_attr(f"{name}_rows_gt_{max_rows}")]
+    attrs = [graph.get_attr(branch_name) for branch_name in names]
     cond = graph.call_function(torch.ops.higher_order.cond, (fits, *attrs, tuple(operands)))
     cond.meta["val"] = (value,)
     result = graph.call_function(operator.getitem, (cond, 0))
