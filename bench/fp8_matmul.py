@@ -5,7 +5,9 @@ it (kernels/fp8_timing.py) next to cuBLAS bf16, at decode and prefill step sizes
 
     python -m llama_aot.bench.fp8_matmul [--rows 1,16,128,2048] [--shapes qkv,o,...] [--out-dir DIR]
     python -m llama_aot.bench.fp8_matmul --tiles [--rows 1,16]   the weight-only kernel's tiles
-    python -m llama_aot.bench.fp8_matmul --row-tiles [--rows 8,16,32,128]   the per_token_tiles kernel's
+    python -m llama_aot.bench.fp8_matmul --row-tiles [--rows 8,16,32,128] [--save-tuned]   the per_token_tiles
+        kernel's; --save-tuned records each shape's best tile over those row counts in
+        kernels/tuned/fp8_row_tiles.json for this GPU, which builds on it then use
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from llama_aot.kernels.decode_linear import FP8_MAX_ROWS, MAX_ROWS
 from llama_aot.kernels.fp8_linear import FP8, MODES, WEIGHT_ONLY, fp8_linear, fp8_linear_reference, quantize_rows
 from llama_aot.kernels.fp8_timing import STREAMED_BYTES, time_modes
 from llama_aot.kernels.triton_decode_linear import FP8_TILES, Tiles, fp8_tiles, launch_decode_linear
-from llama_aot.kernels.triton_fp8_rows import RowTiles, fp8_rows_triton, row_tiles
+from llama_aot.kernels.triton_fp8_rows import RowTiles, fp8_rows_triton, row_tiles, save_tuned_row_tiles
 from llama_aot.kernels.graph_timing import graph_time_us
 
 
@@ -85,7 +87,7 @@ def sweep_tiles(name: str, rows: int, decode_batch_kernel: bool) -> list[dict]:
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     if decode_batch_kernel:
         xq, x_scale = quantize_rows(x)
-        candidates, shipped_tiles = ROW_TILE_SWEEP, row_tiles(n, k)
+        candidates, shipped_tiles = ROW_TILE_SWEEP, row_tiles(n, k, x.device)
 
         def run(weight, tiles):
             return fp8_rows_triton(xq, x_scale, weight, scale, torch.bfloat16, tiles)
@@ -118,6 +120,32 @@ def sweep_tiles(name: str, rows: int, decode_batch_kernel: bool) -> list[dict]:
     return timed
 
 
+def best_overall(timed: list[dict]) -> RowTiles:
+    """The tile with the least total time relative to each row count's best, among the tiles timed
+    at every row count: one tile serves every step size of a band, so none may be far off at any."""
+    row_counts = {r["rows"] for r in timed}
+    best = {rows: min(r["us"] for r in timed if r["rows"] == rows) for rows in row_counts}
+    cost: dict[tuple, list[float]] = {}
+    for r in timed:
+        cost.setdefault(tuple(sorted(r["tiles"].items())), []).append(r["us"] / best[r["rows"]])
+    complete = {tiles: sum(c) for tiles, c in cost.items() if len(c) == len(row_counts)}
+    return RowTiles(**dict(min(complete, key=complete.get)))
+
+
+def sweep_row_tiles(shapes: list[str], rows: list[int], device: str, save_tuned: bool) -> list[dict]:
+    """Every shape's ROW_TILE_SWEEP at each row count; with `save_tuned`, each shape's best_overall
+    tile goes into the tuned table as soon as its sweep ends, so a sweep cut short keeps those."""
+    swept = []
+    for name in shapes:
+        timed = [r for n_rows in rows for r in sweep_tiles(name, n_rows, decode_batch_kernel=True)]
+        swept += timed
+        if save_tuned and timed:
+            tiles = best_overall(timed)
+            path = save_tuned_row_tiles(device, {SHAPES[name]: tiles})
+            print(f"{name}: {tiles} saved in {path}", flush=True)
+    return swept
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", help="step sizes (default 1,16,32,128,2048; with --tiles 1,16)")
@@ -126,13 +154,18 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", action="store_true", help="instead, sweep the weight-only kernel's tiles")
     p.add_argument("--row-tiles", action="store_true",
                    help="instead, sweep the per_token_tiles kernel's tiles (default rows 8,16,32,128)")
+    p.add_argument("--save-tuned", action="store_true",
+                   help="with --row-tiles: record each shape's best tile for this GPU in the kernels' tuned table")
     args = p.parse_args(argv)
     device, sha = torch.cuda.get_device_name(), git_sha()
     default_rows = "8,16,32,128" if args.row_tiles else "1,16" if args.tiles else "1,16,32,128,2048"
     rows = [int(r) for r in (args.rows or default_rows).split(",")]
+    if args.save_tuned and not args.row_tiles:
+        p.error("--save-tuned goes with --row-tiles")
     if args.tiles or args.row_tiles:
-        swept = [r for name in args.shapes.split(",") for n_rows in rows
-                 for r in sweep_tiles(name, n_rows, decode_batch_kernel=args.row_tiles)]
+        shapes = args.shapes.split(",")
+        swept = sweep_row_tiles(shapes, rows, device, args.save_tuned) if args.row_tiles else \
+            [r for name in shapes for n_rows in rows for r in sweep_tiles(name, n_rows, decode_batch_kernel=False)]
         kind = "fp8-row-tiles" if args.row_tiles else "fp8-tiles"
         print(save_results(kind, [{"device": device, "git_sha": sha, **r} for r in swept], args.out_dir))
         return 0

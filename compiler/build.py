@@ -84,11 +84,12 @@ class Progress:
 
 
 def source_hash() -> str:
-    """Hash of the compiler's own source: a code change must invalidate cached builds."""
+    """Hash of the compiler's own source and of the kernels' tuned tables (kernels/tuned): a code
+    change or a newly tuned tile must invalidate cached builds."""
     digest = hashlib.sha256()
     for package in BUILD_SOURCES:
         root = Path(importlib.import_module(f"llama_aot.{package}").__file__).parent
-        for f in sorted(root.rglob("*.py")):
+        for f in sorted([*root.rglob("*.py"), *root.glob("tuned/*.json")]):
             digest.update(f"{package}/{f.relative_to(root)}".encode())
             digest.update(f.read_bytes())
     return digest.hexdigest()

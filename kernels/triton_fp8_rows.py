@@ -19,7 +19,10 @@ floor divisions, and rows past it are masked. Imported only where Triton is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -48,11 +51,42 @@ class RowTiles:
 TARGET_PROGRAMS = 512
 
 
-def row_tiles(n: int, k: int) -> RowTiles:
-    """The tile for a weight of `n` output columns and `k` inputs: 64 columns (32 where that gives
-    fewer than half of TARGET_PROGRAMS), K in 128-element steps, and K split in two while that
-    stays within TARGET_PROGRAMS and leaves at least four K steps a split. Not yet swept on a GPU
-    (bench/fp8_matmul.py --row-tiles)."""
+# Tiles measured best per GPU (by torch.cuda.get_device_name) and weight shape ("NxK"), written by
+# `python -m llama_aot.bench.fp8_matmul --row-tiles --save-tuned` on that GPU. The build's source
+# hash covers this file, so a new table rebuilds what it changes.
+TUNED_ROW_TILES = Path(__file__).with_name("tuned") / "fp8_row_tiles.json"
+
+
+@functools.cache
+def tuned_row_tiles() -> dict[str, dict[str, dict]]:
+    return json.loads(TUNED_ROW_TILES.read_text()) if TUNED_ROW_TILES.exists() else {}
+
+
+def save_tuned_row_tiles(device_name: str, tiles_by_shape: dict[tuple[int, int], RowTiles]) -> Path:
+    """Records `tiles_by_shape` as `device_name`'s tuned tiles, keeping other GPUs' and shapes'."""
+    table = json.loads(TUNED_ROW_TILES.read_text()) if TUNED_ROW_TILES.exists() else {}
+    entries = table.setdefault(device_name, {})
+    entries.update({f"{n}x{k}": asdict(t) for (n, k), t in tiles_by_shape.items()})
+    TUNED_ROW_TILES.parent.mkdir(exist_ok=True)
+    TUNED_ROW_TILES.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    tuned_row_tiles.cache_clear()
+    return TUNED_ROW_TILES
+
+
+def row_tiles(n: int, k: int, device: torch.device | None = None) -> RowTiles:
+    """The tile for a weight of `n` output columns and `k` inputs on `device`: the tuned table's
+    where that GPU and shape were swept, else `default_row_tiles`."""
+    if device is not None and device.type == "cuda":
+        entry = tuned_row_tiles().get(torch.cuda.get_device_name(device), {}).get(f"{n}x{k}")
+        if entry:
+            return RowTiles(**entry)
+    return default_row_tiles(n, k)
+
+
+def default_row_tiles(n: int, k: int) -> RowTiles:
+    """64 columns (32 where that gives fewer than half of TARGET_PROGRAMS), K in 128-element
+    steps, and K split in two while that stays within TARGET_PROGRAMS and leaves at least four K
+    steps a split: enough programs for every SM without a sweep."""
     block_n = 64 if triton.cdiv(n, 64) >= TARGET_PROGRAMS // 2 else 32
     block_k = 128
     columns = triton.cdiv(n, block_n)
@@ -118,7 +152,7 @@ def fp8_rows_triton(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     if xq.stride(-1) != 1:
         xq = xq.contiguous()
     weight = weight.contiguous()
-    tiles = tiles or row_tiles(n, k)
+    tiles = tiles or row_tiles(n, k, xq.device)
     out = torch.empty(rows, n, dtype=out_dtype, device=xq.device)
     row_blocks = (rows + BLOCK_M - 1) // BLOCK_M
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k

@@ -56,3 +56,32 @@ def test_narrow_weights_get_their_k_split_and_wide_ones_do_not():
     down, gate_up = row_tiles(4096, 14336), row_tiles(28672, 4096)
     assert gate_up.split_k == 1 and 28672 // gate_up.block_n >= 256
     assert 4096 // down.block_n * down.split_k >= 256 and 14336 // (down.block_k * down.split_k) >= 4
+
+
+def test_a_tuned_tile_is_used_on_its_gpu_only(tmp_path, monkeypatch, request):
+    """`--save-tuned` keeps other GPUs' entries; a GPU or shape not in the table gets the default."""
+    from llama_aot.kernels import triton_fp8_rows as rows_module
+    request.addfinalizer(rows_module.tuned_row_tiles.cache_clear)
+    monkeypatch.setattr(rows_module, "TUNED_ROW_TILES", tmp_path / "tuned" / "fp8_row_tiles.json")
+    rows_module.save_tuned_row_tiles("GPU A", {(4096, 14336): RowTiles(128, 256, 4, 3)})
+    rows_module.save_tuned_row_tiles("GPU B", {(4096, 14336): RowTiles(32, 128, 8)})
+    rows_module.save_tuned_row_tiles("GPU A", {(6144, 4096): RowTiles(64, 128, 2)})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU A")
+    cuda = torch.device("cuda")
+    assert row_tiles(4096, 14336, cuda) == RowTiles(128, 256, 4, 3)
+    assert row_tiles(6144, 4096, cuda) == RowTiles(64, 128, 2)
+    assert row_tiles(28672, 4096, cuda) == rows_module.default_row_tiles(28672, 4096)
+    assert row_tiles(4096, 14336, torch.device("cpu")) == rows_module.default_row_tiles(4096, 14336)
+
+
+def test_the_saved_tile_is_the_one_least_off_at_every_row_count():
+    """A tile fastest at one row count but slow at another loses to one near the best at both; a
+    tile not timed at every row count (out of resources there) is not chosen."""
+    from llama_aot.bench.fp8_matmul import best_overall
+    fast_at_32 = {"block_n": 32, "block_k": 128, "split_k": 4, "num_stages": 4, "num_warps": 4}
+    steady = {**fast_at_32, "split_k": 2}
+    partial = {**fast_at_32, "block_n": 128}
+    timed = [{"rows": 32, "tiles": fast_at_32, "us": 30.0}, {"rows": 16, "tiles": fast_at_32, "us": 40.0},
+             {"rows": 32, "tiles": steady, "us": 31.0}, {"rows": 16, "tiles": steady, "us": 26.0},
+             {"rows": 16, "tiles": partial, "us": 20.0}]
+    assert best_overall(timed) == RowTiles(**steady)
