@@ -7,15 +7,19 @@ the next capabilities attach without touching the engine: with tensor parallelis
 sends each plan to a runner per rank, which executes the same plan on its shard, and an EAGLE draft
 is a second program this runner owns.
 
-On CUDA, decode-only steps replay CUDA graphs captured by `warmup` (runtime/decode_graphs.py); the
-artifact must then have been loaded with `single_threaded=True`. Other steps run the step program
-eagerly, with the LM head applied only to the rows that will be sampled.
+On CUDA, steps of a fixed shape replay CUDA graphs captured by `warmup` (runtime/decode_graphs.py);
+the artifact must then have been loaded with `single_threaded=True`. Other steps run the step
+program eagerly, with the LM head applied only to the rows that will be sampled.
 
 An artifact with an EAGLE draft program (llama-compile --speculative-algorithm) speculates: the
 runner keeps the target's hidden output of each step (`last_hidden`), owns the draft's one-layer
 cache, which shares the target's block ids, and drafts on request (`draft`); runtime/speculative.py
-decides what to draft and what to accept. Its steps run eagerly for now: the decode graphs capture
-one token per sequence and the logits alone.
+decides what to draft and what to accept. Its graphed shapes are the verify step (every sequence
+feeds its last token and K drafts) and both kinds of draft call (the first, which reads the 1 to
+K + 1 tokens each sequence's step computed, and the K - 1 after it, one token each). A step with
+a chunk of any other shape (a prefill chunk; a decode with fewer drafts, near its request's limit,
+or with none, for a request that does not speculate) runs eagerly, as does a draft call that reads
+a prefill chunk's tokens.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama_aot.artifacts.config import ModelConfig
+from llama_aot.artifacts.config import ModelConfig, torch_dtype
 from llama_aot.artifacts.kv_layout import KVCacheLayout
 from llama_aot.artifacts.manifest import DRAFT_PROGRAM
 from llama_aot.artifacts.step_abi import SequenceChunk, build_step_inputs, call_draft, call_step, step_outputs
@@ -52,7 +56,8 @@ class StepPlan:
 @dataclass(frozen=True)
 class Warmup:
     """What `ModelRunner.warmup` did: the first step's duration, and the batch sizes it captured as
-    CUDA graphs (none on CPU or with graphs disabled) with the seconds capture took."""
+    CUDA graphs (none on CPU or with graphs disabled; with a draft program, each size is captured
+    for the verify step and both kinds of draft call) with the seconds capture took."""
 
     first_step_s: float
     graph_batch_sizes: tuple[int, ...] = ()
@@ -85,10 +90,28 @@ class ModelRunner:
         if self.draft_program is not None:
             draft_layout = dataclasses.replace(self.layout, num_layers=1, dtype=artifact.build_config.dtype)
             self.draft_cache = _allocate_kv_cache(draft_layout, runtime, self.device)
-        self.decode_graphs = None
-        if runtime.cuda_graph_max_bs and self.kv_cache.is_cuda and self.draft_program is None:
-            self.decode_graphs = DecodeGraphs(artifact.step, self.kv_cache, batch_buckets(runtime.cuda_graph_max_bs),
-                                              runtime.block_size, runtime.context_length)
+        self.step_graphs = self.first_draft_graphs = self.next_draft_graphs = None
+        # As many sequences as the engine runs at once: a verify step must fit in the step's tokens.
+        graph_bs = min(runtime.cuda_graph_max_bs, runtime.max_num_tokens // (1 + self.num_speculative_steps))
+        if graph_bs:
+            self._build_graphs(batch_buckets(graph_bs))
+
+    def _build_graphs(self, buckets: tuple[int, ...]) -> None:
+        """The step program's graphs (decode steps, or verify steps when speculating) and the
+        draft program's (its first call, ragged, and the later ones). Without a GPU they run the
+        padded steps eagerly, which is how CPU tests check them."""
+        runtime, k = self.runtime, self.num_speculative_steps
+        shape = dict(buckets=buckets, block_size=runtime.block_size, context_length=runtime.context_length)
+        if self.draft_program is None:
+            self.step_graphs = DecodeGraphs(self.artifact.step, self.kv_cache, **shape)
+            return
+        self.step_graphs = DecodeGraphs(self.artifact.step, self.kv_cache, tokens_per_seq=k + 1, all_logits=True,
+                                        **shape)
+        hidden = (self.model_config.hidden_size, torch_dtype(self.artifact.build_config.dtype))
+        self.first_draft_graphs = DecodeGraphs(self.draft_program, self.draft_cache, tokens_per_seq=k + 1,
+                                               hidden_input=hidden, **shape)
+        if k > 1:
+            self.next_draft_graphs = DecodeGraphs(self.draft_program, self.draft_cache, hidden_input=hidden, **shape)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -96,31 +119,34 @@ class ModelRunner:
 
     def warmup(self) -> Warmup:
         """Runs one step of one token through the program before serving, so that the first
-        request does not pay for lazy initialisation, then captures the decode graphs. The
+        request does not pay for lazy initialisation, then captures the graphs on a GPU. The
         token's K/V go to the reserved block 0, which no request reads."""
         inputs = build_step_inputs([SequenceChunk((0,), 0, (0,))], self.runtime.block_size, self.device)
         start = time.perf_counter()
         with torch.inference_mode():
             call_step(self.artifact.step, inputs, self.kv_cache)
         first_step_s = time.perf_counter() - start
-        if self.decode_graphs is None:
+        if self.step_graphs is None or not self.kv_cache.is_cuda:
             return Warmup(first_step_s)
-        capture_s = self.decode_graphs.capture()
-        return Warmup(first_step_s, self.decode_graphs.captured, capture_s)
+        graphs = (self.step_graphs, self.first_draft_graphs, self.next_draft_graphs)
+        capture_s = sum(g.capture() for g in graphs if g is not None)
+        return Warmup(first_step_s, self.step_graphs.captured, capture_s)
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """The logits of the plan's sampled rows (all rows if it samples none): a graph replay for
-        a decode step that fits a bucket, else an eager call that skips unsampled rows' LM head.
-        A replay's logits are valid until the next call."""
+        a step of a graphed shape whose rows are all sampled, else an eager call that skips
+        unsampled rows' LM head. A replay's logits, and the `last_hidden` it leaves, are valid
+        until the next call."""
         chunks = list(plan.chunks)
-        graphs = self.decode_graphs
-        if graphs is not None and len(plan.sample_rows) == len(chunks) and graphs.bucket_for(chunks):
-            return graphs.run(chunks)
-        inputs = build_step_inputs(chunks, self.runtime.block_size, self.device)
-        if plan.sample_rows:
-            inputs["logits_index"] = inputs["logits_index"][list(plan.sample_rows)]
-        with torch.inference_mode():
-            outputs = step_outputs(self.artifact.step, inputs, self.kv_cache)
+        graphs, outputs = self.step_graphs, None
+        if graphs is not None and len(plan.sample_rows) == len(chunks) * graphs.logits_rows_per_seq:
+            outputs = graphs.run(chunks)
+        if outputs is None:
+            inputs = build_step_inputs(chunks, self.runtime.block_size, self.device)
+            if plan.sample_rows:
+                inputs["logits_index"] = inputs["logits_index"][list(plan.sample_rows)]
+            with torch.inference_mode():
+                outputs = step_outputs(self.artifact.step, inputs, self.kv_cache)
         if self.draft_program is not None:
             self.last_hidden = outputs[1]
         return outputs[0]
@@ -128,18 +154,27 @@ class ModelRunner:
     def draft(self, chunks: list[SequenceChunk], hidden: torch.Tensor, steps: int) -> list[list[int]]:
         """Writes the draft cache at each chunk's positions (a chunk's tokens are those after its
         positions; `hidden`: the target's rows for them, in order), then drafts `steps` tokens
-        after each chunk's last position, greedily, one position further per draft call."""
-        block_size = self.runtime.block_size
+        after each chunk's last position, greedily, one position further per draft call. Each call
+        reads the hidden rows the one before left, which the next replays overwrite only after
+        they have been copied in."""
         with torch.inference_mode():
-            inputs = build_step_inputs(chunks, block_size, self.device)
-            logits, hidden = call_draft(self.draft_program, inputs, hidden, self.draft_cache)
+            logits, hidden = self._call_draft(self.first_draft_graphs, chunks, hidden)
             drafted = [[t] for t in greedy_tokens(logits).tolist()]
-            hidden = hidden[inputs["logits_index"]]
             for j in range(1, steps):
                 step = [SequenceChunk((d[-1],), c.start + len(c.tokens) + j - 1, c.block_table)
                         for c, d in zip(chunks, drafted)]
-                logits, hidden = call_draft(self.draft_program, build_step_inputs(step, block_size, self.device), hidden,
-                                            self.draft_cache)
+                logits, hidden = self._call_draft(self.next_draft_graphs, step, hidden)
                 for d, t in zip(drafted, greedy_tokens(logits).tolist()):
                     d.append(t)
         return drafted
+
+    def _call_draft(self, graphs: DecodeGraphs | None, chunks: list[SequenceChunk],
+                    hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft program's (logits, hidden) at each chunk's last token: a graph replay for a
+        call of the graphs' shape, else an eager call."""
+        outputs = graphs.run(chunks, hidden) if graphs is not None else None
+        if outputs is not None:
+            return outputs
+        inputs = build_step_inputs(chunks, self.runtime.block_size, self.device)
+        logits, hidden = call_draft(self.draft_program, inputs, hidden, self.draft_cache)
+        return logits, hidden[inputs["logits_index"]]

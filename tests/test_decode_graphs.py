@@ -75,12 +75,37 @@ def test_bucket_for_takes_the_smallest_that_fits_and_only_decode_steps():
     assert runner.bucket_for([]) is None
     assert runner.bucket_for(decode[:2] + [SequenceChunk((5, 6), 3, (1, 2))]) is None  # a prefill chunk
     assert runner.bucket_for([SequenceChunk((5,), 3, (1,), all_logits=True)]) is None
-    with pytest.raises(ValueError, match="run it eagerly"):
-        runner.run([SequenceChunk((5, 6), 3, (1, 2))])
+    assert runner.run([SequenceChunk((5, 6), 3, (1, 2))]) is None  # the caller runs it eagerly
     with pytest.raises(ValueError, match="block table of 1 blocks cannot hold 9 tokens"):
         runner.run([SequenceChunk((5,), 8, (1,))])
     with pytest.raises(ValueError, match="increasing"):
         DecodeGraphs(None, torch.zeros(1), (4, 2), block_size=4, context_length=16)
+
+
+def test_bucket_for_multi_token_shapes():
+    """A verify step's chunks have exactly tokens_per_seq tokens, each with a logits row; a ragged
+    (draft) step's have 1 to tokens_per_seq tokens and one logits row."""
+    verify = DecodeGraphs(None, torch.zeros(1), (1, 2, 4), block_size=4, context_length=16, tokens_per_seq=4,
+                          all_logits=True)
+    ragged = DecodeGraphs(None, torch.zeros(1), (1, 2, 4), block_size=4, context_length=16, tokens_per_seq=4)
+    four, two = SequenceChunk((5, 6, 7, 8), 3, (1, 2)), SequenceChunk((5, 6), 3, (1, 2))
+    assert verify.bucket_for([SequenceChunk(four.tokens, 3, (1, 2), all_logits=True)] * 3) == 4
+    assert verify.bucket_for([SequenceChunk(four.tokens, 3, (1, 2), all_logits=True), two]) is None
+    assert verify.bucket_for([SequenceChunk(two.tokens, 3, (1, 2), all_logits=True)]) is None  # fewer drafts
+    assert verify.bucket_for([four]) is None  # one logits row: not a verify step
+    assert ragged.bucket_for([four, two, SequenceChunk((5,), 3, (1,))]) == 4
+    assert ragged.bucket_for([SequenceChunk((5,) * 5, 3, (1, 2))]) is None
+    assert ragged.bucket_for([SequenceChunk(four.tokens, 3, (1, 2), all_logits=True)]) is None
+    assert (verify.logits_rows_per_seq, ragged.logits_rows_per_seq) == (4, 1)
+    with pytest.raises(ValueError, match="block table of 1 blocks cannot hold 5 tokens"):
+        ragged.run([SequenceChunk((5, 6), 3, (1,))])
+    with pytest.raises(ValueError, match="hidden rows go with the graphs of a draft program"):
+        ragged.run([SequenceChunk((5,), 0, (1,))], torch.zeros(1, 8))
+    draft = DecodeGraphs(None, torch.zeros(1), (1, 2), block_size=4, context_length=16, hidden_input=(8, torch.float32))
+    with pytest.raises(ValueError, match="hidden of 1 rows for 2 tokens"):
+        draft.run([SequenceChunk((5,), 0, (1,))] * 2, torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="hidden rows go with"):
+        draft.run([SequenceChunk((5,), 0, (1,))])
 
 
 def test_padded_decode_gives_the_unpadded_logits(artifact):
@@ -108,7 +133,7 @@ def test_padded_decode_gives_the_unpadded_logits(artifact):
         unpadded = eager(artifact.step, plain.decode_chunks(rows), build.block_size, plain.cache.clone())
         expected = eager(artifact.step, plain.decode_chunks(rows) + [pad] * (bucket - n), build.block_size,
                          plain.cache)[:n]
-        got = runner.run(padded.decode_chunks(rows))
+        (got,) = runner.run(padded.decode_chunks(rows))
         tables = torch.zeros(bucket, runner.width, dtype=torch.int32)  # pad rows: all zeros
         for i, chunk in enumerate(padded.decode_chunks(rows)):
             tables[i, :len(chunk.block_table)] = torch.tensor(chunk.block_table)
@@ -211,8 +236,8 @@ def test_graph_replay_matches_eager(cuda_artifact):
     assert graphs.capture() > 0 and graphs.captured == buckets == (1, 2, 4, 8)
     for rows in STEPS + STEPS[::-1]:
         n = len(rows)
-        got = graphs.run(graphed.decode_chunks(rows)).clone()
-        same_inputs = eager_padded.run(padded.decode_chunks(rows))
+        got = graphs.run(graphed.decode_chunks(rows))[0].clone()
+        (same_inputs,) = eager_padded.run(padded.decode_chunks(rows))
         unpadded = eager(artifact.step, plain.decode_chunks(rows), build.block_size, plain.cache)
         assert torch.equal(got, same_inputs), f"batch {n}: max diff {(got - same_inputs).abs().max()}"
         torch.testing.assert_close(got, unpadded, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ counted right; rejection sampling keeps the target's distribution (chi-square); 
 length reaches /metrics, the benchmark and the server's log."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer
 
 from llama_aot.runtime.artifact import load_artifact
 from llama_aot.runtime.config import RuntimeConfig
+from llama_aot.runtime.decode_graphs import DecodeGraphs
 from llama_aot.runtime.engine import Engine
 from llama_aot.runtime.model_runner import ModelRunner
 from llama_aot.runtime.sampling import Sampler, SamplingParams, token_probabilities
@@ -31,12 +33,17 @@ def artifact(tiny_eagle_artifact):
     return load_artifact(tiny_eagle_artifact)
 
 
-def run(artifact, requests, speculate=True, drafts=None):
+def run(artifact, requests, speculate=True, drafts=None, graph_bs=None):
     """Serves `requests` ({id: (prompt, params)}) at once; returns (collector, speculator stats).
-    `drafts`: replaces the head's drafts by this function of (sequence tokens so far, steps)."""
+    `drafts`: replaces the head's drafts by this function of (sequence tokens so far, steps).
+    `graph_bs`: the runtime's cuda_graph_max_bs instead of the resolved one; on CPU, steps and
+    draft calls of a graphed shape then run padded through the graphs' static buffers."""
     runtime = RuntimeConfig(kv_cache_blocks=128).resolve(artifact.model_config, artifact.build_config,
                                                          artifact.weight_bytes)
+    if graph_bs is not None:
+        runtime = dataclasses.replace(runtime, cuda_graph_max_bs=graph_bs)
     runner = ModelRunner(artifact, runtime)
+    runner.warmup()  # captures the graphs on a GPU
     if not speculate:
         runner.num_speculative_steps = 0
     engine = Engine(runner, Tokenizer.from_file(str(artifact.path / "tokenizer.json")))
@@ -78,7 +85,8 @@ def test_greedy_tokens_are_the_targets_with_a_head_that_drafts_badly(artifact, p
     assert stats.verify_steps > 0 and stats.verify_steps <= stats.drafted <= 3 * stats.verify_steps  # fewer near the limit
 
 
-def test_drafts_that_are_always_right_are_all_accepted(artifact, plain):
+def right_drafts(plain):
+    """Drafts that are the target's greedy continuation of each of PROMPTS, as `run` takes them."""
     continuation = {tuple(p): plain[f"r{i}"] for i, p in enumerate(PROMPTS)}
 
     def oracle(tokens, steps):
@@ -87,12 +95,50 @@ def test_drafts_that_are_always_right_are_all_accepted(artifact, plain):
                 done = len(tokens) - len(prompt)
                 return (out[done:done + steps] + [0] * steps)[:steps]
         raise AssertionError("unknown sequence")
-    collector, stats = run(artifact, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)}, drafts=oracle)
+    return oracle
+
+
+def test_drafts_that_are_always_right_are_all_accepted(artifact, plain):
+    collector, stats = run(artifact, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)},
+                           drafts=right_drafts(plain))
     assert {rid: collector.tokens(rid) for rid in collector.outputs} == plain
     assert stats.mean_accept_length > 3.0  # 4 at most: three drafts and the target's token
     for rid in collector.outputs:
         final = collector.outputs[rid][-1]
         assert final.finish_reason == "length" and final.completion_tokens == NEW_TOKENS
+
+
+def test_greedy_tokens_are_the_targets_through_the_graph_buffers(artifact, plain, monkeypatch):
+    """With CUDA graphs asked for (on CPU: the padded static-buffer path a GPU replays as graphs),
+    verify steps and both kinds of draft call run padded to their buckets, and greedy tokens stay
+    the target's: with the head's own drafts, and with drafts right for a number of steps that
+    varies by sequence and step, so that verify steps accept 0 to 3 drafts and the first draft call
+    reads 1 to 4 tokens per sequence in one step (tests/test_speculative_graphs.py checks the rows)."""
+    shapes, ragged = {}, []
+    original = DecodeGraphs.run
+
+    def counting(self, chunks, hidden=None):
+        out = original(self, chunks, hidden)
+        if out is not None:
+            key = (self.tokens_per_seq, self.all_logits)
+            shapes[key] = shapes.get(key, 0) + 1
+            ragged.append(len({len(c.tokens) for c in chunks}) > 1)
+        return out
+    monkeypatch.setattr(DecodeGraphs, "run", counting)
+    requests = {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)}
+    collector, _ = run(artifact, requests, graph_bs=8)
+    assert {rid: collector.tokens(rid) for rid in collector.outputs} == plain
+    assert set(shapes) == {(4, True), (4, False), (1, False)}, shapes  # verify, first draft call, later ones
+
+    right, vocab = right_drafts(plain), artifact.model_config.vocab_size
+
+    def partly_right(tokens, steps):
+        good = len(tokens) % (steps + 1)
+        return [t if j < good else (t + 1) % vocab for j, t in enumerate(right(tokens, steps))]
+    ragged.clear()
+    collector, stats = run(artifact, requests, drafts=partly_right, graph_bs=8)
+    assert {rid: collector.tokens(rid) for rid in collector.outputs} == plain
+    assert any(ragged) and 1.5 < stats.mean_accept_length < 3.5
 
 
 def test_a_stop_token_inside_accepted_drafts_ends_the_request_there(artifact, plain):
