@@ -3,22 +3,23 @@ times: `python -m llama_aot.bench.fp8_mode_kernels` on a GPU with FP8 (~2 minute
 
 The build (kernels/fp8_timing.py) times `fp8_linear` compiled by Inductor, and on the H100 the
 per-token modes came out 15-25 us slower compiled than eager (docs/fp8.md, "Session 20"), so it
-never chose them. For down_proj and gate_up at 1 and 32 rows, this prints each form's time in a
-CUDA graph and its kernels: which of Inductor's kernels (the activation quantization, the
-`_scaled_mm` call) costs the difference. On the H200 (session 22) the two forms came within
-1-2 us of each other, and the build's choice was limited by its single step-size boundary instead
-(docs/fp8.md, "Session 22")."""
+never chose them. Session 23's H100 build timed per_token_tiles 20-25 us above its kernel alone
+(gate_up at 32 rows 70.5 us, the kernel 45.8). For o_proj, down_proj and gate_up at 1 and 32 rows,
+this prints each form's time in a CUDA graph and its kernels: which of Inductor's kernels (the
+activation quantization, the `_scaled_mm` call or our own kernel's launch) costs the difference.
+On the H200 (session 22) the two forms came within 1-2 us of each other, and the build's choice
+was limited by its single step-size boundary instead (docs/fp8.md, "Session 22")."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 import torch
 
-from llama_aot.kernels.fp8_linear import FP8, PER_TOKEN, PER_TOKEN_EPILOGUE, fp8_linear
+from llama_aot.kernels.fp8_linear import FP8, PER_TOKEN, PER_TOKEN_EPILOGUE, PER_TOKEN_TILES, fp8_linear
 from llama_aot.kernels.fp8_timing import compiled_mode
 from llama_aot.kernels.graph_timing import graph_time_us
 
-SHAPES = {"down": (4096, 14336), "gate_up": (28672, 4096)}
+SHAPES = {"o": (4096, 4096), "down": (4096, 14336), "gate_up": (28672, 4096)}
 ROWS = (1, 32)
 PROFILED_CALLS = 10
 
@@ -44,7 +45,7 @@ def main() -> int:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             if rows > 1:
                 torch._dynamo.mark_dynamic(x, 0)  # as the build times it, and as the artifact runs it
-            for mode in (PER_TOKEN, PER_TOKEN_EPILOGUE):
+            for mode in (PER_TOKEN, PER_TOKEN_EPILOGUE, PER_TOKEN_TILES):
                 compiled = compiled_mode(mode)
                 forms = {"compiled": lambda: compiled(x, weight, scale), "eager": lambda: fp8_linear(x, weight, scale, mode)}
                 for form, fn in forms.items():

@@ -37,7 +37,7 @@ def test_the_kernel_computes_the_per_token_product(rows, n, k, tiles):
     expected = (xq.float() @ weight.float().T) * x_scale[:, None] * scale[None, :]
     assert got.shape == (rows, n) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
-    if DEVICE == "cuda":
+    if DEVICE == "cuda" and k % 16 == 0:  # cuBLASLt's FP8 matmul takes K in multiples of 16 only
         torch.testing.assert_close(got, fp8_linear_reference(x, weight, scale, PER_TOKEN), rtol=2e-2, atol=2e-2)
 
 
