@@ -34,14 +34,16 @@ def parse_args(argv):
                                                     "heads, or the target's whole vocabulary if smaller)")
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--ttt-steps", type=int, default=3, help="draft steps unrolled in training")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="training windows per step")
+    p.add_argument("--generate-batch-size", type=int, default=None,
+                   help="prompts the target continues at once (default 64 on a GPU, 8 on the CPU)")
     p.add_argument("--window", type=int, default=256, help="positions per training sequence")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in ("num_prompts", "eval_prompts", "prompt_tokens", "new_tokens", "draft_vocab", "max_steps",
-                 "ttt_steps", "batch_size", "window"):
+                 "ttt_steps", "batch_size", "generate_batch_size", "window"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer")
     return args
@@ -90,10 +92,11 @@ def run(args) -> dict:
     target = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     aux = default_aux_layers(ckpt.config.num_layers)
+    generate_batch = args.generate_batch_size or (64 if device == "cuda" else 8)
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="target continuations", unit="prompt") as bar:
         sequences = eagle_train.collect(target, tokenizer, prompts, aux, args.prompt_tokens, args.new_tokens,
-                                        device, progress=bar)
+                                        device, generate_batch, progress=bar)
     collect_s = time.perf_counter() - start
     train_set, eval_set = sequences[:args.num_prompts], sequences[args.num_prompts:]
     draft_ids = eagle_train.draft_vocabulary(train_set, draft_vocab, ckpt.config.vocab_size)
@@ -112,7 +115,8 @@ def run(args) -> dict:
     report = {"model": str(model_dir), "device": device, "prompts": {"train": len(train_set), "eval": len(eval_set)},
               "tokens": sum(len(s.tokens) for s in sequences), "new_tokens_per_prompt": args.new_tokens,
               "draft_vocab": len(draft_ids), "aux_layers": list(aux), "max_steps": args.max_steps,
-              "ttt_steps": args.ttt_steps, "batch_size": args.batch_size, "window": args.window, "lr": args.lr,
+              "ttt_steps": args.ttt_steps, "batch_size": args.batch_size,
+              "generate_batch_size": generate_batch, "window": args.window, "lr": args.lr,
               "collect_seconds": collect_s, "train_seconds": train_s,
               "loss_first": log.loss[0], "loss_last": log.loss[-1],
               "accept_length": {str(k): v for k, v in accept.items()},

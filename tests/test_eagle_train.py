@@ -77,12 +77,14 @@ def test_llama_train_eagle_writes_a_head_llama_compile_reads(tiny_checkpoint, tm
     out = tmp_path / "head"
     assert train_cli.main(["--model", str(tiny_checkpoint), "--output", str(out), "--data", str(data),
                            "--num-prompts", "8", "--eval-prompts", "4", "--new-tokens", "16", "--prompt-tokens", "32",
-                           "--draft-vocab", "200", "--max-steps", "40", "--batch-size", "4", "--window", "16"]) == 0
+                           "--draft-vocab", "200", "--max-steps", "40", "--batch-size", "4", "--window", "16",
+                           "--generate-batch-size", "3"]) == 0
     assert "greedy accept length on held-out prompts: 1 steps" in capsys.readouterr().err
     config, tensors = read_head(out, open_checkpoint(tiny_checkpoint).config)
     assert config.draft_vocab_size == 200 and tensors["d2t"].shape == (200,)
     report = json.loads((out / "training_report.json").read_text())
     assert report["loss_last"] < report["loss_first"] and set(report["accept_length"]) == {"1", "2", "3", "4", "5"}
+    assert report["prompts"] == {"train": 8, "eval": 4} and report["generate_batch_size"] == 3
     assert all(1.0 <= v <= 1 + int(k) for k, v in report["accept_length"].items())
     assert (out / "training.png").stat().st_size > 0
 
