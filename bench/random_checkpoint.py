@@ -5,6 +5,10 @@ benchmark builds its own: Meta's published Llama-3.1-8B config, random bf16 weig
 initialised model, sharded safetensors with an index, and a small byte-level tokenizer (the
 tokenizer only has to exist; the decode benchmark feeds token ids). Serving benchmarks count
 tokens of real text, so they pass `--tokenizer` with a real Llama 3 tokenizer.json instead.
+
+`--eagle-head DIR` also writes a random EAGLE-3 head for the checkpoint, for the cost of drafting
+and verifying at these shapes (bench/speculative.py --step-costs): speed does not depend on
+whether the drafts are right.
 """
 from __future__ import annotations
 
@@ -94,6 +98,23 @@ def write_tokenizer(out: Path, tokenizer: Path | None) -> None:
         (out / "tokenizer_config.json").write_text(config.read_text())
 
 
+def write_random_head(checkpoint: Path, out: Path, seed: int = 0) -> Path:
+    """A random EAGLE-3 head for `checkpoint` in the layout llama-compile reads, in bfloat16: its
+    draft vocabulary the first 32,000 ids (llama-train-eagle's default size; all of a smaller
+    vocabulary). The head's embedding table is the target's, never written, so a meta tensor
+    stands in for it."""
+    from llama_aot.compiler.checkpoint import open_checkpoint
+    from llama_aot.compiler.eagle_train import new_head, save
+    from llama_aot.compiler.train_eagle_cli import DEFAULT_DRAFT_VOCAB
+
+    config = open_checkpoint(checkpoint).config
+    draft_ids = torch.arange(min(DEFAULT_DRAFT_VOCAB, config.vocab_size))
+    embed = torch.empty(config.vocab_size, config.hidden_size, device="meta")
+    head = new_head(config, draft_ids, embed, seed=seed).to(torch.bfloat16)
+    save(head, out, json.loads((checkpoint / "config.json").read_text()))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -101,9 +122,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", type=Path, help="a tokenizer.json to ship instead of the byte-level stand-in "
                    "(with the tokenizer_config.json beside it, if there is one: the chat template)")
+    p.add_argument("--eagle-head", type=Path, metavar="HEAD_DIR",
+                   help="also write a random EAGLE-3 head for the checkpoint here; a checkpoint already in OUT "
+                        "is kept (only the head is written)")
     args = p.parse_args(argv)
-    write_random_checkpoint(args.out, args.layers, device=args.device, tokenizer=args.tokenizer)
-    print(args.out)
+    if args.eagle_head is None or not (args.out / "config.json").is_file():
+        write_random_checkpoint(args.out, args.layers, device=args.device, tokenizer=args.tokenizer)
+        print(args.out)
+    if args.eagle_head is not None:
+        print(write_random_head(args.out, args.eagle_head))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ program eagerly, with the LM head applied only to the rows that will be sampled.
 An artifact with an EAGLE draft program (llama-compile --speculative-algorithm) speculates: the
 runner keeps the target's hidden output of each step (`last_hidden`), owns the draft's one-layer
 cache, which shares the target's block ids, and drafts on request (`draft`); runtime/speculative.py
-decides what to draft and what to accept. Its graphed shapes are the verify step (every sequence
-feeds its last token and K drafts) and both kinds of draft call (the first, which reads the 1 to
-K + 1 tokens each sequence's step computed, and the K - 1 after it, one token each). A step with
-a chunk of any other shape (a prefill chunk; a decode with fewer drafts, near its request's limit,
-or with none, for a request that does not speculate) runs eagerly, as does a draft call that reads
-a prefill chunk's tokens.
+decides what to draft and what to accept. It drafts the runtime's `speculative_num_steps` (K)
+tokens a step: the build's, unless the server overrides it; with 0 the draft program stays unused
+and the artifact serves as a plain one, plain decode graphs included. The graphed shapes of a
+speculating runner are the verify step (every sequence feeds its last token and K drafts) and
+both kinds of draft call (the first, which reads the 1 to K + 1 tokens each sequence's step
+computed, and the K - 1 after it, one token each). A step with a chunk of any other shape (a
+prefill chunk; a decode with fewer drafts, near its request's limit, or with none, for a request
+that does not speculate) runs eagerly, as does a draft call that reads a prefill chunk's tokens.
 """
 from __future__ import annotations
 
@@ -84,8 +86,9 @@ class ModelRunner:
         self.device = device or artifact.device_type
         self.layout = KVCacheLayout.of(artifact.model_config, artifact.build_config)
         self.kv_cache = _allocate_kv_cache(self.layout, runtime, self.device)
-        self.draft_program = artifact.programs.get(DRAFT_PROGRAM)
-        self.num_speculative_steps = artifact.build_config.speculative_num_steps if self.draft_program else 0
+        draft = artifact.programs.get(DRAFT_PROGRAM)
+        self.num_speculative_steps = runtime.speculative_num_steps if draft is not None else 0
+        self.draft_program = draft if self.num_speculative_steps else None
         self.last_hidden: torch.Tensor | None = None
         if self.draft_program is not None:
             draft_layout = dataclasses.replace(self.layout, num_layers=1, dtype=artifact.build_config.dtype)

@@ -49,6 +49,9 @@ def parse_args(argv):
     p.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     p.add_argument("--cuda-graph-max-bs", type=int, default=0,
                    help="largest decode batch captured as a CUDA graph (default: --max-running-requests, at most 160)")
+    p.add_argument("--speculative-num-steps", type=int, metavar="K",
+                   help="tokens an EAGLE artifact drafts per step, 0 to serve it without speculation (default: "
+                        "the artifact's --speculative-num-steps)")
     p.add_argument("--tool-call-parser", choices=("llama3",), help="parse tool calls in this format")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -157,7 +160,8 @@ def build_server(args, failures: RankFailures | None = None):
                             max_num_tokens=args.chunked_prefill_size, context_length=args.context_length,
                             mem_fraction_static=args.mem_fraction_static, kv_cache_blocks=args.kv_cache_blocks,
                             enable_prefix_caching=not args.disable_prefix_caching,
-                            disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=args.cuda_graph_max_bs)
+                            disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=args.cuda_graph_max_bs,
+                            speculative_num_steps=args.speculative_num_steps)
     _check_port(config.host, config.port)
     start = time.perf_counter()
     capturable, workers = _start_ranks(args, failures or RankFailures())
@@ -196,14 +200,16 @@ def _load_and_serve(args, config, runtime: RuntimeConfig, capturable: bool, work
     captured = (f", captured {len(graphs)} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
                 f"{warmup.capture_s:.1f} s" if graphs else "")
     stages = ", ".join(f"{name} {s:.1f} s" for name, s in {**artifact.load_seconds, "engine": engine_s}.items())
+    steps = resolved.speculative_num_steps
+    drafting = f"; EAGLE drafting {steps} token{'s' * (steps > 1)} a step" if steps else ""
     age = _seconds_since_launch()
     loaded = f"loaded {args.artifact} in {time.perf_counter() - start:.1f} s"
     loaded += f", ready {age:.1f} s after launch" if age is not None else ""
     print(f"llama-serve: {loaded} ({stages}, first step "
           f"{warmup.first_step_s * 1e3:.0f} ms{captured}); KV cache {resolved.num_blocks} blocks x "
           f"{resolved.block_size} tokens in {artifact.build_config.kv_dtype} "
-          f"({resolved.num_blocks * resolved.block_bytes / 2**30:.2f} GiB); serving '{config.served_model_name}' "
-          f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
+          f"({resolved.num_blocks * resolved.block_bytes / 2**30:.2f} GiB){drafting}; serving "
+          f"'{config.served_model_name}' on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
     if workers is not None:
         handover = ", ".join(f"{s * 1e6:.0f} us ({name})" for name, s in runner.handover_s.items())
         print(f"llama-serve: {artifact.manifest.world_size} ranks; handing a step's plan to the other ranks takes "

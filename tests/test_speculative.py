@@ -3,8 +3,9 @@ head built in (conftest's tiny_eagle_artifact): greedy output is the target's ow
 with a random head (almost every draft rejected) and with drafts that are always right (every
 draft accepted, several tokens committed a step); a request still ends exactly where it must
 (max_tokens, a stop token inside the accepted drafts, the end of the context) with its usage
-counted right; rejection sampling keeps the target's distribution (chi-square); and the accept
-length reaches /metrics, the benchmark and the server's log."""
+counted right; rejection sampling keeps the target's distribution (chi-square); the accept
+length reaches /metrics, the benchmark and the server's log; and llama-serve's
+--speculative-num-steps overrides the build's 3 (0 serves the artifact plainly), or is refused."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,19 +34,19 @@ def artifact(tiny_eagle_artifact):
     return load_artifact(tiny_eagle_artifact)
 
 
-def run(artifact, requests, speculate=True, drafts=None, graph_bs=None):
+def run(artifact, requests, speculate=True, drafts=None, graph_bs=None, steps=None):
     """Serves `requests` ({id: (prompt, params)}) at once; returns (collector, speculator stats).
+    `speculate` False serves the artifact without speculation (0 draft steps), `steps` overrides
+    the build's number of draft steps (llama-serve --speculative-num-steps).
     `drafts`: replaces the head's drafts by this function of (sequence tokens so far, steps).
     `graph_bs`: the runtime's cuda_graph_max_bs instead of the resolved one; on CPU, steps and
     draft calls of a graphed shape then run padded through the graphs' static buffers."""
-    runtime = RuntimeConfig(kv_cache_blocks=128).resolve(artifact.model_config, artifact.build_config,
-                                                         artifact.weight_bytes)
+    runtime = RuntimeConfig(kv_cache_blocks=128, speculative_num_steps=steps if speculate else 0).resolve(
+        artifact.model_config, artifact.build_config, artifact.weight_bytes)
     if graph_bs is not None:
         runtime = dataclasses.replace(runtime, cuda_graph_max_bs=graph_bs)
     runner = ModelRunner(artifact, runtime)
     runner.warmup()  # captures the graphs on a GPU
-    if not speculate:
-        runner.num_speculative_steps = 0
     engine = Engine(runner, Tokenizer.from_file(str(artifact.path / "tokenizer.json")))
     if drafts is not None:
         by_seq = {}
@@ -139,6 +140,82 @@ def test_greedy_tokens_are_the_targets_through_the_graph_buffers(artifact, plain
     collector, stats = run(artifact, requests, drafts=partly_right, graph_bs=8)
     assert {rid: collector.tokens(rid) for rid in collector.outputs} == plain
     assert any(ragged) and 1.5 < stats.mean_accept_length < 3.5
+
+
+def graph_shapes(monkeypatch) -> set:
+    """Records the (tokens_per_seq, all_logits) of every step or draft call run through DecodeGraphs."""
+    shapes = set()
+    original = DecodeGraphs.run
+
+    def recording(self, chunks, hidden=None):
+        out = original(self, chunks, hidden)
+        if out is not None:
+            shapes.add((self.tokens_per_seq, self.all_logits))
+        return out
+    monkeypatch.setattr(DecodeGraphs, "run", recording)
+    return shapes
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_the_number_of_draft_steps_is_a_runtime_setting(artifact, plain, monkeypatch, steps):
+    """--speculative-num-steps K, below, at or above the build's 3: the verify steps feed K drafts
+    (graphed as K + 1 tokens a sequence, as are the first draft calls) and the greedy tokens are
+    those without speculation."""
+    shapes = graph_shapes(monkeypatch)
+    collector, stats = run(artifact, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)}, steps=steps, graph_bs=8)
+    assert {rid: collector.tokens(rid) for rid in collector.outputs} == plain
+    assert 0 < stats.verify_steps <= stats.drafted <= steps * stats.verify_steps
+    assert stats.drafted > (steps - 1) * stats.verify_steps  # K drafts a step, fewer only near the limit
+    assert shapes == {(steps + 1, True), (steps + 1, False)} | ({(1, False)} if steps > 1 else set()), shapes
+
+
+def test_zero_draft_steps_serve_the_artifact_plainly(artifact, plain, monkeypatch):
+    """K = 0: no draft program, cache or Speculator, and plain one-token decode graphs."""
+    shapes = graph_shapes(monkeypatch)
+    runtime = RuntimeConfig(kv_cache_blocks=128, speculative_num_steps=0).resolve(
+        artifact.model_config, artifact.build_config, artifact.weight_bytes)
+    runner = ModelRunner(artifact, dataclasses.replace(runtime, cuda_graph_max_bs=8))
+    assert runner.draft_program is None and not hasattr(runner, "draft_cache")
+    assert Engine(runner, Tokenizer.from_file(str(artifact.path / "tokenizer.json"))).speculator is None
+    collector, stats = run(artifact, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS[:4])}, steps=0, graph_bs=8)
+    assert stats is None and shapes == {(1, False)}
+    assert {rid: collector.tokens(rid) for rid in collector.outputs} == {f"r{i}": plain[f"r{i}"] for i in range(4)}
+
+
+@pytest.mark.parametrize("fixture, steps, needle", [
+    ("tiny_artifact", "2", "--speculative-num-steps 2: the artifact has no draft program; build it with "
+                           "llama-compile --speculative-algorithm EAGLE3"),
+    ("tiny_eagle_artifact", "-1", "--speculative-num-steps -1: must be between 0 (no speculation) and 8"),
+    ("tiny_eagle_artifact", "9", "--speculative-num-steps 9: must be between 0 (no speculation) and 8"),
+    ("tiny_eagle_artifact", "two", "argument --speculative-num-steps: invalid int value"),
+])
+def test_serve_refuses_draft_steps_it_cannot_run_in_one_line(request, capsys, fixture, steps, needle):
+    from llama_aot.bench.server_process import free_port
+    from llama_aot.serve.cli import main
+
+    path = request.getfixturevalue(fixture)
+    capsys.readouterr()  # the fixture's build, if it ran now
+    try:
+        status = main([str(path), "--port", str(free_port()), "--speculative-num-steps", steps])
+    except SystemExit as e:  # argparse's errors exit from inside parse_args
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_drafts_the_steps_it_is_told(tiny_eagle_artifact, tiny_artifact):
+    """llama-serve's engine drafts --speculative-num-steps tokens, the build's without the flag; 0
+    is accepted from an artifact without a draft program (it has nothing to turn off)."""
+    from llama_aot.bench.server_process import free_port
+    from llama_aot.serve.cli import build_server, parse_args
+
+    def engine(path, *flags):
+        return build_server(parse_args([str(path), "--port", str(free_port()), *flags]))[1]
+
+    assert engine(tiny_eagle_artifact).speculator.num_steps == 3
+    assert engine(tiny_eagle_artifact, "--speculative-num-steps", "1").speculator.num_steps == 1
+    assert engine(tiny_eagle_artifact, "--speculative-num-steps", "0").speculator is None
+    assert engine(tiny_artifact, "--speculative-num-steps", "0").speculator is None
 
 
 def test_a_stop_token_inside_accepted_drafts_ends_the_request_there(artifact, plain):
