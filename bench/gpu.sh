@@ -7,6 +7,7 @@
 #   TESTS=0 PARITY=0 SWEEP=0 bash ...   skip stages
 #   BUILD=0 bash bench/gpu.sh           kernel tests and the kernel tables only (~6 minutes)
 #   FP8=0 bash ...                      without the FP8 artifacts (FP8_VARIANTS="fp8-kv": only the one with both) (--fp8, and --fp8 with the FP8 KV cache),
+#                                       "fp8-kv-lm" adds --fp8-lm-head to the latter,
 #                                       which otherwise are timed and swept next to the bf16 one
 #   KERNEL_TABLES=0 bash ...            without the attention and matmul tables
 #   EAGLE=1 bash ...                    also (off by default) give the checkpoint a random EAGLE-3 head
@@ -126,8 +127,9 @@ FP8_ARTIFACTS=() FP8_PATHS=()
 if [[ ${FP8:-1} == 1 ]]; then
   for variant in ${FP8_VARIANTS:-fp8 fp8-kv}; do
     stage "llama-compile --target cuda --$variant"
-    flags=(--fp8); [[ $variant == fp8-kv ]] && flags+=(--kv-cache-dtype fp8_e4m3)
-    [[ -f $INPUTS/sharegpt.json && $variant == fp8-kv ]] && flags+=(--calibration-data "$INPUTS/sharegpt.json")
+    flags=(--fp8); [[ $variant == fp8-kv* ]] && flags+=(--kv-cache-dtype fp8_e4m3)
+    [[ $variant == fp8-kv-lm ]] && flags+=(--fp8-lm-head)
+    [[ -f $INPUTS/sharegpt.json && $variant == fp8-kv* ]] && flags+=(--calibration-data "$INPUTS/sharegpt.json")
     start=$(date +%s)
     llama-compile --model "$CKPT" --target cuda "${flags[@]}" -o "$ART-$variant" || exit 1
     echo "compile wall time: $(( $(date +%s) - start )) s"
