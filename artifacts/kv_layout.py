@@ -34,6 +34,13 @@ class KVCacheLayout:
         heads = model.num_kv_heads if whole else model.num_kv_heads // build.tp
         return cls(model.num_layers, heads, model.head_dim, build.block_size, build.kv_dtype)
 
+    @classmethod
+    def draft_of(cls, model: ModelConfig, build: BuildConfig) -> "KVCacheLayout":
+        """An EAGLE draft program's cache: one layer with the target's key/value heads (the build
+        checks the head has them), in the model dtype (the draft is never quantized). It shares
+        the target's block ids, so it has as many blocks."""
+        return cls(1, model.num_kv_heads // build.tp, model.head_dim, build.block_size, build.dtype)
+
     def shape(self, num_blocks: int) -> tuple[int, ...]:
         return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 

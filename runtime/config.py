@@ -83,6 +83,8 @@ class RuntimeConfig:
                                      f"{seqs}, the largest batch a step can hold; lower it")
         layout = KVCacheLayout.of(model, build)
         block_bytes = layout.block_bytes
+        # A speculating server's draft cache has a block for each of the target's: it shares the budget.
+        budget_block_bytes = block_bytes + (KVCacheLayout.draft_of(model, build).block_bytes if steps else 0)
         needed = 1 + seqs * layout.blocks_for(context)
         memory = ""
         if self.kv_cache_blocks:
@@ -90,7 +92,7 @@ class RuntimeConfig:
         else:
             fraction = self.mem_fraction_static or DEFAULT_MEM_FRACTION[build.target]
             budget, memory = _kv_budget(build.target, fraction, weight_bytes)
-            blocks = min(needed, budget // block_bytes)
+            blocks = min(needed, budget // budget_block_bytes)
         min_blocks = 1 + layout.blocks_for(context)
         if blocks < min_blocks:
             raise RuntimeConfigError(

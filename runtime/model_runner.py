@@ -25,7 +25,6 @@ that does not speculate) runs eagerly, as does a draft call that reads a prefill
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -91,7 +90,7 @@ class ModelRunner:
         self.draft_program = draft if self.num_speculative_steps else None
         self.last_hidden: torch.Tensor | None = None
         if self.draft_program is not None:
-            draft_layout = dataclasses.replace(self.layout, num_layers=1, dtype=artifact.build_config.dtype)
+            draft_layout = KVCacheLayout.draft_of(artifact.model_config, artifact.build_config)
             self.draft_cache = _allocate_kv_cache(draft_layout, runtime, self.device)
         self.step_graphs = self.first_draft_graphs = self.next_draft_graphs = None
         # As many sequences as the engine runs at once: a verify step must fit in the step's tokens.

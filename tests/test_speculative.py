@@ -182,6 +182,25 @@ def test_zero_draft_steps_serve_the_artifact_plainly(artifact, plain, monkeypatc
     assert {rid: collector.tokens(rid) for rid in collector.outputs} == {f"r{i}": plain[f"r{i}"] for i in range(4)}
 
 
+def test_the_draft_cache_shares_the_kv_budget(artifact, monkeypatch):
+    """On a GPU the cache is sized from free memory: a speculating server's blocks each have a
+    draft-cache block too (one layer, the model dtype), so it gets fewer blocks for the same
+    memory, and the two caches together stay within it."""
+    from llama_aot.artifacts.kv_layout import KVCacheLayout
+
+    cfg, build = artifact.model_config, dataclasses.replace(artifact.build_config, target="cuda")
+    target_block = KVCacheLayout.of(cfg, build).block_bytes
+    draft_block = KVCacheLayout.draft_of(cfg, build).block_bytes
+    assert draft_block * cfg.num_layers == target_block  # the model dtype in both: one layer of the target's
+    total = 10 ** 6 * target_block
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (200 * target_block + int(total * 0.15), total))
+
+    def blocks(steps):
+        return RuntimeConfig(mem_fraction_static=0.85, speculative_num_steps=steps).resolve(cfg, build, 0).num_blocks
+
+    assert blocks(0) == 200 and blocks(3) == 200 * target_block // (target_block + draft_block) < 200
+
+
 @pytest.mark.parametrize("fixture, steps, needle", [
     ("tiny_artifact", "2", "--speculative-num-steps 2: the artifact has no draft program; build it with "
                            "llama-compile --speculative-algorithm EAGLE3"),
