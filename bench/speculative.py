@@ -2,7 +2,7 @@
 buys at batch 1, on one artifact built with --speculative-algorithm, every setting in one process.
 
     llama-bench speculative --artifact ART [--steps 0,1,2,3,4,5] [--num-prompts 16] [--new-tokens 128]
-        [--dataset-path F] [--skip-conversations N] [--ignore-eos] [--out-dir DIR]
+        [--max-prompt-tokens N] [--dataset-path F] [--skip-conversations N] [--ignore-eos] [--out-dir DIR]
     llama-bench speculative --artifact ART --step-costs [--steps 0,1,2,3,4,5] [--context 128] [--repeats 50]
 
 End to end: the engine in-process, one runner per number of draft steps K in --steps (0: the
@@ -333,6 +333,8 @@ def _report_step_costs(artifact, steps: list[int], context: int, repeats: int, d
 
 def _report_end_to_end(artifact, steps: list[int], args, device: str) -> list[dict]:
     longest = artifact.build_config.context_length - args.new_tokens
+    if args.max_prompt_tokens:
+        longest = min(longest, args.max_prompt_tokens)
     prompts = chat_prompts(artifact.path, args.dataset_path, args.num_prompts, args.skip_conversations, args.seed,
                            longest)
     print(f"{device}: {artifact.path}, batch 1, {len(prompts)} ShareGPT prompts (chat format, "
@@ -350,7 +352,8 @@ def _report_end_to_end(artifact, steps: list[int], args, device: str) -> list[di
             line += ", greedy tokens " + ("identical" if r["identical_to_no_speculation"] else
                                           f"DIFFER on prompts {r['mismatched_prompts']}")
         print(line)
-    fields = {"new_tokens": args.new_tokens, "ignore_eos": args.ignore_eos, "seed": args.seed,
+    fields = {"new_tokens": args.new_tokens, "max_prompt_tokens": longest, "ignore_eos": args.ignore_eos,
+              "seed": args.seed,
               "skip_conversations": args.skip_conversations,
               "dataset_path": str(args.dataset_path) if args.dataset_path else None}
     return [{**fields, **r} for r in records]
