@@ -57,12 +57,14 @@ class StepPlan:
 @dataclass(frozen=True)
 class Warmup:
     """What `ModelRunner.warmup` did: the first step's duration, and the batch sizes it captured as
-    CUDA graphs (none on CPU or with graphs disabled; with a draft program, each size is captured
-    for the verify step and both kinds of draft call) with the seconds capture took."""
+    CUDA graphs (none on CPU or with graphs disabled; a speculating runner captures each size for
+    the verify step and for its kinds of draft call: `graph_count` graphs in all) with the seconds
+    capture took."""
 
     first_step_s: float
     graph_batch_sizes: tuple[int, ...] = ()
     capture_s: float = 0.0
+    graph_count: int = 0
 
 
 def _allocate_kv_cache(layout: KVCacheLayout, runtime: ResolvedRuntime, device: str) -> torch.Tensor:
@@ -130,9 +132,9 @@ class ModelRunner:
         first_step_s = time.perf_counter() - start
         if self.step_graphs is None or not self.kv_cache.is_cuda:
             return Warmup(first_step_s)
-        graphs = (self.step_graphs, self.first_draft_graphs, self.next_draft_graphs)
-        capture_s = sum(g.capture() for g in graphs if g is not None)
-        return Warmup(first_step_s, self.step_graphs.captured, capture_s)
+        graphs = [g for g in (self.step_graphs, self.first_draft_graphs, self.next_draft_graphs) if g is not None]
+        capture_s = sum(g.capture() for g in graphs)
+        return Warmup(first_step_s, self.step_graphs.captured, capture_s, sum(len(g.captured) for g in graphs))
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """The logits of the plan's sampled rows (all rows if it samples none): a graph replay for

@@ -197,7 +197,7 @@ def _load_and_serve(args, config, runtime: RuntimeConfig, capturable: bool, work
     # structured-output request, not during it.
     threading.Thread(target=engine.structured.warm_up, name="grammar-warm-up", daemon=True).start()
     graphs = warmup.graph_batch_sizes
-    captured = (f", captured {len(graphs)} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
+    captured = (f", captured {warmup.graph_count} CUDA graphs (batch {graphs[0]}-{graphs[-1]}) in "
                 f"{warmup.capture_s:.1f} s" if graphs else "")
     stages = ", ".join(f"{name} {s:.1f} s" for name, s in {**artifact.load_seconds, "engine": engine_s}.items())
     steps = resolved.speculative_num_steps

@@ -267,6 +267,7 @@ def test_engine_decodes_through_graphs_as_it_does_eagerly(cuda_artifact):
         engine = Engine(runner, tokenizer)
         warmup = runner.warmup()
         assert warmup.graph_batch_sizes == (() if disable else (1, 2, 4, 8))
+        assert warmup.graph_count == len(warmup.graph_batch_sizes)
         assert (warmup.capture_s > 0) != disable
         tokens = {i: [] for i in range(len(prompts))}
         done = threading.Semaphore(0)
