@@ -19,9 +19,10 @@ tokens a step: the build's, unless the server overrides it; with 0 the draft pro
 and the artifact serves as a plain one, plain decode graphs included. The graphed shapes of a
 speculating runner are the verify step (every sequence feeds its last token and K drafts) and
 both kinds of draft call (the first, which reads the 1 to K + 1 tokens each sequence's step
-computed, and the K - 1 after it, one token each). A step with a chunk of any other shape (a
-prefill chunk; a decode with fewer drafts, near its request's limit, or with none, for a request
-that does not speculate) runs eagerly, as does a draft call that reads a prefill chunk's tokens.
+computed, and the K - 1 after it, one token each), and plain decode steps, where no sequence feeds
+drafts (requests that do not speculate: logprobs, penalties, a grammar; or all near their limit).
+A step that mixes shapes (a prefill chunk; a decode with fewer drafts beside full ones; drafting
+and non-drafting sequences) runs eagerly, as does a draft call that reads a prefill chunk's tokens.
 """
 from __future__ import annotations
 
@@ -94,23 +95,26 @@ class ModelRunner:
         if self.draft_program is not None:
             draft_layout = KVCacheLayout.draft_of(artifact.model_config, artifact.build_config)
             self.draft_cache = _allocate_kv_cache(draft_layout, runtime, self.device)
-        self.step_graphs = self.first_draft_graphs = self.next_draft_graphs = None
+        self.step_graphs: list[DecodeGraphs] = []
+        self.first_draft_graphs = self.next_draft_graphs = None
         # As many sequences as the engine runs at once: a verify step must fit in the step's tokens.
         graph_bs = min(runtime.cuda_graph_max_bs, runtime.max_num_tokens // (1 + self.num_speculative_steps))
         if graph_bs:
             self._build_graphs(batch_buckets(graph_bs))
 
     def _build_graphs(self, buckets: tuple[int, ...]) -> None:
-        """The step program's graphs (decode steps, or verify steps when speculating) and the
-        draft program's (its first call, ragged, and the later ones). Without a GPU they run the
-        padded steps eagerly, which is how CPU tests check them."""
+        """The step program's graphs (decode steps; when speculating, verify steps first, and
+        decode steps for those where no sequence feeds drafts: requests that do not speculate, or
+        near their limit) and the draft program's (its first call, ragged, and the later ones).
+        Without a GPU they run the padded steps eagerly, which is how CPU tests check them."""
         runtime, k = self.runtime, self.num_speculative_steps
         shape = dict(buckets=buckets, block_size=runtime.block_size, context_length=runtime.context_length)
+        decode = DecodeGraphs(self.artifact.step, self.kv_cache, **shape)
         if self.draft_program is None:
-            self.step_graphs = DecodeGraphs(self.artifact.step, self.kv_cache, **shape)
+            self.step_graphs = [decode]
             return
-        self.step_graphs = DecodeGraphs(self.artifact.step, self.kv_cache, tokens_per_seq=k + 1, all_logits=True,
-                                        **shape)
+        self.step_graphs = [DecodeGraphs(self.artifact.step, self.kv_cache, tokens_per_seq=k + 1, all_logits=True,
+                                         **shape), decode]
         hidden = (self.model_config.hidden_size, torch_dtype(self.artifact.build_config.dtype))
         self.first_draft_graphs = DecodeGraphs(self.draft_program, self.draft_cache, tokens_per_seq=k + 1,
                                                hidden_input=hidden, **shape)
@@ -130,11 +134,11 @@ class ModelRunner:
         with torch.inference_mode():
             call_step(self.artifact.step, inputs, self.kv_cache)
         first_step_s = time.perf_counter() - start
-        if self.step_graphs is None or not self.kv_cache.is_cuda:
+        if not self.step_graphs or not self.kv_cache.is_cuda:
             return Warmup(first_step_s)
-        graphs = [g for g in (self.step_graphs, self.first_draft_graphs, self.next_draft_graphs) if g is not None]
+        graphs = [*self.step_graphs, *(g for g in (self.first_draft_graphs, self.next_draft_graphs) if g is not None)]
         capture_s = sum(g.capture() for g in graphs)
-        return Warmup(first_step_s, self.step_graphs.captured, capture_s, sum(len(g.captured) for g in graphs))
+        return Warmup(first_step_s, self.step_graphs[0].captured, capture_s, sum(len(g.captured) for g in graphs))
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """The logits of the plan's sampled rows (all rows if it samples none): a graph replay for
@@ -142,9 +146,12 @@ class ModelRunner:
         unsampled rows' LM head. A replay's logits, and the `last_hidden` it leaves, are valid
         until the next call."""
         chunks = list(plan.chunks)
-        graphs, outputs = self.step_graphs, None
-        if graphs is not None and len(plan.sample_rows) == len(chunks) * graphs.logits_rows_per_seq:
-            outputs = graphs.run(chunks)
+        outputs = None
+        for graphs in self.step_graphs:
+            if len(plan.sample_rows) == len(chunks) * graphs.logits_rows_per_seq:
+                outputs = graphs.run(chunks)
+            if outputs is not None:
+                break
         if outputs is None:
             inputs = build_step_inputs(chunks, self.runtime.block_size, self.device)
             if plan.sample_rows:

@@ -143,14 +143,15 @@ def test_greedy_tokens_are_the_targets_through_the_graph_buffers(artifact, plain
 
 
 def graph_shapes(monkeypatch) -> set:
-    """Records the (tokens_per_seq, all_logits) of every step or draft call run through DecodeGraphs."""
+    """Records the (program, tokens_per_seq, all_logits) of every step ("step") or draft call
+    ("draft") run through DecodeGraphs."""
     shapes = set()
     original = DecodeGraphs.run
 
     def recording(self, chunks, hidden=None):
         out = original(self, chunks, hidden)
         if out is not None:
-            shapes.add((self.tokens_per_seq, self.all_logits))
+            shapes.add(("draft" if hidden is not None else "step", self.tokens_per_seq, self.all_logits))
         return out
     monkeypatch.setattr(DecodeGraphs, "run", recording)
     return shapes
@@ -166,7 +167,18 @@ def test_the_number_of_draft_steps_is_a_runtime_setting(artifact, plain, monkeyp
     assert {rid: collector.tokens(rid) for rid in collector.outputs} == plain
     assert 0 < stats.verify_steps <= stats.drafted <= steps * stats.verify_steps
     assert stats.drafted > (steps - 1) * stats.verify_steps  # K drafts a step, fewer only near the limit
-    assert shapes == {(steps + 1, True), (steps + 1, False)} | ({(1, False)} if steps > 1 else set()), shapes
+    expected = {("step", steps + 1, True), ("draft", steps + 1, False)} | ({("draft", 1, False)} if steps > 1 else set())
+    assert shapes - {("step", 1, False)} == expected, shapes  # plain decode steps only if all are near their limit
+
+
+def test_requests_that_do_not_speculate_replay_the_plain_decode_graphs(artifact, plain, monkeypatch):
+    """In a speculating runner, steps where no sequence feeds drafts (here every request wants
+    logprobs, so none speculates) replay plain one-token decode graphs, with the target's tokens."""
+    shapes = graph_shapes(monkeypatch)
+    requests = {f"r{i}": (p, greedy(logprobs=True)) for i, p in enumerate(PROMPTS[:4])}
+    collector, stats = run(artifact, requests, graph_bs=8)
+    assert stats.verify_steps == 0 and shapes == {("step", 1, False)}, shapes
+    assert {rid: collector.tokens(rid) for rid in collector.outputs} == {f"r{i}": plain[f"r{i}"] for i in range(4)}
 
 
 def test_zero_draft_steps_serve_the_artifact_plainly(artifact, plain, monkeypatch):
@@ -178,7 +190,7 @@ def test_zero_draft_steps_serve_the_artifact_plainly(artifact, plain, monkeypatc
     assert runner.draft_program is None and not hasattr(runner, "draft_cache")
     assert Engine(runner, Tokenizer.from_file(str(artifact.path / "tokenizer.json"))).speculator is None
     collector, stats = run(artifact, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS[:4])}, steps=0, graph_bs=8)
-    assert stats is None and shapes == {(1, False)}
+    assert stats is None and shapes == {("step", 1, False)}
     assert {rid: collector.tokens(rid) for rid in collector.outputs} == {f"r{i}": plain[f"r{i}"] for i in range(4)}
 
 
