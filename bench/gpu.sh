@@ -42,14 +42,7 @@ LAYERS=${LAYERS:-32}
 WORK=${WORK:-/tmp/llama-aot-bench}
 RESULTS=${RESULTS:-bench/results}
 INPUTS=${INPUTS:-.device-inputs}
-# The image's default g++ builds AOTInductor libraries that segfault at load (see DEVICE.md).
-export CXX=/usr/bin/g++ CC=/usr/bin/gcc PYTHONUNBUFFERED=1
-# A `git archive` copy (.trees/NAME, as the notes prepare them) has no .git: its GIT_SHA file says which commit.
-[[ -z ${LLAMA_AOT_GIT_SHA:-} && -f GIT_SHA ]] && export LLAMA_AOT_GIT_SHA=$(cat GIT_SHA)
-t0=$(date +%s)
-stage() { echo "=== $1 (+$(( $(date +%s) - t0 )) s)"; }
-trap 'status=$?; echo "=== done (+$(( $(date +%s) - t0 )) s, exit $status)"' EXIT
-mkdir -p "$WORK" "$RESULTS"
+source bench/device_env.sh
 NAME="llama-3.1-8b$([[ $LAYERS != 32 ]] && echo "-${LAYERS}layers")"
 CKPT=$WORK/$NAME-random ART=$WORK/$NAME-cuda ART32=$WORK/$NAME-cuda-fp32
 

@@ -20,12 +20,7 @@ RESULTS=${RESULTS:-bench/results}
 INPUTS=${INPUTS:-.device-inputs}
 PROMPTS=${PROMPTS:-4000} EVAL=${EVAL:-64} NEW_TOKENS=${NEW_TOKENS:-128} TRAIN_STEPS=${TRAIN_STEPS:-3000}
 STEPS=${STEPS:-3}
-export CXX=/usr/bin/g++ CC=/usr/bin/gcc PYTHONUNBUFFERED=1
-[[ -z ${LLAMA_AOT_GIT_SHA:-} && -f GIT_SHA ]] && export LLAMA_AOT_GIT_SHA=$(cat GIT_SHA)
-t0=$(date +%s)
-stage() { echo "=== $1 (+$(( $(date +%s) - t0 )) s)"; }
-trap 'status=$?; echo "=== done (+$(( $(date +%s) - t0 )) s, exit $status)"' EXIT
-mkdir -p "$WORK" "$RESULTS"
+source bench/device_env.sh
 MODEL=$WORK/smollm2-135m-instruct HEAD=$WORK/eagle3-head ART=$WORK/smollm2-eagle3-cuda
 DATA=$INPUTS/sharegpt.json
 [[ -f $DATA ]] || { echo "no $DATA: prepare it with python -m llama_aot.bench.device_inputs $INPUTS"; exit 2; }
