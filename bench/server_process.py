@@ -1,7 +1,7 @@
 """`llama-serve` started as a user starts it, for the benchmarks that time it from outside and the
 tests that talk to it: the installed command on a free loopback port with warnings only, stopped
 with SIGTERM (and killed if it has not exited 60 s later). What it writes is kept for the caller:
-its stderr, or with `merge_output` its stdout and stderr in one pipe."""
+its stderr, or with `merge_output` its stdout and stderr in one pipe, drained while it stops."""
 from __future__ import annotations
 
 import os
@@ -30,6 +30,7 @@ class ServerProcess:
                                      stdout=subprocess.PIPE if merge_output else None,
                                      stderr=subprocess.STDOUT if merge_output else subprocess.PIPE, text=True)
         self._output = self.proc.stdout if merge_output else self.proc.stderr
+        self._rest: str | None = None  # what it wrote that nobody had read, once stopped
 
     def failure(self) -> str | None:
         """Why the server exited, if it has: its exit status and what it wrote."""
@@ -54,16 +55,23 @@ class ServerProcess:
         raise RuntimeError(f"llama-serve did not become healthy in {timeout:.0f} s")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        """Stops the server with `sig` (killed if it has not exited `timeout` s later); its exit status."""
+        """Stops the server with `sig` (killed if it has not exited `timeout` s later); its exit
+        status. Reads its output while it shuts down: a server whose pipe is full would block on
+        its next write and never exit."""
+        if self._rest is not None:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            written = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            written = self.proc.communicate()
+        self._rest = "".join(w for w in written if w)
         return self.proc.returncode
 
     def output(self) -> str:
-        """What the server wrote, read once it has exited."""
-        return self._output.read()
+        """What the server wrote and nobody read, once it has exited (stopped, or by itself)."""
+        if self._rest is None:
+            self.stop()
+        return self._rest
