@@ -55,4 +55,4 @@ def test_the_fp8_default_serves_the_openai_client(fp8_default):
         assert reply.usage.completion_tokens <= 24
     finally:
         server.stop()
-    assert f"in {FP8_KV}" in server.proc.stdout.read()
+    assert f"in {FP8_KV}" in server.output()
